@@ -1,0 +1,380 @@
+"""Shared helpers for the runner: stats, process accounting, queues and their verification,
+and the processes the bench starts (proxy under test, socat relay)."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from typing import Any
+
+import pika
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_DIR = os.path.dirname(BENCH_DIR)
+RESULTS_DIR = os.path.join(BENCH_DIR, "results")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+# -- statistics -----------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); NaN for no data."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, int(round(q / 100 * len(s) + 0.5)) - 1))
+    return s[k]
+
+
+def summarize_ms(samples: list[float]) -> dict[str, float]:
+    if not samples:
+        return {"n": 0, "mean_ms": float("nan"), "p50_ms": float("nan"), "p99_ms": float("nan")}
+    return {
+        "n": len(samples),
+        "mean_ms": statistics.fmean(samples),
+        "p50_ms": percentile(samples, 50),
+        "p99_ms": percentile(samples, 99),
+    }
+
+
+# -- processes ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float, proc: subprocess.Popen[Any] | None = None) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """utime+stime (and reaped children's if asked) from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / CLK_TCK
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and its live children (a proxy may fork workers)."""
+    total = 0.0
+    for p in [pid, *child_pids(pid)]:
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(p, children=True)
+    return total
+
+
+def child_pids(pid: int) -> list[int]:
+    out = []
+    for path in glob.glob("/proc/[0-9]*/stat"):
+        with contextlib.suppress(OSError), open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                out.append(int(path.split("/")[2]))
+    return out
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set of a process and its live children, in KiB."""
+    total = 0
+    for p in [pid, *child_pids(pid)]:
+        with contextlib.suppress(OSError), open(f"/proc/{p}/statm") as f:
+            total += int(f.read().split()[1]) * PAGE_KIB
+    return total
+
+
+def pid_listening_on(port: int) -> int | None:
+    """PID owning the TCP listener on `port` (used to find the shared broker's beam.smp)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                parts = line.split()
+                if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(parts[9])
+    if not inodes:
+        return None
+    for fd in glob.glob("/proc/[0-9]*/fd/*"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(fd)
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                return int(fd.split("/")[2])
+    return None
+
+
+class ProxyUnavailable(RuntimeError):
+    """The proxy under test could not be started (e.g. not implemented yet)."""
+
+
+class Proxy:
+    """The proxy under test: `python -m amqproxy` from this repo's src/, on free ports."""
+
+    def __init__(self, upstream: str, ca: str | None = None, idle: float | None = None) -> None:
+        self.upstream = upstream
+        self.ca = ca
+        self.idle = idle
+        self.port = 0
+        self.http_port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = ""
+
+    @staticmethod
+    def available() -> tuple[bool, str]:
+        """Does `python -m amqproxy --help` work?"""
+        try:
+            r = subprocess.run(
+                [sys.executable, "-m", "amqproxy", "--help"],
+                env=proxy_env(),
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+        except subprocess.TimeoutExpired:
+            return False, "python -m amqproxy --help timed out"
+        if r.returncode != 0:
+            return False, (r.stderr.strip().splitlines() or ["exit %d" % r.returncode])[-1]
+        return True, ""
+
+    def start(self, timeout: float = 15.0) -> Proxy:
+        self.port, self.http_port = free_port(), free_port()
+        cmd = [
+            sys.executable,
+            "-m",
+            "amqproxy",
+            "-l",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-b",
+            str(self.http_port),
+        ]
+        if self.idle is not None:
+            cmd += ["-t", str(self.idle)]
+        cmd.append(self.upstream)
+        env = proxy_env()
+        if self.ca:
+            env["AMQPROXY_UPSTREAM_CA"] = self.ca
+        os.makedirs(RESULTS_DIR, exist_ok=True)
+        tag = re.sub(r"[^A-Za-z0-9]+", "_", self.upstream)
+        self.log_path = os.path.join(RESULTS_DIR, f"proxy-{tag}-{self.port}.log")
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        ok = wait_port(self.port, timeout, self.proc) and wait_port(self.http_port, 5, self.proc)
+        if not ok:
+            tail = self.log_tail()
+            self.stop()
+            raise ProxyUnavailable(f"proxy did not start ({' '.join(cmd)}): {tail}")
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log_tail(self, n: int = 5) -> str:
+        with contextlib.suppress(OSError), open(self.log_path, errors="replace") as f:
+            return " | ".join(f.read().strip().splitlines()[-n:])
+        return ""
+
+    def metrics(self) -> dict[str, float]:
+        """Prometheus text from /metrics, summed per metric name over all label sets."""
+        url = f"http://127.0.0.1:{self.http_port}/metrics"
+        with urllib.request.urlopen(url, timeout=3) as r:
+            text = r.read().decode()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)", line)
+            if m:
+                with contextlib.suppress(ValueError):
+                    out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+        return out
+
+    def metric(self, name: str) -> float | None:
+        try:
+            return self.metrics().get(name)
+        except Exception:  # noqa: BLE001 - metrics are best effort
+            return None
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+
+def proxy_env() -> dict[str, str]:
+    env = dict(os.environ)
+    src = os.path.join(REPO_DIR, "src")
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+class Socat:
+    """A plain TCP relay (`socat ... fork`): the floor any proxy can reach."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Socat:
+        if shutil.which("socat") is None:
+            raise RuntimeError("socat not installed")
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [
+                "socat",
+                f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork,nodelay,backlog=1024",
+                f"TCP:127.0.0.1:{self.target_port},nodelay",
+            ],
+            stderr=subprocess.DEVNULL,
+        )
+        if not wait_port(self.port, 5, self.proc):
+            self.stop()
+            raise RuntimeError("socat did not start")
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+
+# -- broker administration -----------------------------------------------------------------
+
+
+class Admin:
+    """Direct (never proxied) pika connection to a broker for queue setup and checks."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.conn: pika.BlockingConnection | None = None
+        self.ch: Any = None
+
+    def _channel(self) -> Any:
+        if self.conn is None or self.conn.is_closed or self.ch is None or self.ch.is_closed:
+            self.close()
+            self.conn = pika.BlockingConnection(
+                pika.ConnectionParameters("127.0.0.1", self.port, heartbeat=0)
+            )
+            self.ch = self.conn.channel()
+        return self.ch
+
+    def new_queue(self, scenario: str) -> str:
+        name = f"amqproxy-bench-{scenario}-{uuid.uuid4().hex[:8]}"
+        self._channel().queue_declare(name, durable=False, auto_delete=False)
+        return name
+
+    def count(self, queue: str) -> int:
+        return int(self._channel().queue_declare(queue, passive=True).method.message_count)
+
+    def settled_count(self, queue: str, expect: int, timeout: float = 10.0) -> int:
+        """Message count once it equals `expect` or has stopped changing for 0.5 s."""
+        deadline = time.monotonic() + timeout
+        last, since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            c = self.count(queue)
+            if c == expect:
+                return c
+            if c != last:
+                last, since = c, time.monotonic()
+            elif time.monotonic() - since > 0.5:
+                return c
+            time.sleep(0.05)
+        return last
+
+    def delete(self, queue: str) -> None:
+        with contextlib.suppress(Exception):
+            self._channel().queue_delete(queue)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            if self.conn is not None and self.conn.is_open:
+                self.conn.close()
+        self.conn = None
+        self.ch = None
+
+
+def verify_queue(
+    admin: Admin,
+    queue: str,
+    expected: list[int],
+    maybe: list[int] | None = None,
+    delete: bool = True,
+) -> dict[str, Any]:
+    """Check the queue holds exactly the `expected` ids (plus any of `maybe`), then delete it.
+
+    `maybe` holds ids whose publish may or may not have reached the broker (the client saw an
+    error after sending it). Returns {"ok", "count", "missing", "duplicates", "unexpected"}.
+    """
+    import fastamqp
+
+    try:
+        count = admin.settled_count(queue, len(expected))
+        got = fastamqp.run(fastamqp.drain_ids("127.0.0.1", admin.port, queue, count)) if count else []
+        counts = Counter(got)
+        exp = set(expected)
+        missing = len(exp - counts.keys())
+        dups = sum(c - 1 for c in counts.values() if c > 1)
+        unexpected = len(counts.keys() - exp - set(maybe or ()))
+        ok = missing == 0 and dups == 0 and unexpected == 0 and len(expected) == len(exp)
+        return {
+            "ok": ok,
+            "count": count,
+            "expected": len(expected),
+            "missing": missing,
+            "duplicates": dups,
+            "unexpected": unexpected,
+        }
+    finally:
+        if delete:
+            admin.delete(queue)

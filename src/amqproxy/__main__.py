@@ -1,0 +1,5 @@
+"""Allow ``python -m amqproxy``."""
+
+from amqproxy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""HTTP for operators: GET /healthz and GET /metrics (Prometheus text format)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from amqproxy.server import Proxy
+
+log = logging.getLogger("amqproxy.admin")
+
+REQUEST_TIMEOUT = 5.0
+MAX_REQUEST = 8192
+
+
+class PoolCollector:
+    """Reads the pools at scrape time: the hot path never touches a metric."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["user", "vhost"]
+        gauges = {
+            "clients": GaugeMetricFamily(
+                "amqproxy_client_connections", "Client connections admitted", labels=labels
+            ),
+            "upstreams": GaugeMetricFamily(
+                "amqproxy_upstream_connections", "Open upstream connections", labels=labels
+            ),
+            "parked": GaugeMetricFamily(
+                "amqproxy_parked_channels",
+                "Clean upstream channels waiting for a client",
+                labels=labels,
+            ),
+            "leased": GaugeMetricFamily(
+                "amqproxy_leased_channels", "Upstream channels leased to clients", labels=labels
+            ),
+            "settling": GaugeMetricFamily(
+                "amqproxy_settling_channels",
+                "Released channels waiting for replies or confirms before parking",
+                labels=labels,
+            ),
+        }
+        totals: dict[tuple[str, str], dict[str, int]] = {}
+        for pool in self.proxy.registry.pools.values():
+            row = totals.setdefault((pool.user, pool.vhost), dict.fromkeys(gauges, 0))
+            for name, value in pool.counts().items():
+                row[name] += value
+        for key, row in totals.items():
+            for name, family in gauges.items():
+                family.add_metric(list(key), row[name])
+        yield from gauges.values()
+        counters: dict[str, CounterMetricFamily] = {
+            "connects": CounterMetricFamily(
+                "amqproxy_upstream_connects", "Upstream connections opened", labels=labels
+            ),
+            "connect_failures": CounterMetricFamily(
+                "amqproxy_upstream_connect_failures",
+                "Upstream connection attempts that failed or were refused",
+                labels=labels,
+            ),
+            "channel_opens": CounterMetricFamily(
+                "amqproxy_upstream_channel_opens", "Channel.Open sent upstream", labels=labels
+            ),
+            "channel_reuses": CounterMetricFamily(
+                "amqproxy_channel_reuses",
+                "Client channels served by a parked channel",
+                labels=labels,
+            ),
+            "orphan_channel_errors": CounterMetricFamily(
+                "amqproxy_orphan_channel_errors",
+                "Channel errors that arrived after their client had left",
+                labels=labels,
+            ),
+        }
+        for key, stats in self.proxy.registry.stats.items():
+            for name, counter in counters.items():
+                counter.add_metric(list(key), getattr(stats, name))
+        yield from counters.values()
+        connecting = GaugeMetricFamily(
+            "amqproxy_client_connections_total_open", "All client sockets, admitted or not"
+        )
+        connecting.add_metric([], len(self.proxy.clients))
+        yield connecting
+
+
+class AdminServer:
+    """A deliberately tiny HTTP/1.0 server: two read-only endpoints."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.metrics = CollectorRegistry(auto_describe=False)
+        self.metrics.register(PoolCollector(proxy))
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        settings = self.proxy.settings
+        self._server = await asyncio.start_server(
+            self._handle, settings.listen_address, settings.http_port, reuse_address=True
+        )
+        log.info(
+            "HTTP endpoint on %s:%d (/healthz, /metrics)",
+            settings.listen_address,
+            settings.http_port,
+        )
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    def health(self) -> tuple[int, dict[str, object]]:
+        proxy = self.proxy
+        registry = proxy.registry
+        body: dict[str, object] = {
+            "clients": len(proxy.clients),
+            "upstream_connections": registry.upstream_count,
+            "upstream": proxy.settings.upstream_address,
+        }
+        if proxy.draining:
+            body["status"] = "draining"
+            return 503, body
+        if registry.upstream_reachable is False and registry.upstream_count == 0:
+            body["status"] = "upstream unreachable"
+            return 503, body
+        body["status"] = "ok"
+        return 200, body
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
+            parts = request[:MAX_REQUEST].split(b"\r\n", 1)[0].split()
+            method, path = (parts[0], parts[1].split(b"?")[0]) if len(parts) >= 2 else (b"", b"")
+            if method != b"GET":
+                status, ctype, body = 405, "text/plain", b"method not allowed\n"
+            elif path == b"/metrics":
+                status, ctype = 200, "text/plain; version=0.0.4; charset=utf-8"
+                body = generate_latest(self.metrics)
+            elif path == b"/healthz":
+                status, info = self.health()
+                ctype, body = "application/json", json.dumps(info).encode() + b"\n"
+            else:
+                status, ctype, body = 404, "text/plain", b"not found\n"
+            reason = {
+                200: "OK",
+                404: "Not Found",
+                405: "Method Not Allowed",
+                503: "Service Unavailable",
+            }[status]
+            writer.write(
+                f"HTTP/1.0 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
+        except (
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ConnectionError,
+        ):
+            pass
+        finally:
+            writer.close()

@@ -1,0 +1,144 @@
+"""Upstream channels and the leases that bind them to client channels: state and cleanliness.
+
+An UpstreamChannel outlives its leases: it remembers what the broker counts per channel
+(confirm sequence numbers, delivery tags) so that the next lease can translate tags, and what
+makes it unfit for reuse (DESIGN.md section 4). No I/O here.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from amqproxy.client import ClientConnection
+    from amqproxy.upstream import UpstreamConnection
+
+
+class ChannelState(enum.Enum):
+    OPENING = "opening"  # Channel.Open sent upstream, OpenOk not yet seen
+    OPEN = "open"  # leased, parked or settling
+    CLOSING = "closing"  # Channel.Close sent upstream, CloseOk not yet seen
+
+
+class UpstreamChannel:
+    """One channel on an upstream connection."""
+
+    __slots__ = (
+        "conn",
+        "id",
+        "state",
+        "lease",
+        "confirm_mode",
+        "published",
+        "confirmed",
+        "confirmed_ahead",
+        "delivered",
+        "pending_replies",
+        "dirty",
+        "last_client",
+        "settling_since",
+    )
+
+    def __init__(self, conn: UpstreamConnection, channel_id: int) -> None:
+        self.conn = conn
+        self.id = channel_id
+        self.state = ChannelState.OPENING
+        self.lease: Lease | None = None
+        self.confirm_mode = False
+        self.published = 0  # publishes since Confirm.Select: the broker's last confirm tag
+        self.confirmed = 0  # every tag up to this one is confirmed
+        self.confirmed_ahead: set[int] = set()  # confirmed tags above ``confirmed``
+        self.delivered = 0  # Deliver/GetOk seen: the broker's last delivery tag
+        self.pending_replies = 0  # synchronous requests not yet answered
+        self.dirty: str | None = None  # why this channel must not be reused, if it must not
+        self.last_client = ""  # who used it last, for logs about errors that arrive later
+        self.settling_since = 0.0
+
+    def confirm(self, tag: int, multiple: bool) -> None:
+        """Record a broker Ack/Nack for publishes in confirm mode."""
+        if multiple:
+            if tag > self.confirmed:
+                self.confirmed = tag
+                self.confirmed_ahead = {t for t in self.confirmed_ahead if t > tag}
+        elif tag == self.confirmed + 1:
+            self.confirmed = tag
+        elif tag > self.confirmed:
+            self.confirmed_ahead.add(tag)
+        while self.confirmed_ahead and (self.confirmed + 1) in self.confirmed_ahead:
+            self.confirmed += 1
+            self.confirmed_ahead.discard(self.confirmed)
+
+    @property
+    def unconfirmed(self) -> int:
+        return self.published - self.confirmed - len(self.confirmed_ahead)
+
+    @property
+    def settled(self) -> bool:
+        """No reply and no confirm is still on its way: nothing can arrive for a past lease."""
+        return self.pending_replies == 0 and self.unconfirmed == 0
+
+    @property
+    def reusable(self) -> bool:
+        return self.dirty is None and self.state is ChannelState.OPEN
+
+    def mark_dirty(self, reason: str) -> None:
+        if self.dirty is None:
+            self.dirty = reason
+
+
+class LeaseState(enum.Enum):
+    OPENING = "opening"  # waiting for an upstream channel
+    OPEN = "open"
+    CLOSING = "closing"  # the client's Channel.Close went upstream; waiting for CloseOk
+    BROKER_CLOSED = "broker-closed"  # broker closed it; discard until the client's CloseOk
+
+
+class Lease:
+    """A client channel bound to an upstream channel for the life of the client channel."""
+
+    __slots__ = (
+        "client",
+        "channel_id",
+        "up",
+        "state",
+        "client_confirm",
+        "confirm_offset",
+        "tag_offset",
+        "pub_frames",
+        "pub_stage",
+        "pub_remaining",
+        "backlog",
+    )
+
+    PUB_NONE = 0
+    PUB_HEADER = 1  # Basic.Publish seen, waiting for the content header
+    PUB_BODY = 2  # header seen, body bytes still to come
+
+    def __init__(self, client: ClientConnection, channel_id: int) -> None:
+        self.client = client
+        self.channel_id = channel_id
+        self.up: UpstreamChannel | None = None
+        self.state = LeaseState.OPENING
+        self.client_confirm = False  # this client selected confirm mode
+        self.confirm_offset = 0  # broker confirm tag = client tag + confirm_offset
+        self.tag_offset = 0  # broker delivery tag = client tag + tag_offset
+        self.pub_frames: list[bytes | bytearray | memoryview] = []  # a message being assembled
+        self.pub_stage = Lease.PUB_NONE
+        self.pub_remaining = 0
+        self.backlog: list[bytes] | None = []  # client frames that arrived before ``up``
+
+    def bind(self, up: UpstreamChannel) -> None:
+        """Take ``up`` for this lease; later tags are translated relative to its counters."""
+        self.up = up
+        up.lease = self
+        up.last_client = self.client.describe()
+        self.confirm_offset = up.published
+        self.tag_offset = up.delivered
+        self.state = LeaseState.OPEN
+
+    def drop_partial_publish(self) -> None:
+        """Forget a message the client did not complete: it never goes upstream."""
+        self.pub_frames = []
+        self.pub_stage = Lease.PUB_NONE
+        self.pub_remaining = 0

@@ -1,0 +1,764 @@
+"""The downstream side: one client connection, to which the proxy plays the broker.
+
+Handshake as a broker (authentication happens upstream before OpenOk), the client's channel
+table of leases, the client-to-broker half of the hot path, and the client's heartbeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from enum import Enum
+from typing import TYPE_CHECKING, Any, cast
+
+from pamqp import commands
+
+from amqproxy.amqp import auth, frames
+from amqproxy.amqp import constants as c
+from amqproxy.amqp.frames import Buffer, FrameError
+from amqproxy.channel import ChannelState, Lease, LeaseState
+from amqproxy.heartbeat import HeartbeatMixin
+from amqproxy.upstream import UpstreamRefused
+
+if TYPE_CHECKING:
+    from amqproxy.pool import Pool
+    from amqproxy.server import Proxy
+    from amqproxy.upstream import UpstreamConnection
+
+log = logging.getLogger("amqproxy.client")
+
+HANDSHAKE_FRAME_MAX = 131072
+CLOSE_OK_TIMEOUT = 5.0  # how long a client may take to answer our Connection.Close
+MAX_BACKLOG = 4 * 1024 * 1024  # frames a client sent on a channel still opening upstream
+
+# Methods from the client that the proxy must act on; the rest is forwarded untouched.
+_WATCHED = frozenset(
+    {
+        c.CHANNEL_OPEN,
+        c.CHANNEL_CLOSE,
+        c.CHANNEL_CLOSE_OK,
+        c.CHANNEL_FLOW,
+        c.EXCHANGE_DECLARE,
+        c.EXCHANGE_DELETE,
+        c.EXCHANGE_BIND,
+        c.EXCHANGE_UNBIND,
+        c.QUEUE_DECLARE,
+        c.QUEUE_BIND,
+        c.QUEUE_PURGE,
+        c.QUEUE_DELETE,
+        c.QUEUE_UNBIND,
+        c.BASIC_QOS,
+        c.BASIC_CONSUME,
+        c.BASIC_CANCEL,
+        c.BASIC_GET,
+        c.BASIC_ACK,
+        c.BASIC_NACK,
+        c.BASIC_REJECT,
+        c.BASIC_RECOVER,
+        c.BASIC_RECOVER_ASYNC,
+        c.CONFIRM_SELECT,
+        c.TX_SELECT,
+        c.TX_COMMIT,
+        c.TX_ROLLBACK,
+    }
+)
+# Synchronous methods with a ``nowait`` flag: a reply is pending unless it is set.
+_NOWAIT_METHODS = frozenset(
+    {
+        c.EXCHANGE_DECLARE,
+        c.EXCHANGE_DELETE,
+        c.EXCHANGE_BIND,
+        c.EXCHANGE_UNBIND,
+        c.QUEUE_DECLARE,
+        c.QUEUE_BIND,
+        c.QUEUE_PURGE,
+        c.QUEUE_DELETE,
+        c.BASIC_CONSUME,
+        c.BASIC_CANCEL,
+    }
+)
+# Synchronous methods that always get a reply.
+_ALWAYS_REPLIED = frozenset(
+    {
+        c.QUEUE_UNBIND,
+        c.BASIC_QOS,
+        c.BASIC_GET,
+        c.BASIC_RECOVER,
+        c.TX_SELECT,
+        c.TX_COMMIT,
+        c.TX_ROLLBACK,
+        c.CHANNEL_FLOW,
+    }
+)
+# Methods that leave state on the channel: it cannot be handed to another client.
+_DIRTYING = {
+    c.BASIC_CONSUME: "consumer",
+    c.BASIC_RECOVER: "recover",
+    c.BASIC_RECOVER_ASYNC: "recover",
+    c.TX_SELECT: "transaction",
+    c.CHANNEL_FLOW: "flow",
+}
+_KEEP = memoryview(b"")  # _on_method's verdict "forward unchanged"
+
+
+class State(Enum):
+    HEADER = "header"  # waiting for the protocol header
+    START = "start"  # Connection.Start sent
+    TUNE = "tune"  # Connection.Tune sent
+    OPEN_WAIT = "open-wait"  # TuneOk received, waiting for Connection.Open
+    AUTHENTICATING = "authenticating"  # proving the credentials upstream
+    OPEN = "open"
+    CLOSING = "closing"  # our Connection.Close sent, waiting for CloseOk
+    CLOSED = "closed"
+
+
+class ClientConnection(HeartbeatMixin, asyncio.Protocol):
+    """One client of the proxy."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.settings = proxy.settings
+        self.registry = proxy.registry
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.state = State.HEADER
+        self.user = ""
+        self.vhost = ""
+        self._password = ""
+        self.connection_name = ""
+        self.client_properties: dict[str, Any] = {}
+        self.wants_blocked = False
+        self.pool: Pool | None = None
+        self.leases: dict[int, Lease] = {}
+        self.frame_max = HANDSHAKE_FRAME_MAX
+        self.max_body = HANDSHAKE_FRAME_MAX - c.FRAME_OVERHEAD
+        self.channel_max = self.settings.channel_max
+        self.heartbeat = 0
+        self._rest = b""
+        self._write_paused = False
+        self._reading_paused = False
+        self._close_reason = ""
+        self._timer: asyncio.TimerHandle | None = None
+        self._init_heartbeat()
+
+    def describe(self) -> str:
+        name = f" ({self.connection_name})" if self.connection_name else ""
+        return f"{self.user or '?'}@{self.vhost or '?'} from {self.peer}{name}"
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = f"{peer[0]}:{peer[1]}"
+        self.proxy.client_connected(self)
+        self._timer = self.loop.call_later(self.settings.handshake_timeout, self._handshake_expired)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was_open = self.pool is not None
+        self.state = State.CLOSED
+        self._stop_heartbeat()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._release_all("client left")
+        if self.pool is not None:
+            self.pool.client_gone(self)
+        self.proxy.client_disconnected(self)
+        if was_open:
+            reason = self._close_reason or (f"connection lost: {exc}" if exc else "connection lost")
+            log.info("client %s disconnected: %s", self.describe(), reason)
+
+    def _handshake_expired(self) -> None:
+        if self.state in (State.OPEN, State.CLOSING, State.CLOSED, State.AUTHENTICATING):
+            return
+        log.warning("client %s: handshake timed out in state %s", self.peer, self.state.value)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _heartbeat_missed(self) -> None:
+        self._close_reason = f"missed heartbeats ({self.heartbeat}s)"
+        log.warning("client %s missed heartbeats; closing", self.describe())
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close_with(self, code: int, text: str, class_id: int = 0, method_id: int = 0) -> None:
+        """Send Connection.Close and give up every lease; the client answers with CloseOk."""
+        if self.state in (State.CLOSING, State.CLOSED) or self.transport is None:
+            return
+        before_open = self.state is not State.OPEN
+        self.state = State.CLOSING
+        self._close_reason = f"closed by amqproxy: {code} {text}"
+        self._release_all("connection closed")
+        level = logging.INFO if code in (c.REPLY_SUCCESS, c.CONNECTION_FORCED) else logging.WARNING
+        if before_open and code in (c.ACCESS_REFUSED, c.NOT_ALLOWED):
+            level = logging.WARNING
+        log.log(level, "closing client %s: %d %s", self.describe(), code, text)
+        self._write(
+            frames.encode_method(0, commands.Connection.Close(code, text, class_id, method_id))
+        )
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(CLOSE_OK_TIMEOUT, self.transport.abort)
+
+    def _release_all(self, why: str) -> None:
+        leases, self.leases = self.leases, {}
+        if self.pool is None:
+            return
+        for lease in leases.values():
+            self.pool.release(lease, why)
+
+    # ---- writing and flow control ------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self._wrote = True
+            self.transport.write(data)
+
+    def send(self, pieces: list[Buffer]) -> None:
+        """Write frames from the broker, in one call."""
+        transport = self.transport
+        if transport is None or self.state is not State.OPEN:
+            return
+        self._wrote = True
+        transport.write(b"".join(pieces))
+        if (
+            self._write_paused
+            and transport.get_write_buffer_size() > self.settings.max_client_buffer
+        ):
+            self._close_reason = "client too slow: outbound buffer limit reached"
+            log.warning(
+                "client %s reads too slowly (%d bytes buffered); disconnecting",
+                self.describe(),
+                transport.get_write_buffer_size(),
+            )
+            transport.abort()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and not self.transport.is_closing():
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self._read_seen = True
+        if self._rest:
+            data = self._rest + data
+            self._rest = b""
+        state = self.state
+        if state is State.OPEN:
+            self._process(data)
+        elif state is State.HEADER:
+            self._on_protocol_header(data)
+        elif state is State.CLOSING:
+            self._while_closing(data)
+        elif state is not State.CLOSED:
+            self._handshake(data)
+
+    def _process(self, data: bytes) -> None:
+        """The client-to-broker hot path: whole messages only, one write per upstream."""
+        error: FrameError | None = None
+        try:
+            found, pos = frames.scan(data, self.frame_max)
+        except FrameError as exc:
+            # Forward the complete frames before the bad one, then close.
+            found, pos = frames.scan(data[: self._valid_prefix(data)], self.frame_max)
+            error = exc
+        if pos < len(data) and error is None:
+            self._rest = data[pos:]
+        view = memoryview(data)
+        outs: dict[UpstreamConnection, list[Buffer]] = {}
+        leases = self.leases
+        header = frames.header
+        try:
+            for ftype, channel_id, start, end in found:
+                if channel_id == 0:
+                    self._on_connection_frame(ftype, data, start, end)
+                    if self.state is not State.OPEN:
+                        break
+                    continue
+                lease = leases.get(channel_id)
+                if lease is None:
+                    self._channel_open(ftype, channel_id, data, start, end)
+                    continue
+                if lease.state is not LeaseState.OPEN:
+                    self._on_frame_not_open(lease, ftype, data, start, end)
+                    continue
+                up = lease.up
+                assert up is not None
+                replaced: Buffer | None = None
+                if ftype == c.FRAME_METHOD:
+                    if lease.pub_stage:
+                        raise FrameError(
+                            c.UNEXPECTED_FRAME,
+                            "UNEXPECTED_FRAME - expected content header for class 60, "
+                            "got non content header frame instead",
+                        )
+                    mid = frames.method_id_at(data, start)
+                    if mid == c.BASIC_PUBLISH:
+                        mandatory, immediate = frames.publish_flags(data, start, end)
+                        if immediate:
+                            raise FrameError(c.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - immediate=true")
+                        if mandatory and not up.confirm_mode:
+                            up.mark_dirty("mandatory publish without confirms")
+                        lease.pub_stage = Lease.PUB_HEADER
+                        if up.id == channel_id:
+                            lease.pub_frames = [view[start - 7 : end + 1]]
+                        else:
+                            lease.pub_frames = [
+                                header(ftype, up.id, end - start),
+                                view[start : end + 1],
+                            ]
+                        continue
+                    if mid in _WATCHED:
+                        verdict = self._on_method(lease, mid, data, start, end)
+                        if verdict is None:
+                            continue
+                        if verdict is not _KEEP:
+                            replaced = verdict
+                elif ftype == c.FRAME_HEADER or ftype == c.FRAME_BODY:
+                    self._on_content(lease, ftype, view, start, end, outs)
+                    continue
+                elif ftype == c.FRAME_HEARTBEAT:
+                    raise FrameError(
+                        c.FRAME_ERROR, f"FRAME_ERROR - heartbeat frame on channel {channel_id}"
+                    )
+                else:
+                    raise FrameError(c.FRAME_ERROR, f"FRAME_ERROR - unknown frame type {ftype}")
+                conn = up.conn
+                out = outs.get(conn)
+                if out is None:
+                    out = outs[conn] = []
+                if replaced is not None:
+                    out += (header(ftype, up.id, len(replaced)), replaced, b"\xce")
+                elif up.id == channel_id:
+                    out.append(view[start - 7 : end + 1])
+                else:
+                    out += (header(ftype, up.id, end - start), view[start : end + 1])
+        except FrameError as exc:
+            error = exc
+        for conn, pieces in outs.items():
+            conn.send(pieces)
+            if conn.paused:
+                conn.waiting_clients.add(self)
+                self.pause_reading()
+        if error is not None:
+            self.close_with(error.code, error.text)
+
+    def _valid_prefix(self, data: bytes) -> int:
+        """Length of the run of well-formed frames at the start of ``data``."""
+        pos = 0
+        while len(data) - pos >= c.FRAME_HEADER_SIZE:
+            size = int.from_bytes(data[pos + 3 : pos + 7], "big")
+            end = pos + c.FRAME_HEADER_SIZE + size
+            if size > self.frame_max - c.FRAME_OVERHEAD or end >= len(data):
+                break
+            if data[end] != c.FRAME_END:
+                break
+            pos = end + 1
+        return pos
+
+    def _on_content(
+        self,
+        lease: Lease,
+        ftype: int,
+        view: memoryview,
+        start: int,
+        end: int,
+        outs: dict[UpstreamConnection, list[Buffer]],
+    ) -> None:
+        """Assemble a message; it goes upstream only when its last body byte has arrived."""
+        up = lease.up
+        assert up is not None
+        size = end - start
+        if ftype == c.FRAME_HEADER:
+            if lease.pub_stage != Lease.PUB_HEADER:
+                raise FrameError(
+                    c.UNEXPECTED_FRAME,
+                    f"UNEXPECTED_FRAME - content header on channel {lease.channel_id} "
+                    "without a preceding basic.publish",
+                )
+            remaining = frames.content_body_size(view, start)
+        else:
+            if lease.pub_stage != Lease.PUB_BODY:
+                raise FrameError(
+                    c.UNEXPECTED_FRAME,
+                    f"UNEXPECTED_FRAME - content body on channel {lease.channel_id} "
+                    "without a preceding content header",
+                )
+            remaining = lease.pub_remaining - size
+            if remaining < 0:
+                raise FrameError(
+                    c.FRAME_ERROR, "FRAME_ERROR - content body larger than its header announced"
+                )
+        if ftype == c.FRAME_BODY and size > up.conn.frame_max - c.FRAME_OVERHEAD:
+            lease.pub_frames.extend(
+                frames.split_body(up.id, view[start:end], up.conn.frame_max - c.FRAME_OVERHEAD)
+            )
+        elif up.id == lease.channel_id:
+            lease.pub_frames.append(view[start - 7 : end + 1])
+        else:
+            lease.pub_frames += (frames.header(ftype, up.id, size), view[start : end + 1])
+        if remaining:
+            lease.pub_stage = Lease.PUB_BODY
+            lease.pub_remaining = remaining
+            return
+        out = outs.get(up.conn)
+        if out is None:
+            outs[up.conn] = list(lease.pub_frames)
+        else:
+            out += lease.pub_frames
+        lease.pub_frames = []
+        lease.pub_stage = Lease.PUB_NONE
+        if up.confirm_mode:
+            up.published += 1
+
+    def _on_method(
+        self, lease: Lease, mid: int, data: bytes, start: int, end: int
+    ) -> Buffer | None:
+        """Act on a watched client method: None drops it, _KEEP forwards it, bytes replace it."""
+        up = lease.up
+        assert up is not None
+        if mid == c.BASIC_ACK or mid == c.BASIC_NACK or mid == c.BASIC_REJECT:
+            if lease.tag_offset:
+                return frames.retag(data, start, end, start + 4, lease.tag_offset)
+            return _KEEP
+        if mid == c.CHANNEL_CLOSE:
+            if up.reusable and self.settings.park_channels:
+                assert self.pool is not None
+                del self.leases[lease.channel_id]
+                self.pool.release(lease, "channel closed")
+                self._write(frames.encode_method(lease.channel_id, commands.Channel.CloseOk()))
+                return None
+            lease.state = LeaseState.CLOSING
+            up.state = ChannelState.CLOSING
+            return _KEEP
+        if mid == c.CHANNEL_OPEN:
+            raise FrameError(c.CHANNEL_ERROR, "CHANNEL_ERROR - second 'channel.open' seen")
+        if mid == c.CHANNEL_CLOSE_OK:
+            return None  # nothing of ours is waiting for it
+        method = frames.decode_method(data[start:end])
+        if mid in _DIRTYING:
+            up.mark_dirty(_DIRTYING[mid])
+        if mid == c.CONFIRM_SELECT:
+            assert isinstance(method, commands.Confirm.Select)
+            lease.client_confirm = True
+            if up.confirm_mode:  # inherited from an earlier lease: answer here
+                if not method.nowait:
+                    self._write(frames.encode_method(lease.channel_id, commands.Confirm.SelectOk()))
+                return None
+            up.confirm_mode = True
+            if not method.nowait:
+                up.pending_replies += 1
+            return _KEEP
+        if mid == c.BASIC_QOS:
+            assert isinstance(method, commands.Basic.Qos)
+            if method.prefetch_count or method.prefetch_size:
+                up.mark_dirty("qos")
+        elif mid == c.BASIC_GET:
+            assert isinstance(method, commands.Basic.Get)
+            if not method.no_ack:
+                up.mark_dirty("get with ack")
+        elif mid == c.QUEUE_DECLARE:
+            assert isinstance(method, commands.Queue.Declare)
+            if method.exclusive:
+                up.mark_dirty("exclusive queue")
+        if mid in _ALWAYS_REPLIED or (
+            mid in _NOWAIT_METHODS and not getattr(method, "nowait", False)
+        ):
+            up.pending_replies += 1
+        return _KEEP
+
+    def _on_frame_not_open(
+        self, lease: Lease, ftype: int, data: bytes, start: int, end: int
+    ) -> None:
+        """Frames on a channel that is opening or closing."""
+        state = lease.state
+        if state is LeaseState.OPENING:
+            assert lease.backlog is not None
+            lease.backlog.append(data[start - 7 : end + 1])
+            if sum(len(b) for b in lease.backlog) > MAX_BACKLOG:
+                raise FrameError(
+                    c.RESOURCE_ERROR, "RESOURCE_ERROR - too much data on a channel not yet open"
+                )
+            return
+        if ftype != c.FRAME_METHOD:
+            return
+        mid = frames.method_id_at(data, start)
+        if state is LeaseState.BROKER_CLOSED:
+            # Like a broker: everything is discarded until the client's CloseOk.
+            if mid == c.CHANNEL_CLOSE_OK:
+                del self.leases[lease.channel_id]
+            elif mid == c.CHANNEL_CLOSE:
+                del self.leases[lease.channel_id]
+                self._write(frames.encode_method(lease.channel_id, commands.Channel.CloseOk()))
+
+    def _channel_open(self, ftype: int, channel_id: int, data: bytes, start: int, end: int) -> None:
+        """Channel.Open on a new id: a parked channel at once, or a new one upstream."""
+        if ftype != c.FRAME_METHOD or frames.method_id_at(data, start) != c.CHANNEL_OPEN:
+            raise FrameError(
+                c.CHANNEL_ERROR, f"CHANNEL_ERROR - expected 'channel.open' on channel {channel_id}"
+            )
+        if channel_id > self.channel_max:
+            raise FrameError(
+                c.CHANNEL_ERROR,
+                f"CHANNEL_ERROR - channel {channel_id} is above channel_max {self.channel_max}",
+            )
+        assert self.pool is not None
+        lease = Lease(self, channel_id)
+        self.leases[channel_id] = lease
+        up = self.pool.take_parked()
+        if up is not None:
+            lease.backlog = None
+            self.pool.bind(lease, up)
+            self._write(frames.encode_method(channel_id, commands.Channel.OpenOk()))
+            return
+        self.loop.create_task(self._open_upstream_channel(lease))
+
+    async def _open_upstream_channel(self, lease: Lease) -> None:
+        pool = self.pool
+        assert pool is not None
+        try:
+            up = await pool.new_channel()
+        except (UpstreamRefused, TimeoutError) as exc:
+            if self.leases.get(lease.channel_id) is lease:
+                code = getattr(exc, "code", c.CONNECTION_FORCED)
+                text = getattr(exc, "text", "CONNECTION_FORCED - upstream channel open timed out")
+                self.close_with(code, text)
+            return
+        if self.state is not State.OPEN or self.leases.get(lease.channel_id) is not lease:
+            pool.release_unleased(up)
+            return
+        pool.bind(lease, up)
+        self._write(frames.encode_method(lease.channel_id, commands.Channel.OpenOk()))
+        backlog, lease.backlog = lease.backlog, None
+        if backlog:
+            self._process(b"".join(backlog))
+
+    def channel_closed_by_broker(self, lease: Lease, close_payload: bytes) -> None:
+        """The broker closed this lease's channel: tell the client, discard until CloseOk."""
+        if self.pool is not None and lease.up is not None:
+            lease.up.conn.on_lease_change(-1)
+            lease.up.lease = None
+        lease.up = None
+        lease.drop_partial_publish()
+        lease.state = LeaseState.BROKER_CLOSED
+        self._write(frames.encode(c.FRAME_METHOD, lease.channel_id, close_payload))
+
+    def channel_closed_upstream(self, lease: Lease) -> None:
+        """The broker answered the client's own Channel.Close."""
+        if lease.up is not None:
+            lease.up.conn.on_lease_change(-1)
+            lease.up.lease = None
+        lease.up = None
+        if self.leases.get(lease.channel_id) is lease:
+            del self.leases[lease.channel_id]
+        self._write(frames.encode_method(lease.channel_id, commands.Channel.CloseOk()))
+
+    def _on_connection_frame(self, ftype: int, data: bytes, start: int, end: int) -> None:
+        if ftype == c.FRAME_HEARTBEAT:
+            return
+        if ftype != c.FRAME_METHOD:
+            raise FrameError(c.UNEXPECTED_FRAME, "UNEXPECTED_FRAME - content frame on channel 0")
+        mid = frames.method_id_at(data, start)
+        if mid == c.CONNECTION_CLOSE:
+            self._write(frames.encode_method(0, commands.Connection.CloseOk()))
+            self._close_reason = "closed by client"
+            self.state = State.CLOSED
+            self._release_all("client closed the connection")
+            if self.transport is not None:
+                self.transport.close()
+        elif mid == c.CONNECTION_CLOSE_OK:
+            raise FrameError(c.COMMAND_INVALID, "COMMAND_INVALID - unexpected connection.close-ok")
+        elif mid == c.CONNECTION_UPDATE_SECRET:
+            raise FrameError(
+                c.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - connection.update-secret is not supported yet"
+            )
+        else:
+            raise FrameError(
+                c.COMMAND_INVALID,
+                f"COMMAND_INVALID - unexpected method {mid >> 16}.{mid & 0xFFFF} on channel 0",
+            )
+
+    def _while_closing(self, data: bytes) -> None:
+        """After our Connection.Close only CloseOk (or the client's own Close) matters."""
+        try:
+            found, pos = frames.scan(data, max(self.frame_max, HANDSHAKE_FRAME_MAX))
+        except FrameError:
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if pos < len(data):
+            self._rest = data[pos:]
+        for ftype, channel_id, start, _end in found:
+            if ftype != c.FRAME_METHOD or channel_id != 0:
+                continue
+            mid = frames.method_id_at(data, start)
+            if mid in (c.CONNECTION_CLOSE_OK, c.CONNECTION_CLOSE):
+                if mid == c.CONNECTION_CLOSE:
+                    self._write(frames.encode_method(0, commands.Connection.CloseOk()))
+                if self.transport is not None:
+                    self.transport.close()
+                return
+
+    # ---- handshake --------------------------------------------------------------------------
+
+    def _on_protocol_header(self, data: bytes) -> None:
+        if len(data) < len(c.PROTOCOL_HEADER) and c.PROTOCOL_HEADER.startswith(data):
+            self._rest = data
+            return
+        if data[:8] != c.PROTOCOL_HEADER:
+            self._refuse_header()
+            return
+        self.state = State.START
+        self._rest = data[8:]
+        self.loop.create_task(self._send_start())
+
+    def _refuse_header(self) -> None:
+        """A wrong protocol header gets the one we speak, then the socket closes (spec 4.2.2)."""
+        log.info("client %s sent a bad protocol header; answering with 0-9-1", self.peer)
+        if self.transport is not None:
+            self.transport.write(c.PROTOCOL_HEADER)
+            self.transport.close()
+        self.state = State.CLOSED
+
+    async def _send_start(self) -> None:
+        properties = await self.proxy.server_properties()
+        if self.state is not State.START:
+            return
+        self._write(
+            frames.encode_method(
+                0,
+                commands.Connection.Start(
+                    version_major=0,
+                    version_minor=9,
+                    server_properties=properties,
+                    mechanisms=auth.MECHANISMS,
+                    locales="en_US",
+                ),
+            )
+        )
+        if self._rest:
+            data, self._rest = self._rest, b""
+            self._handshake(data)
+
+    def _handshake(self, data: bytes) -> None:
+        try:
+            found, pos = frames.scan(data, HANDSHAKE_FRAME_MAX)
+            if pos < len(data):
+                self._rest = data[pos:]
+            for ftype, channel_id, start, end in found:
+                if ftype == c.FRAME_HEARTBEAT:
+                    continue
+                if ftype != c.FRAME_METHOD or channel_id != 0:
+                    raise FrameError(
+                        c.UNEXPECTED_FRAME, "UNEXPECTED_FRAME - non-method frame during handshake"
+                    )
+                self._handshake_method(frames.decode_method(data[start:end]))
+                if self.state in (State.CLOSING, State.CLOSED, State.AUTHENTICATING):
+                    if self.state is State.AUTHENTICATING and end + 1 < len(data):
+                        self._rest = data[end + 1 :]
+                    return
+        except FrameError as exc:
+            if self.state is State.START:
+                # Before Tune the client may not be ready for Connection.Close; just hang up.
+                log.warning("client %s: %s", self.peer, exc.text)
+                if exc.code == c.ACCESS_REFUSED:
+                    self.close_with(exc.code, exc.text)
+                elif self.transport is not None:
+                    self.transport.close()
+            else:
+                self.close_with(exc.code, exc.text)
+
+    def _handshake_method(self, method: Any) -> None:
+        if self.state is State.START and isinstance(method, commands.Connection.StartOk):
+            self.client_properties = dict(method.client_properties or {})
+            name = self.client_properties.get("connection_name")
+            self.connection_name = name.decode() if isinstance(name, bytes) else str(name or "")
+            capabilities = self.client_properties.get("capabilities") or {}
+            if isinstance(capabilities, dict):
+                self.wants_blocked = bool(capabilities.get("connection.blocked"))
+            self.user, self._password = auth.credentials(method.mechanism, method.response)
+            frame_max = self.registry.frame_max
+            self.state = State.TUNE
+            self._write(
+                frames.encode_method(
+                    0,
+                    commands.Connection.Tune(
+                        self.settings.channel_max, frame_max, self.settings.heartbeat
+                    ),
+                )
+            )
+        elif self.state is State.TUNE and isinstance(method, commands.Connection.TuneOk):
+            offered = self.registry.frame_max
+            frame_max = method.frame_max or offered
+            if frame_max < c.FRAME_MIN_SIZE or frame_max > offered:
+                raise FrameError(
+                    c.NOT_ALLOWED,
+                    f"NOT_ALLOWED - frame_max {frame_max} outside {c.FRAME_MIN_SIZE}..{offered}",
+                )
+            self.frame_max = frame_max
+            self.max_body = frame_max - c.FRAME_OVERHEAD
+            limit = self.settings.channel_max
+            self.channel_max = min(method.channel_max, limit) if method.channel_max else limit
+            self.heartbeat = method.heartbeat
+            self._start_heartbeat(self.heartbeat)
+            self.state = State.OPEN_WAIT
+        elif self.state is State.OPEN_WAIT and isinstance(method, commands.Connection.Open):
+            self.vhost = method.virtual_host
+            self.state = State.AUTHENTICATING
+            if self._timer is not None:
+                self._timer.cancel()
+            self.loop.create_task(self._authenticate())
+        elif isinstance(method, commands.Connection.Close):
+            self._write(frames.encode_method(0, commands.Connection.CloseOk()))
+            self.state = State.CLOSED
+            if self.transport is not None:
+                self.transport.close()
+        else:
+            raise FrameError(
+                c.COMMAND_INVALID,
+                f"COMMAND_INVALID - unexpected {method.name} in handshake state {self.state.value}",
+            )
+
+    async def _authenticate(self) -> None:
+        """Prove the credentials upstream (a live pooled connection counts), then OpenOk."""
+        pool = self.registry.pool(self.user, self._password, self.vhost)
+        try:
+            await pool.authenticate()
+        except UpstreamRefused as exc:
+            self.registry.maybe_drop(pool)
+            if self.state is State.AUTHENTICATING:
+                self.close_with(exc.code, exc.text, 10, 40)
+            return
+        if self.state is not State.AUTHENTICATING:
+            self.registry.maybe_drop(pool)
+            return
+        self.pool = pool
+        pool.client_added(self)
+        self.state = State.OPEN
+        self._write(frames.encode_method(0, commands.Connection.OpenOk()))
+        log.info("client %s connected", self.describe())
+        if self._rest:
+            data, self._rest = self._rest, b""
+            self._process(data)

@@ -1,0 +1,169 @@
+"""The proxy process: listeners, the pools, housekeeping, signals and the graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import ssl
+import struct
+from typing import Any
+
+from pamqp import commands
+
+from amqproxy.admin import AdminServer
+from amqproxy.amqp import constants as c
+from amqproxy.amqp import frames
+from amqproxy.client import ClientConnection
+from amqproxy.config import Settings
+from amqproxy.pool import PoolRegistry
+
+log = logging.getLogger("amqproxy.server")
+
+SWEEP_INTERVAL = 1.0
+
+
+class Proxy:
+    """Owns everything that lives as long as the process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = PoolRegistry(settings)
+        self.clients: set[ClientConnection] = set()
+        self.draining = False
+        self._server: asyncio.Server | None = None
+        self._admin: AdminServer | None = None
+        self._stop = asyncio.Event()
+        self._probe: asyncio.Future[dict[str, Any]] | None = None
+        self._signals = 0
+
+    # ---- clients ----------------------------------------------------------------------------
+
+    def client_connected(self, client: ClientConnection) -> None:
+        self.clients.add(client)
+
+    def client_disconnected(self, client: ClientConnection) -> None:
+        self.clients.discard(client)
+
+    # ---- what the broker says about itself ---------------------------------------------------
+
+    async def server_properties(self) -> dict[str, Any]:
+        """The broker's Connection.Start properties, learned once and refreshed by upstreams."""
+        if self.registry.server_properties is not None:
+            return self.registry.server_properties
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._probe_broker())
+        try:
+            return await asyncio.shield(self._probe)
+        except Exception as exc:  # the broker is unreachable: the client learns it at Open
+            log.warning("cannot read the broker's properties: %s", exc)
+            return {"product": "amqproxy", "information": "upstream broker unreachable"}
+
+    async def _probe_broker(self) -> dict[str, Any]:
+        settings = self.settings
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                settings.upstream_host,
+                settings.upstream_port,
+                ssl=self.registry.ssl_context,
+                server_hostname=settings.upstream_host if settings.upstream_tls else None,
+            ),
+            settings.connect_timeout,
+        )
+        try:
+            writer.write(c.PROTOCOL_HEADER)
+            head = await asyncio.wait_for(reader.readexactly(7), settings.handshake_timeout)
+            ftype, _channel, size = struct.unpack(">BHI", head)
+            if ftype != c.FRAME_METHOD or size > 1 << 20:
+                raise ConnectionError("the broker did not send Connection.Start")
+            payload = await asyncio.wait_for(
+                reader.readexactly(size + 1), settings.handshake_timeout
+            )
+            method = frames.decode_method(payload[:-1])
+            if not isinstance(method, commands.Connection.Start):
+                raise ConnectionError(f"expected Connection.Start, got {method.name}")
+            properties = dict(method.server_properties or {})
+            self.registry.learn_server_properties(properties)
+            return properties
+        finally:
+            writer.close()
+
+    # ---- running ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ClientConnection(self),
+            settings.listen_address,
+            settings.listen_port,
+            reuse_address=True,
+            backlog=1024,
+        )
+        sockets: list[socket.socket] = list(self._server.sockets or [])
+        addresses = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in sockets)
+        log.info(
+            "amqproxy listening on %s, upstream %s%s",
+            addresses,
+            "amqps://" if settings.upstream_tls else "amqp://",
+            settings.upstream_address,
+        )
+        if settings.http_port:
+            self._admin = AdminServer(self)
+            await self._admin.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.create_task(self._sweeper())
+        try:
+            await asyncio.wait_for(self.server_properties(), settings.connect_timeout + 1)
+        except (TimeoutError, OSError, ssl.SSLError):
+            pass
+
+    async def run(self) -> None:
+        await self.start()
+        await self._stop.wait()
+        await self._drain()
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second %s: exiting at once", sig.name)
+            raise SystemExit(1)
+        log.info("%s received: draining", sig.name)
+        self._stop.set()
+
+    async def _sweeper(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            self.registry.sweep(loop.time())
+
+    async def _drain(self) -> None:
+        """Stop accepting, give clients time to leave, close them, close upstreams."""
+        settings = self.settings
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        await self._wait_clients_gone(settings.term_client_close_timeout)
+        if self.clients:
+            log.info("closing %d remaining client(s)", len(self.clients))
+            for client in list(self.clients):
+                client.close_with(c.CONNECTION_FORCED, "CONNECTION_FORCED - amqproxy shutting down")
+            await self._wait_clients_gone(settings.term_timeout)
+            for client in list(self.clients):
+                if client.transport is not None:
+                    client.transport.abort()
+        self.registry.close_all()
+        deadline = asyncio.get_running_loop().time() + min(settings.term_timeout, 5.0)
+        while self.registry.upstream_count and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        if self._admin is not None:
+            await self._admin.stop()
+        log.info("amqproxy stopped")
+
+    async def _wait_clients_gone(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.clients and loop.time() < deadline:
+            await asyncio.sleep(0.05)

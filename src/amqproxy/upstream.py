@@ -1,0 +1,481 @@
+"""The upstream side: one connection to the broker, shared by the leases of one pool.
+
+The proxy plays an AMQP client here: handshake with the pool's credentials, channel id
+allocation, heartbeats it owns, and the broker-to-client half of the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+from pamqp import commands
+
+from amqproxy import __version__
+from amqproxy.amqp import constants as c
+from amqproxy.amqp import frames
+from amqproxy.amqp.auth import plain_response
+from amqproxy.amqp.frames import Buffer, FrameError
+from amqproxy.channel import ChannelState, LeaseState, UpstreamChannel
+from amqproxy.heartbeat import HeartbeatMixin
+
+if TYPE_CHECKING:
+    from amqproxy.client import ClientConnection
+    from amqproxy.pool import Pool
+
+log = logging.getLogger("amqproxy.upstream")
+
+HANDSHAKE_FRAME_MAX = 1 << 20  # generous: Connection.Start carries the broker's properties
+DEFAULT_FRAME_MAX = 131072
+CLIENT_CAPABILITIES = {
+    "authentication_failure_close": True,
+    "basic.nack": True,
+    "connection.blocked": True,
+    "consumer_cancel_notify": True,
+    "exchange_exchange_bindings": True,
+    "publisher_confirms": True,
+    "per_consumer_qos": True,
+}
+
+# Methods from the broker that the proxy must look at before (or instead of) forwarding.
+_WATCHED = frozenset(
+    {
+        c.CHANNEL_OPEN_OK,
+        c.CHANNEL_CLOSE,
+        c.CHANNEL_CLOSE_OK,
+        c.BASIC_ACK,
+        c.BASIC_NACK,
+        c.BASIC_DELIVER,
+        c.BASIC_GET_OK,
+    }
+    | c.SYNC_REPLIES
+)
+
+
+_KEEP = memoryview(b"")  # _on_method's verdict "forward unchanged" (compared by identity)
+
+
+class UpstreamRefused(Exception):
+    """The broker refused or dropped the connection; ``code``/``text`` go to the client."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(f"{code} {text}")
+        self.code = code
+        self.text = text
+
+
+class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
+    """One AMQP connection to the broker."""
+
+    def __init__(self, pool: Pool, serial: int) -> None:
+        self.pool = pool
+        self.settings = pool.settings
+        self.name = f"amqproxy {pool.user}@{pool.vhost} #{serial}"
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.open = False  # handshake done and not closing
+        self.closed = False
+        self.channels: dict[int, UpstreamChannel] = {}
+        self.channel_max = 0
+        self.frame_max = DEFAULT_FRAME_MAX
+        self.heartbeat = 0
+        self.leased = 0  # channels with a lease: the connection is "in use"
+        self.last_used = loop.time()
+        self.blocked_reason: str | None = None
+        self.paused = False  # our write buffer toward the broker is full
+        self.waiting_clients: set[ClientConnection] = set()  # paused until we drain
+        self._opening: dict[int, asyncio.Future[UpstreamChannel]] = {}
+        self._next_id = 1
+        self._rest = b""
+        self._close_reason: tuple[int, str] | None = None
+        self._init_heartbeat()
+        self._close_timer: asyncio.TimerHandle | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            name = sock.getsockname()
+            self.peer = f"{name[0]}:{name[1]}"
+        self.transport.write(c.PROTOCOL_HEADER)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        if self._close_reason is not None:
+            code, text = self._close_reason
+        else:
+            code, text = c.CONNECTION_FORCED, "CONNECTION_FORCED - upstream connection lost"
+            if exc is not None:
+                text += f": {exc}"
+        self._shutdown(code, text, expected=self._close_reason is not None)
+
+    def _shutdown(self, code: int, text: str, *, expected: bool) -> None:
+        """Tear down: fail waiters, close affected clients, leave the pool."""
+        if self.closed:
+            return
+        was_open = self.open
+        self.closed = True
+        self.open = False
+        self._stop_heartbeat()
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        if not self.ready.done():
+            self.ready.set_exception(UpstreamRefused(code, text))
+        for fut in self._opening.values():
+            if not fut.done():
+                fut.set_exception(UpstreamRefused(code, text))
+        self._opening.clear()
+        clients = {ch.lease.client for ch in self.channels.values() if ch.lease is not None}
+        for client in clients:
+            client.close_with(code, text)
+        for client in self.waiting_clients:
+            client.resume_reading()
+        self.waiting_clients.clear()
+        self.channels.clear()
+        self.leased = 0
+        if was_open:
+            level = logging.INFO if expected else logging.WARNING
+            log.log(level, "upstream %s closed (%s): %d %s", self.name, self.peer, code, text)
+        self.pool.upstream_closed(self)
+        if self.transport is not None:
+            self.transport.close()
+
+    def close(self, text: str = "closed by amqproxy") -> None:
+        """Close politely with Connection.Close; abort if the broker does not answer."""
+        if self.closed or self.transport is None:
+            return
+        if not self.open:
+            self.transport.abort()
+            return
+        self.open = False
+        self._close_reason = (c.REPLY_SUCCESS, text)
+        self._write(frames.encode_method(0, commands.Connection.Close(c.REPLY_SUCCESS, text, 0, 0)))
+        self._close_timer = self.loop.call_later(self.settings.handshake_timeout, self._abort_close)
+
+    def _abort_close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ---- writing and flow control -------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self._wrote = True
+        self.transport.write(data)
+
+    def send(self, pieces: list[Buffer]) -> None:
+        """Write the frames a client produced in one read, in one call."""
+        if self.closed or self.transport is None:
+            return
+        self._wrote = True
+        self.transport.write(b"".join(pieces))
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        waiting, self.waiting_clients = self.waiting_clients, set()
+        for client in waiting:
+            client.resume_reading()
+
+    # ---- heartbeats -------------------------------------------------------------------------
+
+    def _heartbeat_missed(self) -> None:
+        self._close_reason = (
+            c.CONNECTION_FORCED,
+            f"CONNECTION_FORCED - broker missed heartbeats ({self.heartbeat}s)",
+        )
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ---- channels ---------------------------------------------------------------------------
+
+    @property
+    def free_channels(self) -> int:
+        limit = self.pool.max_channels(self)
+        return limit - len(self.channels)
+
+    def open_channel(self) -> asyncio.Future[UpstreamChannel]:
+        """Send Channel.Open on a free id; the future resolves at the broker's OpenOk."""
+        limit = self.pool.max_channels(self)
+        channel_id = self._next_id
+        for _ in range(limit):
+            if channel_id > limit:
+                channel_id = 1
+            if channel_id not in self.channels:
+                break
+            channel_id += 1
+        else:
+            raise UpstreamRefused(c.RESOURCE_ERROR, "RESOURCE_ERROR - no free upstream channel")
+        self._next_id = channel_id + 1
+        up = UpstreamChannel(self, channel_id)
+        self.channels[channel_id] = up
+        fut: asyncio.Future[UpstreamChannel] = self.loop.create_future()
+        self._opening[channel_id] = fut
+        self._write(frames.encode_method(channel_id, commands.Channel.Open()))
+        self.pool.stats.channel_opens += 1
+        return fut
+
+    def close_channel(self, up: UpstreamChannel, text: str) -> None:
+        """Close an upstream channel the proxy no longer wants (CloseOk frees its id)."""
+        if up.state is ChannelState.CLOSING or self.closed or up.id not in self.channels:
+            return
+        up.state = ChannelState.CLOSING
+        up.lease = None
+        self._write(
+            frames.encode_method(up.id, commands.Channel.Close(c.REPLY_SUCCESS, text, 0, 0))
+        )
+
+    def forget_channel(self, up: UpstreamChannel) -> None:
+        self.channels.pop(up.id, None)
+        self.pool.channel_gone(up)
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self._read_seen = True
+        if self._rest:
+            data = self._rest + data
+            self._rest = b""
+        try:
+            if not self.open and not self.closed and not self.ready.done():
+                self._handshake(data)
+            else:
+                self._forward(data)
+        except FrameError as exc:
+            log.warning("upstream %s sent a bad frame: %s", self.name, exc.text)
+            self._close_reason = (c.CONNECTION_FORCED, f"CONNECTION_FORCED - {exc.text}")
+            if self.transport is not None:
+                self.transport.abort()
+
+    def _handshake(self, data: bytes) -> None:
+        found, pos = frames.scan(data, HANDSHAKE_FRAME_MAX)
+        for ftype, channel, start, end in found:
+            if ftype != c.FRAME_METHOD or channel != 0:
+                continue
+            method = frames.decode_method(data[start:end])
+            if isinstance(method, commands.Connection.Start):
+                self.pool.registry.learn_server_properties(method.server_properties or {})
+                self._write(
+                    frames.encode_method(
+                        0,
+                        commands.Connection.StartOk(
+                            client_properties=self._client_properties(),
+                            mechanism="PLAIN",
+                            response=plain_response(self.pool.user, self.pool.password),
+                            locale="en_US",
+                        ),
+                    )
+                )
+            elif isinstance(method, commands.Connection.Tune):
+                self.channel_max = method.channel_max or 65535
+                self.frame_max = method.frame_max or DEFAULT_FRAME_MAX
+                wanted = self.settings.upstream_heartbeat
+                self.heartbeat = method.heartbeat if wanted is None else wanted
+                self._write(
+                    frames.encode_method(
+                        0,
+                        commands.Connection.TuneOk(
+                            self.channel_max, self.frame_max, self.heartbeat
+                        ),
+                    )
+                )
+                self._write(frames.encode_method(0, commands.Connection.Open(self.pool.vhost)))
+                self._start_heartbeat(self.heartbeat)
+            elif isinstance(method, commands.Connection.OpenOk):
+                self.open = True
+                self.ready.set_result(None)
+                # Anything after OpenOk in the same read belongs to the open connection.
+                rest = data[end + 1 :]
+                if rest:
+                    self._forward(rest + data[pos:])
+                elif pos < len(data):
+                    self._rest = data[pos:]
+                return
+            elif isinstance(method, commands.Connection.Close):
+                self._write(frames.encode_method(0, commands.Connection.CloseOk()))
+                code = method.reply_code or c.CONNECTION_FORCED
+                self._close_reason = (code, method.reply_text)
+                if not self.ready.done():
+                    self.ready.set_exception(UpstreamRefused(code, method.reply_text))
+                if self.transport is not None:
+                    self.transport.close()
+                return
+        if pos < len(data):
+            self._rest = data[pos:]
+
+    def _client_properties(self) -> dict[str, Any]:
+        return {
+            "product": "amqproxy",
+            "version": __version__,
+            "platform": "Python",
+            "information": "pooling AMQP proxy",
+            "connection_name": self.name,
+            "capabilities": dict(CLIENT_CAPABILITIES),
+        }
+
+    def _forward(self, data: bytes) -> None:
+        """The broker-to-client hot path: rewrite channel ids, one write per client."""
+        found, pos = frames.scan(data, self.frame_max)
+        if pos < len(data):
+            self._rest = data[pos:]
+        if not found:
+            return
+        view = memoryview(data)
+        outs: dict[ClientConnection, list[Buffer]] = {}
+        channels = self.channels
+        watched = _WATCHED
+        header = frames.header
+        for ftype, channel_id, start, end in found:
+            if channel_id == 0:
+                self._on_connection_frame(ftype, data, start, end)
+                continue
+            up = channels.get(channel_id)
+            if up is None:
+                continue
+            replaced: Buffer | None = None
+            if ftype == c.FRAME_METHOD:
+                mid = frames.method_id_at(data, start)
+                if mid in watched:
+                    verdict = self._on_method(up, mid, data, start, end)
+                    if verdict is None:
+                        continue
+                    if verdict is not _KEEP:
+                        replaced = verdict
+            lease = up.lease
+            if lease is None or lease.state is not LeaseState.OPEN:
+                continue
+            client = lease.client
+            out = outs.get(client)
+            if out is None:
+                out = outs[client] = []
+            if replaced is not None:
+                out += (header(ftype, lease.channel_id, len(replaced)), replaced, b"\xce")
+            elif ftype == c.FRAME_BODY and end - start > client.max_body:
+                out.extend(frames.split_body(lease.channel_id, view[start:end], client.max_body))
+            elif lease.channel_id == channel_id:
+                out.append(view[start - 7 : end + 1])
+            else:
+                out += (header(ftype, lease.channel_id, end - start), view[start : end + 1])
+        for client, pieces in outs.items():
+            client.send(pieces)
+
+    def _on_method(
+        self, up: UpstreamChannel, mid: int, data: bytes, start: int, end: int
+    ) -> Buffer | None:
+        """Act on a watched broker method.
+
+        Returns None to drop the frame, _KEEP to forward it unchanged, or a new payload.
+        """
+        lease = up.lease
+        if mid in c.SYNC_REPLIES and up.pending_replies > 0:
+            up.pending_replies -= 1
+        if mid == c.BASIC_DELIVER or mid == c.BASIC_GET_OK:
+            up.delivered += 1
+            if lease is not None and lease.tag_offset:
+                return frames.retag(
+                    data, start, end, frames.tag_position(mid, data, start), -lease.tag_offset
+                )
+        elif mid == c.BASIC_ACK or mid == c.BASIC_NACK:
+            if up.confirm_mode:
+                tag, multiple = frames.tag_and_flags(data, start)
+                up.confirm(tag, multiple)
+                if lease is None:
+                    self.pool.maybe_settled(up)
+                    return None
+                if not lease.client_confirm:
+                    return None  # confirms this client did not ask for
+                if lease.confirm_offset:
+                    return frames.retag(data, start, end, start + 4, -lease.confirm_offset)
+        elif mid == c.CHANNEL_OPEN_OK:
+            up.state = ChannelState.OPEN
+            fut = self._opening.pop(up.id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(up)
+            elif fut is not None:  # the waiter gave up: nobody wants this channel now
+                self.pool.release_unleased(up)
+            return None
+        elif mid == c.CHANNEL_CLOSE:
+            self._on_broker_channel_close(up, data, start, end)
+            return None
+        elif mid == c.CHANNEL_CLOSE_OK:
+            self.forget_channel(up)
+            if lease is not None and lease.state is LeaseState.CLOSING:
+                lease.client.channel_closed_upstream(lease)
+            return None
+        if lease is None:
+            self.pool.maybe_settled(up)
+            return None
+        return _KEEP
+
+    def _on_broker_channel_close(
+        self, up: UpstreamChannel, data: bytes, start: int, end: int
+    ) -> None:
+        """The broker closed a channel: answer it, free the id, tell the lease's client."""
+        self._write(frames.encode_method(up.id, commands.Channel.CloseOk()))
+        fut = self._opening.pop(up.id, None)
+        method = frames.decode_method(data[start:end])
+        assert isinstance(method, commands.Channel.Close)
+        if fut is not None and not fut.done():
+            fut.set_exception(UpstreamRefused(method.reply_code or 0, method.reply_text))
+        lease = up.lease
+        self.forget_channel(up)
+        if lease is not None:
+            lease.client.channel_closed_by_broker(lease, data[start:end])
+        elif up.state is not ChannelState.CLOSING:
+            self.pool.orphan_channel_error(up, method.reply_code or 0, method.reply_text)
+
+    def _on_connection_frame(self, ftype: int, data: bytes, start: int, end: int) -> None:
+        if ftype != c.FRAME_METHOD:
+            return  # heartbeats only prove liveness, which _read_seen already recorded
+        mid = frames.method_id_at(data, start)
+        if mid == c.CONNECTION_CLOSE:
+            method = frames.decode_method(data[start:end])
+            assert isinstance(method, commands.Connection.Close)
+            if self.transport is not None and not self.closed:
+                self._write(frames.encode_method(0, commands.Connection.CloseOk()))
+            self._close_reason = (method.reply_code or c.CONNECTION_FORCED, method.reply_text)
+            self._shutdown(*self._close_reason, expected=False)
+        elif mid == c.CONNECTION_CLOSE_OK:
+            self._shutdown(*(self._close_reason or (c.REPLY_SUCCESS, "closed")), expected=True)
+        elif mid in (c.CONNECTION_BLOCKED, c.CONNECTION_UNBLOCKED):
+            payload = data[start:end]
+            if mid == c.CONNECTION_BLOCKED:
+                method = frames.decode_method(payload)
+                assert isinstance(method, commands.Connection.Blocked)
+                self.blocked_reason = method.reason or "blocked"
+                log.warning("upstream %s blocked by the broker: %s", self.name, method.reason)
+            else:
+                self.blocked_reason = None
+                log.info("upstream %s unblocked", self.name)
+            frame = frames.encode(c.FRAME_METHOD, 0, payload)
+            for client in self.clients():
+                if client.wants_blocked:
+                    client.send([frame])
+        elif mid == c.CONNECTION_UPDATE_SECRET_OK:
+            pass
+
+    def clients(self) -> set[ClientConnection]:
+        """Clients with a channel on this connection."""
+        return {ch.lease.client for ch in self.channels.values() if ch.lease is not None}
+
+    def on_lease_change(self, delta: int) -> None:
+        self.leased += delta
+        self.last_used = self.loop.time()
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        self.loop.call_soon(callback)

@@ -1,0 +1,168 @@
+"""Authentication happens before Connection.OpenOk, against the broker, even with a warm pool;
+pools are keyed by (user, password, vhost) and never mix tenants."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aio_pika
+import pika
+import pytest
+
+from conftest import (
+    CLIENT_CONNECTIONS,
+    UPSTREAM_CONNECTIONS,
+    UPSTREAM_CONNECTS,
+    drain,
+    list_connections,
+    rabbitmqctl,
+    reply_code_of,
+)
+from raw_amqp import RawAMQP, RawConnectionClose
+
+
+def _warm_pool(proxy, tenant, queue):
+    """One client connected with an open channel, and one parked channel left by another."""
+    keep = proxy.connect(tenant)
+    kch = keep.channel()
+    kch.basic_publish("", queue, b"warm-1")
+    c = proxy.connect(tenant)
+    c.channel().basic_publish("", queue, b"warm-2")
+    c.close()
+    assert proxy.metric(UPSTREAM_CONNECTIONS, **tenant.labels) == 1
+    return keep, kch
+
+
+def _bad_login(kind, tenant, other):
+    if kind == "wrong-password":
+        return dict(user=tenant.user, password="not-the-password", vhost=tenant.vhost), 403
+    if kind == "unknown-user":
+        return dict(user="itest-no-such-user", password=tenant.password, vhost=tenant.vhost), 403
+    if kind == "missing-vhost":
+        return dict(user=tenant.user, password=tenant.password, vhost="itest-no-such-vhost"), 530
+    if kind == "forbidden-vhost":  # exists, but tenant.user has no permissions there
+        return dict(user=tenant.user, password=tenant.password, vhost=other.vhost), 530
+    raise AssertionError(kind)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "kind", ["wrong-password", "unknown-user", "missing-vhost", "forbidden-vhost"]
+)
+def test_bad_login_refused_at_connect_while_pool_is_warm(
+    proxy, tenant, tenant_factory, queues, kind
+):
+    other = tenant_factory() if kind == "forbidden-vhost" else None
+    q = queues.declare(tenant)
+    keep, kch = _warm_pool(proxy, tenant, q)
+    creds, code = _bad_login(kind, tenant, other)
+
+    for attempt in range(3):  # repeated failures are refused every time
+        t0 = time.monotonic()
+        with pytest.raises(pika.exceptions.AMQPConnectionError) as ei:
+            conn = proxy.connect(**creds)
+            # only reached if the proxy answered OpenOk: make the failure explicit
+            conn.close()
+        elapsed = time.monotonic() - t0
+        assert reply_code_of(ei.value) == code, f"attempt {attempt}: {ei.value!r}"
+        assert elapsed < 5, f"refusal took {elapsed:.1f}s"
+
+    # the same refusal, seen at the frame level: Connection.Close with the broker's text
+    raw = RawAMQP(proxy.host, proxy.port)
+    try:
+        with pytest.raises(RawConnectionClose) as rei:
+            raw.handshake(**creds)
+        assert rei.value.reply_code == code
+        expected_text = "ACCESS_REFUSED" if code == 403 else "NOT_ALLOWED"
+        assert expected_text in rei.value.reply_text
+    finally:
+        raw.abort()
+
+    # the warm connection is untouched, and a new good client gets the pooled upstream
+    kch.basic_publish("", q, b"still-working")
+    keep.close()
+    good = proxy.connect(tenant)
+    good.channel().basic_publish("", q, b"good-after")
+    good.close()
+    bodies = [b for b, _, _ in drain(tenant, q)]
+    assert bodies == [b"warm-1", b"warm-2", b"still-working", b"good-after"]
+    assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) == 1
+
+    # failed credentials leave no pool and no client behind
+    user, vhost = creds["user"], creds["vhost"]
+    if (user, vhost) != (tenant.user, tenant.vhost):
+        proxy.wait_metric(UPSTREAM_CONNECTIONS, 0, user=user, vhost=vhost)
+        proxy.wait_metric(CLIENT_CONNECTIONS, 0, user=user, vhost=vhost)
+    proxy.wait_metric(UPSTREAM_CONNECTIONS, 1, **tenant.labels)
+    broker_side = [
+        c for c in list_connections("user", "vhost") if c.get("user") == tenant.user
+    ]
+    assert len(broker_side) == 1, f"upstream connections for {tenant.user}: {broker_side}"
+
+
+@pytest.mark.timeout(40)
+def test_aio_pika_wrong_password_refused_and_good_client_works(proxy, tenant, queues):
+    q = queues.declare(tenant)
+
+    async def run() -> None:
+        good = await aio_pika.connect(proxy.url(tenant), timeout=10)
+        ch = await good.channel()
+        await ch.default_exchange.publish(aio_pika.Message(b"one"), q)
+        bad_url = proxy.url(user=tenant.user, password="wrong", vhost=tenant.vhost)
+        t0 = time.monotonic()
+        with pytest.raises(Exception) as ei:  # noqa: B017 - aiormq's type depends on the stage
+            conn = await aio_pika.connect(bad_url, timeout=10)
+            await conn.close()
+        assert time.monotonic() - t0 < 5
+        assert not isinstance(ei.value, asyncio.TimeoutError), "refusal timed out (hang)"
+        text = repr(ei.value)
+        assert "ACCESS_REFUSED" in text or "Connection.Close" in text, text
+        await ch.default_exchange.publish(aio_pika.Message(b"two"), q)
+        await good.close()
+
+    asyncio.run(run())
+    assert [b for b, _, _ in drain(tenant, q)] == [b"one", b"two"]
+
+
+@pytest.mark.timeout(40)
+def test_pools_never_mix_users(proxy, tenant, tenant_factory, queues):
+    """Two users in one vhost: each publishes with user_id=<itself>, which RabbitMQ only accepts
+    on a connection authenticated as that user (else 406). Alternate so both pools hold
+    parked channels."""
+    other = tenant_factory(vhost=tenant.vhost)
+    q = queues.declare(tenant)
+    for i in range(6):
+        t = tenant if i % 2 == 0 else other
+        conn = proxy.connect(t)
+        ch = conn.channel()
+        ch.confirm_delivery()
+        ch.basic_publish("", q, f"{t.user}-{i}".encode(), pika.BasicProperties(user_id=t.user))
+        conn.close()
+    msgs = drain(tenant, q)
+    assert [(b, p.user_id) for b, _, p in msgs] == [
+        (f"{(tenant if i % 2 == 0 else other).user}-{i}".encode(),
+         (tenant if i % 2 == 0 else other).user)
+        for i in range(6)
+    ]
+    assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) == 1
+    assert proxy.metric(UPSTREAM_CONNECTS, **other.labels) == 1
+
+
+@pytest.mark.timeout(40)
+def test_pool_is_keyed_by_password(proxy, tenant, queues):
+    """After the password changes on the broker, the old password no longer authenticates new
+    upstream connections, and the new password gets its own pool."""
+    q = queues.declare(tenant)
+    c = proxy.connect(tenant)
+    c.channel().basic_publish("", q, b"old-pw")
+    c.close()
+    new_pw = tenant.password + "-new"
+    rabbitmqctl("change_password", tenant.user, new_pw)
+    c = proxy.connect(user=tenant.user, password=new_pw, vhost=tenant.vhost)
+    c.channel().basic_publish("", q, b"new-pw")
+    c.close()
+    bodies = [b for b, _, _ in drain(tenant.__class__(tenant.user, new_pw, tenant.vhost), q)]
+    assert bodies == [b"old-pw", b"new-pw"]
+    # two distinct pools for the same (user, vhost): two upstream connections were opened
+    assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) == 2

@@ -1,0 +1,367 @@
+"""Pooling: short-lived clients reuse one upstream connection and one parked upstream channel;
+the proxy stays transparent (large bodies, properties, returns, broker channel errors)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import aio_pika
+import pika
+import pytest
+from pamqp import commands
+
+from conftest import (
+    CLIENT_CONNECTIONS,
+    LEASED_CHANNELS,
+    PARKED_CHANNELS,
+    UPSTREAM_CHANNEL_OPENS,
+    UPSTREAM_CONNECTIONS,
+    UPSTREAM_CONNECTS,
+    drain,
+    queue_counts,
+    wait_for,
+)
+from raw_amqp import RawAMQP, RawConnectionClose
+
+N = 50
+
+
+def _assert_one_upstream_one_channel(proxy, tenant) -> None:
+    m = proxy.metrics()
+    lbl = tenant.labels
+    assert m.get(UPSTREAM_CONNECTS, **lbl) == 1, (
+        f"expected exactly one upstream connection opened for the pool, got "
+        f"{m.get(UPSTREAM_CONNECTS, **lbl)}"
+    )
+    assert m.get(UPSTREAM_CHANNEL_OPENS, **lbl) == 1, (
+        f"expected exactly one upstream Channel.Open (parked channel reused), got "
+        f"{m.get(UPSTREAM_CHANNEL_OPENS, **lbl)}"
+    )
+    # once the last client is gone: nothing leased, the single channel parked, one upstream
+    proxy.wait_metric(CLIENT_CONNECTIONS, 0, timeout=3, **lbl)
+    proxy.wait_metric(LEASED_CHANNELS, 0, timeout=3, **lbl)
+    proxy.wait_metric(PARKED_CHANNELS, 1, timeout=3, **lbl)
+    proxy.wait_metric(UPSTREAM_CONNECTIONS, 1, timeout=3, **lbl)
+
+
+def _assert_in_order(tenant, queue: str, n: int = N) -> None:
+    wait_for(
+        lambda: queue_counts(tenant, queue)[0] >= n,
+        5,
+        message=lambda: f"expected {n} messages in {queue}, have {queue_counts(tenant, queue)}",
+    )
+    bodies = [b for b, _, _ in drain(tenant, queue)]
+    assert bodies == [f"msg-{i}".encode() for i in range(n)]
+
+
+@pytest.mark.timeout(60)
+def test_pika_50_short_lived_publishers_share_one_upstream_connection_and_channel(
+    proxy, tenant, queues
+):
+    q = queues.declare(tenant)
+    for i in range(N):
+        conn = proxy.connect(tenant, client_properties={"connection_name": f"cycle-{i}"})
+        ch = conn.channel()
+        ch.basic_publish("", q, f"msg-{i}".encode())
+        if i % 2:
+            ch.close()  # explicit Channel.Close (answered locally) half of the time
+        conn.close()
+    _assert_in_order(tenant, q)
+    _assert_one_upstream_one_channel(proxy, tenant)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("confirms", [True, False], ids=["confirms", "no-confirms"])
+def test_aio_pika_50_short_lived_publishers_share_one_upstream_connection_and_channel(
+    proxy, tenant, queues, confirms
+):
+    q = queues.declare(tenant)
+
+    async def run() -> None:
+        for i in range(N):
+            conn = await aio_pika.connect(proxy.url(tenant), timeout=10)
+            ch = await conn.channel(publisher_confirms=confirms)
+            await asyncio.wait_for(
+                ch.default_exchange.publish(aio_pika.Message(f"msg-{i}".encode()), q), 5
+            )
+            await conn.close()
+
+    asyncio.run(run())
+    _assert_in_order(tenant, q)
+    _assert_one_upstream_one_channel(proxy, tenant)
+
+
+@pytest.mark.timeout(30)
+def test_connection_close_keeps_upstream_and_client_gauges_follow_clients(proxy, tenant, queues):
+    """Client Connection.Close is answered locally: the upstream stays; gauges track clients."""
+    q = queues.declare(tenant)
+    conns = [proxy.connect(tenant) for _ in range(3)]
+    chans = [c.channel() for c in conns]
+    proxy.wait_metric(CLIENT_CONNECTIONS, 3, **tenant.labels)
+    proxy.wait_metric(LEASED_CHANNELS, 3, **tenant.labels)
+    for i, ch in enumerate(chans):
+        ch.basic_publish("", q, f"msg-{i}".encode())
+    for c in conns:
+        c.close()
+    proxy.wait_metric(CLIENT_CONNECTIONS, 0, **tenant.labels)
+    proxy.wait_metric(LEASED_CHANNELS, 0, **tenant.labels)
+    proxy.wait_metric(PARKED_CHANNELS, 3, **tenant.labels)
+    assert proxy.metric(UPSTREAM_CONNECTIONS, **tenant.labels) == 1
+    _assert_in_order(tenant, q, 3)
+    # the three parked channels serve the next three concurrent clients without Channel.Open
+    conns = [proxy.connect(tenant) for _ in range(3)]
+    for c in conns:
+        c.channel().basic_publish("", q, b"again")
+    for c in conns:
+        c.close()
+    assert proxy.metric(UPSTREAM_CHANNEL_OPENS, **tenant.labels) == 3
+    assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) == 1
+    wait_for(lambda: queue_counts(tenant, q)[0] == 3, 5)
+
+
+@pytest.mark.timeout(30)
+def test_large_message_and_properties_round_trip(proxy, tenant, queues):
+    q = queues.declare(tenant)
+    body = bytes(range(256)) * (3 * 4096 + 7)  # ~3 MiB, not a multiple of any frame size
+    props = pika.BasicProperties(
+        content_type="application/octet-stream",
+        content_encoding="identity",
+        headers={"x-int": 42, "x-str": "ä-unicode", "x-nested": {"a": [1, "b", True]}},
+        delivery_mode=2,
+        priority=7,
+        correlation_id="corr-1",
+        reply_to="reply-q",
+        expiration="600000",
+        message_id="mid-1",
+        timestamp=1700000000,
+        type="t",
+        user_id=tenant.user,
+        app_id="itest",
+    )
+    conn = proxy.connect(tenant, frame_max=8192)
+    try:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        ch.basic_publish("", q, body, props)
+        method, got_props, got = ch.basic_get(q, auto_ack=False)
+        assert method is not None, "message not in queue"
+        assert got == body
+        for field in (
+            "content_type", "content_encoding", "headers", "delivery_mode", "priority",
+            "correlation_id", "reply_to", "expiration", "message_id", "timestamp", "type",
+            "user_id", "app_id",
+        ):
+            assert getattr(got_props, field) == getattr(props, field), field
+        ch.basic_ack(method.delivery_tag)
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(30)
+def test_deliveries_are_split_to_the_clients_frame_max(proxy, tenant, queues):
+    """A client that negotiated frame_max 4096 never gets a bigger frame (re-split bodies)."""
+    q = queues.declare(tenant)
+    body = b"z" * (512 * 1024 + 3)
+    conn = proxy.connect(tenant)
+    conn.channel().basic_publish("", q, body)
+    conn.close()
+    wait_for(lambda: queue_counts(tenant, q)[0] == 1, 5)
+
+    raw = RawAMQP(proxy.host, proxy.port)
+    try:
+        raw.handshake(tenant.user, tenant.password, tenant.vhost, frame_max=4096)
+        assert raw.frame_max == 4096
+        raw.open_channel(1)
+        raw.send(1, commands.Basic.Get(queue=q, no_ack=True))
+        raw.expect(commands.Basic.GetOk, 1)
+        hdr = raw.read_until(lambda c, v: c == 1 and hasattr(v, "body_size"))[1]
+        assert hdr.body_size == len(body)
+        got = b""
+        while len(got) < len(body):
+            _, frame = raw.read_frame(5)
+            assert raw.last_frame_size <= 4096, f"frame of {raw.last_frame_size} bytes > 4096"
+            got += frame.value
+        assert got == body
+    finally:
+        raw.close()
+
+
+@pytest.mark.timeout(30)
+def test_mandatory_unroutable_publish_is_returned(proxy, tenant):
+    conn = proxy.connect(tenant)
+    try:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        with pytest.raises(pika.exceptions.UnroutableError):
+            ch.basic_publish("", "no-such-queue-anywhere", b"x", mandatory=True)
+        ch.basic_publish("", "no-such-queue-anywhere", b"y")  # not mandatory: just confirmed
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(30)
+def test_broker_channel_error_reaches_client_and_spares_the_shared_upstream(
+    proxy, tenant, queues
+):
+    """404 on a publish to a missing exchange closes only that channel; frames the client sends
+    after the broker's Channel.Close must not reach the broker (that would be a connection
+    error on the shared upstream). A bystander on the same pool keeps working."""
+    q = queues.declare(tenant)
+    bystander = proxy.connect(tenant)
+    bch = bystander.channel()
+    bch.basic_publish("", q, b"before")
+
+    raw = RawAMQP(proxy.host, proxy.port)
+    try:
+        raw.handshake(tenant.user, tenant.password, tenant.vhost)
+        raw.open_channel(1)
+        burst = raw.content_frames(1, "no-such-exchange", "k", b"boom")
+        burst += b"".join(raw.content_frames(1, "", q, b"late-%d" % i) for i in range(50))
+        raw.send_raw(burst)
+        close = raw.expect(commands.Channel.Close, 1)
+        assert close.reply_code == 404
+        # more frames on the closing channel: must be discarded, not forwarded
+        raw.publish(1, "", q, b"after-close")
+        raw.send(1, commands.Channel.CloseOk())
+        raw.open_channel(1)
+        raw.publish(1, "", q, b"reopened")
+        raw.rpc(1, commands.Queue.Declare(queue=q, passive=True), commands.Queue.DeclareOk)
+    finally:
+        raw.close()
+
+    bch.basic_publish("", q, b"after")
+    bystander.process_data_events(0.2)
+    assert bystander.is_open and bch.is_open
+    bystander.close()
+    bodies = [b for b, _, _ in drain(tenant, q)]
+    assert b"before" in bodies and b"after" in bodies and b"reopened" in bodies
+    assert b"after-close" not in bodies
+    assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) == 1, "shared upstream was killed"
+
+
+@pytest.mark.timeout(30)
+def test_channel_closed_by_broker_is_not_parked(proxy, tenant, queues):
+    q = queues.declare(tenant)
+    conn = proxy.connect(tenant)
+    ch = conn.channel()
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as ei:
+        ch.queue_declare("does-not-exist", passive=True)
+    assert ei.value.reply_code == 404
+    # the connection is still usable
+    ch2 = conn.channel()
+    ch2.queue_declare(q, passive=True)
+    conn.close()
+    assert proxy.metric(UPSTREAM_CHANNEL_OPENS, **tenant.labels) == 2
+    # only the clean channel is parked; the broker-closed one is never handed out again
+    proxy.wait_metric(PARKED_CHANNELS, 1, **tenant.labels)
+    c2 = proxy.connect(tenant)
+    c2.channel().queue_declare(q, passive=True)
+    c2.close()
+    assert proxy.metric(UPSTREAM_CHANNEL_OPENS, **tenant.labels) == 2
+    assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) == 1
+
+
+@pytest.mark.timeout(30)
+def test_max_upstream_channels_opens_more_upstream_connections(module_proxy_factory, tenant,
+                                                                queues):
+    p = module_proxy_factory("-t", "60", "--max-upstream-channels", "2")
+    q = queues.declare(tenant)
+    conns = [p.connect(tenant) for _ in range(3)]
+    try:
+        chans = [c.channel() for c in conns]
+        for i, ch in enumerate(chans):
+            ch.basic_publish("", q, f"msg-{i}".encode())
+        p.wait_metric(UPSTREAM_CONNECTIONS, 2, **tenant.labels)
+        # one client with several channels is spread too
+        extra = [conns[0].channel() for _ in range(2)]
+        for ch in extra:
+            ch.basic_publish("", q, b"extra")
+        p.wait_metric(UPSTREAM_CONNECTIONS, 3, **tenant.labels)
+    finally:
+        for c in conns:
+            c.close()
+    wait_for(lambda: queue_counts(tenant, q)[0] == 5, 5)
+
+
+@pytest.mark.timeout(30)
+def test_concurrent_clients_do_not_mix_replies(proxy, tenant, queues):
+    """Several threads doing RPC-style work at once: each gets its own answers."""
+    qs = [queues.declare(tenant) for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def worker(idx: int) -> None:
+        try:
+            for j in range(15):
+                conn = proxy.connect(tenant)
+                ch = conn.channel()
+                ch.basic_publish("", qs[idx], f"{idx}-{j}".encode())
+                ok = ch.queue_declare(qs[idx], passive=True)
+                assert ok.method.queue == qs[idx]
+                method, _, body = ch.basic_get(qs[idx], auto_ack=True)
+                assert body == f"{idx}-{j}".encode(), (idx, j, body)
+                conn.close()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(25)
+    assert not errors, errors
+    assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) == 1
+
+
+@pytest.mark.timeout(20)
+def test_wrong_protocol_header_gets_091_header_back(proxy):
+    raw = RawAMQP(proxy.host, proxy.port)
+    try:
+        raw.send_raw(b"AMQP\x01\x01\x00\x0a")
+        ch, value = raw.read_frame(5)
+        assert bytes(value) == b"AMQP\x00\x00\x09\x01"
+    finally:
+        raw.abort()
+
+
+@pytest.mark.timeout(20)
+def test_connection_start_mirrors_the_broker(proxy, tenant):
+    direct_raw = RawAMQP("127.0.0.1", 5672)
+    via = RawAMQP(proxy.host, proxy.port)
+    try:
+        direct_raw.send_raw(b"AMQP\x00\x00\x09\x01")
+        d = direct_raw.expect(commands.Connection.Start, 0)
+        via.send_raw(b"AMQP\x00\x00\x09\x01")
+        v = via.expect(commands.Connection.Start, 0)
+        assert set(v.mechanisms.split()) >= {"PLAIN", "AMQPLAIN"}
+        for key in ("product", "version", "capabilities"):
+            assert v.server_properties.get(key) == d.server_properties.get(key), key
+    finally:
+        direct_raw.abort()
+        via.abort()
+
+
+@pytest.mark.timeout(20)
+def test_amqplain_login_works(proxy, tenant, queues):
+    q = queues.declare(tenant)
+    raw = RawAMQP(proxy.host, proxy.port)
+    try:
+        raw.handshake(tenant.user, tenant.password, tenant.vhost, mechanism="AMQPLAIN")
+        raw.open_channel(1)
+        raw.rpc(1, commands.Confirm.Select(), commands.Confirm.SelectOk)
+        raw.publish(1, "", q, b"amqplain")
+        raw.expect(commands.Basic.Ack, 1)
+    finally:
+        raw.close()
+    assert [b for b, _, _ in drain(tenant, q)] == [b"amqplain"]
+
+
+@pytest.mark.timeout(20)
+def test_amqplain_wrong_password_refused(proxy, tenant):
+    raw = RawAMQP(proxy.host, proxy.port)
+    try:
+        with pytest.raises(RawConnectionClose) as ei:
+            raw.handshake(tenant.user, "wrong", tenant.vhost, mechanism="AMQPLAIN")
+        assert ei.value.reply_code == 403
+    finally:
+        raw.abort()

@@ -1,0 +1,198 @@
+"""Upstream failure: when the upstream connection dies or the broker closes it, every client with
+a channel on it gets Connection.Close promptly (320, or the broker's own code and text), the next
+client gets a fresh upstream, and a broker that is down gives new clients a clean close, not a
+hang.  Connection cuts go through a local fault relay, never the shared broker."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pika
+import pytest
+
+from conftest import (
+    UPSTREAM_CONNECTIONS,
+    UPSTREAM_CONNECTS,
+    drain,
+    free_port,
+    list_connections,
+    queue_counts,
+    rabbitmqctl,
+    reply_code_of,
+    wait_for,
+)
+
+
+def _wait_closed(conns, since: float, timeout: float = 3.0):
+    """Pump each pika connection until it raises; return {index: (elapsed, exception)}."""
+    results: dict[int, tuple[float, BaseException]] = {}
+    deadline = since + timeout
+    while len(results) < len(conns) and time.monotonic() < deadline:
+        for i, c in enumerate(conns):
+            if i in results:
+                continue
+            try:
+                c.process_data_events(time_limit=0.01)
+            except Exception as exc:  # noqa: BLE001 - inspected by the caller
+                results[i] = (time.monotonic() - since, exc)
+    return results
+
+
+def _check_closed(results, n, code=320, within=1.0, text=None):
+    assert len(results) == n, f"only {len(results)} of {n} clients were told (hang)"
+    for i, (elapsed, exc) in sorted(results.items()):
+        assert isinstance(exc, pika.exceptions.ConnectionClosedByBroker), (
+            f"client {i}: expected Connection.Close from the proxy, got {exc!r}"
+        )
+        assert exc.reply_code == code, f"client {i}: {exc!r}"
+        if text is not None:
+            assert text in exc.reply_text, f"client {i}: {exc!r}"
+        assert elapsed < within, f"client {i} told after {elapsed:.2f}s"
+
+
+@pytest.mark.timeout(40)
+def test_relay_cut_closes_clients_within_a_second_and_next_client_works(
+    proxy_factory, fault_relay, tenant, queues
+):
+    p = proxy_factory("-t", "60", upstream=fault_relay.url)
+    q = queues.declare(tenant)
+    clients = [p.connect(tenant) for _ in range(3)]
+    chans = [c.channel() for c in clients]
+    chans[2].confirm_delivery()
+    for ch in chans:
+        ch.basic_publish("", q, b"before")
+    assert fault_relay.connections == 1, "expected one shared upstream connection"
+
+    t0 = time.monotonic()
+    assert fault_relay.cut() == 1
+    results = _wait_closed(clients, t0)
+    _check_closed(results, 3)
+    p.wait_metric(UPSTREAM_CONNECTIONS, 0, **tenant.labels)
+
+    nxt = p.connect(tenant)
+    ch = nxt.channel()
+    ch.confirm_delivery()
+    ch.basic_publish("", q, b"after")
+    nxt.close()
+    assert p.metric(UPSTREAM_CONNECTS, **tenant.labels) == 2
+    bodies = [b for b, _, _ in drain(tenant, q)]
+    assert bodies.count(b"before") == 3 and bodies[-1] == b"after"
+
+
+@pytest.mark.timeout(40)
+def test_relay_cut_releases_client_blocked_in_a_synchronous_call(
+    proxy_factory, fault_relay, tenant, queues
+):
+    p = proxy_factory("-t", "60", upstream=fault_relay.url)
+    q = queues.declare(tenant)
+    c = p.connect(tenant)
+    ch = c.channel()
+    ch.queue_declare(q, passive=True)
+    fault_relay.mode = "blackhole"  # from now on nothing reaches the broker: the RPC hangs
+    t_cut: list[float] = []
+
+    def cut() -> None:
+        t_cut.append(time.monotonic())
+        fault_relay.cut()
+
+    timer = threading.Timer(0.5, cut)
+    timer.start()
+    try:
+        with pytest.raises(pika.exceptions.AMQPError) as ei:
+            ch.queue_declare(q, passive=True)
+            c.process_data_events(time_limit=3)
+    finally:
+        timer.cancel()
+    assert t_cut, "the call returned before the cut"
+    elapsed = time.monotonic() - t_cut[0]
+    assert isinstance(ei.value, pika.exceptions.ConnectionClosedByBroker), repr(ei.value)
+    assert ei.value.reply_code == 320
+    assert elapsed < 1.0, f"released {elapsed:.2f}s after the cut"
+
+
+@pytest.mark.timeout(40)
+def test_broker_close_connection_forwards_code_and_text(proxy, tenant, queues):
+    q = queues.declare(tenant)
+    clients = [proxy.connect(tenant, client_properties={"connection_name": f"victim-{i}"})
+               for i in range(2)]
+    chans = [c.channel() for c in clients]
+    for ch in chans:
+        ch.basic_publish("", q, b"x")
+
+    def upstreams():
+        rows = list_connections("name", "vhost", "user", "client_properties")
+        return [
+            r for r in rows
+            if r.get("vhost") == tenant.vhost and "itest-direct" not in r.get("client_properties", "")
+        ]
+
+    ups = wait_for(lambda: upstreams() if len(upstreams()) == 1 else None, 5,
+                   message="expected exactly one upstream connection for the tenant")
+    reason = f"itest-forced-{uuid.uuid4().hex[:6]}"
+    rabbitmqctl("close_connection", ups[0]["name"], reason)
+    t0 = time.monotonic()
+    results = _wait_closed(clients, t0)
+    _check_closed(results, 2, code=320, within=1.0, text=reason)
+
+    nxt = proxy.connect(tenant)
+    ch = nxt.channel()
+    ch.confirm_delivery()
+    ch.basic_publish("", q, b"after")
+    nxt.close()
+    assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) == 2
+    wait_for(lambda: queue_counts(tenant, q)[0] == 3, 5)
+
+
+@pytest.mark.timeout(40)
+def test_broker_down_gives_clean_close_not_hang(proxy_factory, tenant):
+    dead = f"amqp://127.0.0.1:{free_port()}"
+    p = proxy_factory("-t", "60", "--connect-timeout", "2", "--handshake-timeout", "2",
+                      upstream=dead, healthz=False)
+    for _ in range(2):
+        t0 = time.monotonic()
+        with pytest.raises(pika.exceptions.AMQPConnectionError) as ei:
+            p.connect(tenant).close()
+        elapsed = time.monotonic() - t0
+        assert reply_code_of(ei.value) in (320, 503), f"not a clean AMQP close: {ei.value!r}"
+        assert elapsed < 4, f"took {elapsed:.1f}s"
+    assert p.alive
+
+
+@pytest.mark.timeout(40)
+def test_blackholed_broker_gives_clean_close_within_timeouts(proxy_factory, fault_relay, tenant):
+    """Broker accepts TCP but never speaks: the upstream handshake times out, the client is told."""
+    p = proxy_factory("-t", "60", "--connect-timeout", "2", "--handshake-timeout", "2",
+                      upstream=fault_relay.url)
+    fault_relay.mode = "blackhole"
+    t0 = time.monotonic()
+    with pytest.raises(pika.exceptions.AMQPConnectionError) as ei:
+        p.connect(tenant).close()
+    elapsed = time.monotonic() - t0
+    assert reply_code_of(ei.value) in (320, 503), f"not a clean AMQP close: {ei.value!r}"
+    assert elapsed < 7, f"took {elapsed:.1f}s"
+    assert p.alive
+
+
+@pytest.mark.timeout(40)
+def test_broker_back_after_outage_serves_next_client(proxy_factory, fault_relay, tenant, queues):
+    q = queues.declare(tenant)
+    p = proxy_factory("-t", "60", "--connect-timeout", "2", upstream=fault_relay.url)
+    c = p.connect(tenant)
+    c.channel().basic_publish("", q, b"one")
+    fault_relay.mode = "refuse"
+    fault_relay.cut()
+    with pytest.raises(pika.exceptions.AMQPError):
+        c.process_data_events(time_limit=2)
+        c.channel()
+    with pytest.raises(pika.exceptions.AMQPConnectionError) as ei:
+        p.connect(tenant).close()
+    assert reply_code_of(ei.value) in (320, 503), repr(ei.value)
+    fault_relay.mode = "forward"
+    c = p.connect(tenant)
+    ch = c.channel()
+    ch.confirm_delivery()
+    ch.basic_publish("", q, b"two")
+    c.close()
+    assert [b for b, _, _ in drain(tenant, q)] == [b"one", b"two"]
