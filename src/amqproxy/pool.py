@@ -123,7 +123,7 @@ class Pool:
             ) from None
         except UpstreamRefused as exc:
             self.stats.connect_failures += 1
-            log.warning("upstream refused %s@%s: %d %s", self.user, self.vhost, exc.code, exc.text)
+            log.info("upstream refused %s@%s: %d %s", self.user, self.vhost, exc.code, exc.text)
             self.registry.upstream_reachable = True
             raise
         self.registry.upstream_reachable = True

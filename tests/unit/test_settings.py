@@ -1,0 +1,70 @@
+"""Settings precedence and errors: defaults < file < environment < command line."""
+
+from pathlib import Path
+
+import pytest
+
+from amqproxy.cli import main
+from amqproxy.config import ConfigError, load, parse_upstream
+
+INI = """
+[main]
+upstream = amqp://file-host:5672
+idle_connection_timeout = 7
+term_timeout = 11
+log_level = warning
+
+[listen]
+bind = 10.0.0.1
+port = 6000
+http_port = 16000
+"""
+
+
+def test_precedence(tmp_path: Path) -> None:
+    path = tmp_path / "amqproxy.ini"
+    path.write_text(INI)
+    settings = load(str(path), {}, {})
+    assert settings.upstream == "amqp://file-host:5672"
+    assert (settings.listen_address, settings.listen_port, settings.http_port) == (
+        "10.0.0.1", 6000, 16000,
+    )
+    assert settings.idle_connection_timeout == 7
+    assert settings.max_upstream_channels == 0  # default
+    env = {"LISTEN_PORT": "6001", "IDLE_CONNECTION_TIMEOUT": "8", "AMQP_URL": "amqp://env:1"}
+    settings = load(str(path), env, {})
+    assert (settings.listen_port, settings.idle_connection_timeout) == (6001, 8)
+    assert settings.upstream == "amqp://env:1"
+    assert settings.term_timeout == 11  # file still wins over the default
+    settings = load(str(path), env, {"listen_port": "6002", "upstream": "amqps://cli"})
+    assert settings.listen_port == 6002 and settings.idle_connection_timeout == 8
+    assert settings.upstream_tls and settings.upstream_port == 5671
+
+
+def test_bad_values_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(None, {"LISTEN_PORT": "http"}, {"upstream": "amqp://h"})
+    assert err.value.key == "LISTEN_PORT"
+    path = tmp_path / "bad.ini"
+    path.write_text("[main]\nupstream = amqp://h\nmax_upstream_channels = -3\n")
+    with pytest.raises(ConfigError) as err:
+        load(str(path), {}, {})
+    assert err.value.key == "[main] max_upstream_channels"
+    path.write_text("[main]\nupstream = amqp://h\nbogus = 1\n")
+    with pytest.raises(ConfigError) as err:
+        load(str(path), {}, {})
+    assert err.value.key == "[main] bogus"
+
+
+def test_cli_reports_a_bad_setting_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--port", "99999", "amqp://h"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--listen-port" in err[0] and "99999" in err[0]
+
+
+def test_upstream_url() -> None:
+    assert parse_upstream("amqp://broker") == ("broker", 5672, False, [])
+    assert parse_upstream("amqps://broker:5999") == ("broker", 5999, True, [])
+    assert parse_upstream("amqp://u:p@broker/vh")[3] == ["credentials", "vhost"]
+    with pytest.raises(ValueError):
+        parse_upstream("http://broker")
