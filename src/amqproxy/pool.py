@@ -173,8 +173,10 @@ class Pool:
         if up is None:
             return
         up.lease = None
+        if up.conn.closed:
+            return
         up.conn.on_lease_change(-1)
-        if up.conn.closed or up.state is ChannelState.CLOSING:
+        if up.state is ChannelState.CLOSING:
             return
         if not self.settings.park_channels:
             up.mark_dirty("parking disabled")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -129,7 +130,8 @@ class Proxy:
         self._signals += 1
         if self._signals > 1:
             log.warning("second %s: exiting at once", sig.name)
-            raise SystemExit(1)
+            logging.shutdown()
+            os._exit(1)
         log.info("%s received: draining", sig.name)
         self._stop.set()
 

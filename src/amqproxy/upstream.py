@@ -300,11 +300,8 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
                 self.open = True
                 self.ready.set_result(None)
                 # Anything after OpenOk in the same read belongs to the open connection.
-                rest = data[end + 1 :]
-                if rest:
-                    self._forward(rest + data[pos:])
-                elif pos < len(data):
-                    self._rest = data[pos:]
+                if end + 1 < len(data):
+                    self._forward(data[end + 1 :])
                 return
             elif isinstance(method, commands.Connection.Close):
                 self._write(frames.encode_method(0, commands.Connection.CloseOk()))
