@@ -108,7 +108,9 @@ class Lease:
         "pub_frames",
         "pub_stage",
         "pub_remaining",
+        "pub_start",
         "backlog",
+        "verbatim",
     )
 
     PUB_NONE = 0
@@ -126,6 +128,8 @@ class Lease:
         self.pub_frames: list[bytes | bytearray | memoryview] = []  # a message being assembled
         self.pub_stage = Lease.PUB_NONE
         self.pub_remaining = 0
+        self.pub_start = 0  # where the current read's part of that message begins
+        self.verbatim = False  # frames pass with no rewrite: same id, fitting frame sizes
         self.backlog: list[bytes] | None = []  # client frames that arrived before ``up``
 
     def bind(self, up: UpstreamChannel) -> None:
@@ -136,6 +140,8 @@ class Lease:
         self.confirm_offset = up.published
         self.tag_offset = up.delivered
         self.state = LeaseState.OPEN
+        # Client frames fit upstream as they are (broker bodies are checked frame by frame).
+        self.verbatim = up.id == self.channel_id and self.client.frame_max <= up.conn.frame_max
 
     def drop_partial_publish(self) -> None:
         """Forget a message the client did not complete: it never goes upstream."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 from enum import Enum
 from typing import TYPE_CHECKING, Any, cast
 
@@ -16,7 +17,7 @@ from pamqp import commands
 
 from amqproxy.amqp import auth, frames
 from amqproxy.amqp import constants as c
-from amqproxy.amqp.frames import Buffer, FrameError
+from amqproxy.amqp.frames import Buffer, FrameError, add_piece, add_pieces
 from amqproxy.channel import ChannelState, Lease, LeaseState
 from amqproxy.heartbeat import HeartbeatMixin
 from amqproxy.upstream import UpstreamRefused
@@ -100,6 +101,10 @@ _DIRTYING = {
     c.CHANNEL_FLOW: "flow",
 }
 _KEEP = memoryview(b"")  # _on_method's verdict "forward unchanged"
+_ACKS = frozenset({c.BASIC_ACK, c.BASIC_NACK, c.BASIC_REJECT})
+_HEADER = struct.Struct(">BHI")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
 
 
 class State(Enum):
@@ -276,107 +281,235 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             self._handshake(data)
 
     def _process(self, data: bytes) -> None:
-        """The client-to-broker hot path: whole messages only, one write per upstream."""
+        """The client-to-broker hot path.
+
+        Walks frame headers only. Frames that go upstream unchanged are coalesced into runs, one
+        slice of the read buffer per stretch, and a message goes upstream only once its last body
+        byte has arrived: a message still incomplete when the read ends waits in its lease.
+        Anything else (id rewrite, methods the proxy acts on) takes ``_frame``.
+        """
+        view = memoryview(data)
+        length = len(data)
+        limit = self.max_body
+        leases = self.leases
+        unpack = _HEADER.unpack_from
+        outs: dict[UpstreamConnection, list[Buffer]] = {}
+        run_conn: UpstreamConnection | None = None  # a run of verbatim bytes for one upstream
+        run_start = run_end = 0
+        open_msg: Lease | None = None  # its message bytes since pub_start lie contiguous here
+        pos = 0
         error: FrameError | None = None
         try:
-            found, pos = frames.scan(data, self.frame_max)
-        except FrameError as exc:
-            # Forward the complete frames before the bad one, then close.
-            found, pos = frames.scan(data[: self._valid_prefix(data)], self.frame_max)
-            error = exc
-        if pos < len(data) and error is None:
-            self._rest = data[pos:]
-        view = memoryview(data)
-        outs: dict[UpstreamConnection, list[Buffer]] = {}
-        leases = self.leases
-        header = frames.header
-        try:
-            for ftype, channel_id, start, end in found:
-                if channel_id == 0:
-                    self._on_connection_frame(ftype, data, start, end)
+            while length - pos >= 7:
+                ftype, channel_id, size = unpack(data, pos)
+                if size > limit:
+                    raise FrameError(
+                        c.FRAME_ERROR,
+                        f"FRAME_ERROR - frame size {size + 8} exceeds frame_max {self.frame_max}",
+                    )
+                end = pos + 7 + size
+                if end >= length:
+                    break
+                if data[end] != 0xCE:
+                    raise FrameError(
+                        c.FRAME_ERROR, f"FRAME_ERROR - bad frame end octet {data[end]:#04x}"
+                    )
+                nxt = end + 1
+                lease = leases.get(channel_id) if channel_id else None
+                if open_msg is not None and open_msg is not lease:
+                    open_msg.pub_frames.append(view[open_msg.pub_start : pos])
+                    open_msg = None
+                if lease is None or not lease.verbatim or lease.state is not LeaseState.OPEN:
+                    if run_conn is not None:
+                        add_piece(outs, run_conn, view[run_start:run_end])
+                        run_conn = None
+                    self._frame(ftype, channel_id, data, view, pos, end, outs)
+                    pos = nxt
                     if self.state is not State.OPEN:
                         break
                     continue
-                lease = leases.get(channel_id)
-                if lease is None:
-                    self._channel_open(ftype, channel_id, data, start, end)
-                    continue
-                if lease.state is not LeaseState.OPEN:
-                    self._on_frame_not_open(lease, ftype, data, start, end)
-                    continue
                 up = lease.up
                 assert up is not None
-                replaced: Buffer | None = None
-                if ftype == c.FRAME_METHOD:
+                if ftype == 1:  # method
                     if lease.pub_stage:
                         raise FrameError(
                             c.UNEXPECTED_FRAME,
                             "UNEXPECTED_FRAME - expected content header for class 60, "
                             "got non content header frame instead",
                         )
-                    mid = frames.method_id_at(data, start)
+                    mid = _U32.unpack_from(data, pos + 7)[0]
                     if mid == c.BASIC_PUBLISH:
-                        mandatory, immediate = frames.publish_flags(data, start, end)
-                        if immediate:
-                            raise FrameError(c.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - immediate=true")
-                        if mandatory and not up.confirm_mode:
-                            up.mark_dirty("mandatory publish without confirms")
-                        lease.pub_stage = Lease.PUB_HEADER
-                        if up.id == channel_id:
-                            lease.pub_frames = [view[start - 7 : end + 1]]
-                        else:
-                            lease.pub_frames = [
-                                header(ftype, up.id, end - start),
-                                view[start : end + 1],
-                            ]
+                        self._start_publish(lease, data, pos + 7, end)
+                        lease.pub_start = pos
+                        open_msg = lease
+                        pos = nxt
                         continue
-                    if mid in _WATCHED:
-                        verdict = self._on_method(lease, mid, data, start, end)
-                        if verdict is None:
-                            continue
-                        if verdict is not _KEEP:
-                            replaced = verdict
-                elif ftype == c.FRAME_HEADER or ftype == c.FRAME_BODY:
-                    self._on_content(lease, ftype, view, start, end, outs)
-                    continue
-                elif ftype == c.FRAME_HEARTBEAT:
+                    if mid in _WATCHED and (mid not in _ACKS or lease.tag_offset):
+                        if run_conn is not None:
+                            add_piece(outs, run_conn, view[run_start:run_end])
+                            run_conn = None
+                        self._frame(ftype, channel_id, data, view, pos, end, outs)
+                        pos = nxt
+                        if self.state is not State.OPEN:
+                            break
+                        continue
+                    start_of_run = pos
+                elif ftype == 2 or ftype == 3:  # content header, body
+                    if ftype == 2:
+                        if lease.pub_stage != Lease.PUB_HEADER:
+                            raise FrameError(
+                                c.UNEXPECTED_FRAME,
+                                f"UNEXPECTED_FRAME - content header on channel {channel_id} "
+                                "without a preceding basic.publish",
+                            )
+                        remaining = _U64.unpack_from(data, pos + 11)[0]
+                    else:
+                        if lease.pub_stage != Lease.PUB_BODY:
+                            raise FrameError(
+                                c.UNEXPECTED_FRAME,
+                                f"UNEXPECTED_FRAME - content body on channel {channel_id} "
+                                "without a preceding content header",
+                            )
+                        remaining = lease.pub_remaining - size
+                        if remaining < 0:
+                            raise FrameError(
+                                c.FRAME_ERROR,
+                                "FRAME_ERROR - content body larger than its header announced",
+                            )
+                    if open_msg is not lease:
+                        open_msg = lease
+                        lease.pub_start = pos
+                    if remaining:
+                        lease.pub_stage = Lease.PUB_BODY
+                        lease.pub_remaining = remaining
+                        pos = nxt
+                        continue
+                    # The message is complete: it joins the bytes bound upstream.
+                    open_msg = None
+                    lease.pub_stage = Lease.PUB_NONE
+                    if up.confirm_mode:
+                        up.published += 1
+                    if lease.pub_frames:
+                        if run_conn is not None:
+                            add_piece(outs, run_conn, view[run_start:run_end])
+                            run_conn = None
+                        lease.pub_frames.append(view[lease.pub_start : nxt])
+                        add_pieces(outs, up.conn, lease.pub_frames)
+                        lease.pub_frames = []
+                        pos = nxt
+                        continue
+                    start_of_run = lease.pub_start
+                else:
                     raise FrameError(
-                        c.FRAME_ERROR, f"FRAME_ERROR - heartbeat frame on channel {channel_id}"
+                        c.FRAME_ERROR,
+                        f"FRAME_ERROR - {'heartbeat' if ftype == 8 else f'type {ftype}'} frame "
+                        f"on channel {channel_id}",
                     )
-                else:
-                    raise FrameError(c.FRAME_ERROR, f"FRAME_ERROR - unknown frame type {ftype}")
                 conn = up.conn
-                out = outs.get(conn)
-                if out is None:
-                    out = outs[conn] = []
-                if replaced is not None:
-                    out += (header(ftype, up.id, len(replaced)), replaced, b"\xce")
-                elif up.id == channel_id:
-                    out.append(view[start - 7 : end + 1])
+                if run_conn is conn and run_end == start_of_run:
+                    run_end = nxt
                 else:
-                    out += (header(ftype, up.id, end - start), view[start : end + 1])
+                    if run_conn is not None:
+                        add_piece(outs, run_conn, view[run_start:run_end])
+                    run_conn, run_start, run_end = conn, start_of_run, nxt
+                pos = nxt
         except FrameError as exc:
             error = exc
+        if open_msg is not None:
+            open_msg.pub_frames.append(view[open_msg.pub_start : pos])
+        if run_conn is not None:
+            add_piece(outs, run_conn, view[run_start:run_end])
+        if error is None and pos < length and self.state is State.OPEN:
+            self._rest = data[pos:]
+        self._flush(outs)
+        if error is not None:
+            self.close_with(error.code, error.text)
+
+    def _flush(self, outs: dict[UpstreamConnection, list[Buffer]]) -> None:
+        """Write what this read produced, one write per upstream; pause if one is full."""
         for conn, pieces in outs.items():
             conn.send(pieces)
             if conn.paused:
                 conn.waiting_clients.add(self)
                 self.pause_reading()
-        if error is not None:
-            self.close_with(error.code, error.text)
+        outs.clear()
 
-    def _valid_prefix(self, data: bytes) -> int:
-        """Length of the run of well-formed frames at the start of ``data``."""
-        pos = 0
-        while len(data) - pos >= c.FRAME_HEADER_SIZE:
-            size = int.from_bytes(data[pos + 3 : pos + 7], "big")
-            end = pos + c.FRAME_HEADER_SIZE + size
-            if size > self.frame_max - c.FRAME_OVERHEAD or end >= len(data):
-                break
-            if data[end] != c.FRAME_END:
-                break
-            pos = end + 1
-        return pos
+    def _start_publish(self, lease: Lease, data: bytes, start: int, end: int) -> None:
+        up = lease.up
+        assert up is not None
+        mandatory, immediate = frames.publish_flags(data, start, end)
+        if immediate:
+            raise FrameError(c.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - immediate=true")
+        if mandatory and not up.confirm_mode:
+            up.mark_dirty("mandatory publish without confirms")
+        lease.pub_stage = Lease.PUB_HEADER
+
+    def _frame(
+        self,
+        ftype: int,
+        channel_id: int,
+        data: bytes,
+        view: memoryview,
+        pos: int,
+        end: int,
+        outs: dict[UpstreamConnection, list[Buffer]],
+    ) -> None:
+        """One frame off the fast path: channel 0, opening/closing channels, id rewrites,
+        methods the proxy acts on, bodies to re-split."""
+        start = pos + 7
+        if channel_id == 0:
+            self._flush(outs)  # connection-level actions may write upstream directly
+            self._on_connection_frame(ftype, data, start, end)
+            return
+        lease = self.leases.get(channel_id)
+        if lease is None:
+            self._channel_open(ftype, channel_id, data, start, end)
+            return
+        if lease.state is not LeaseState.OPEN:
+            self._on_frame_not_open(lease, ftype, data, start, end)
+            return
+        up = lease.up
+        assert up is not None
+        replaced: Buffer | None = None
+        if ftype == c.FRAME_METHOD:
+            if lease.pub_stage:
+                raise FrameError(
+                    c.UNEXPECTED_FRAME,
+                    "UNEXPECTED_FRAME - expected content header for class 60, "
+                    "got non content header frame instead",
+                )
+            mid = frames.method_id_at(data, start)
+            if mid == c.BASIC_PUBLISH:
+                self._start_publish(lease, data, start, end)
+                lease.pub_frames = [frames.header(ftype, up.id, end - start), view[start : end + 1]]
+                return
+            if mid in _WATCHED:
+                if mid == c.CHANNEL_CLOSE:
+                    self._flush(outs)
+                verdict = self._on_method(lease, mid, data, start, end)
+                if verdict is None:
+                    return
+                if verdict is not _KEEP:
+                    replaced = verdict
+        elif ftype == c.FRAME_HEADER or ftype == c.FRAME_BODY:
+            self._on_content(lease, ftype, view, start, end, outs)
+            return
+        else:
+            raise FrameError(
+                c.FRAME_ERROR,
+                f"FRAME_ERROR - {'heartbeat' if ftype == 8 else f'type {ftype}'} frame "
+                f"on channel {channel_id}",
+            )
+        if replaced is not None:
+            add_pieces(
+                outs, up.conn, [frames.header(ftype, up.id, len(replaced)), replaced, b"\xce"]
+            )
+        elif up.id == channel_id:
+            add_piece(outs, up.conn, view[pos : end + 1])
+        else:
+            add_pieces(
+                outs, up.conn, [frames.header(ftype, up.id, end - start), view[start : end + 1]]
+            )
 
     def _on_content(
         self,
@@ -387,7 +520,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         end: int,
         outs: dict[UpstreamConnection, list[Buffer]],
     ) -> None:
-        """Assemble a message; it goes upstream only when its last body byte has arrived."""
+        """Assemble a message frame by frame (ids rewritten or bodies re-split)."""
         up = lease.up
         assert up is not None
         size = end - start
@@ -411,23 +544,16 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                 raise FrameError(
                     c.FRAME_ERROR, "FRAME_ERROR - content body larger than its header announced"
                 )
-        if ftype == c.FRAME_BODY and size > up.conn.frame_max - c.FRAME_OVERHEAD:
-            lease.pub_frames.extend(
-                frames.split_body(up.id, view[start:end], up.conn.frame_max - c.FRAME_OVERHEAD)
-            )
-        elif up.id == lease.channel_id:
-            lease.pub_frames.append(view[start - 7 : end + 1])
+        upstream_max = up.conn.frame_max - c.FRAME_OVERHEAD
+        if ftype == c.FRAME_BODY and size > upstream_max:
+            lease.pub_frames.extend(frames.split_body(up.id, view[start:end], upstream_max))
         else:
             lease.pub_frames += (frames.header(ftype, up.id, size), view[start : end + 1])
         if remaining:
             lease.pub_stage = Lease.PUB_BODY
             lease.pub_remaining = remaining
             return
-        out = outs.get(up.conn)
-        if out is None:
-            outs[up.conn] = list(lease.pub_frames)
-        else:
-            out += lease.pub_frames
+        add_pieces(outs, up.conn, lease.pub_frames)
         lease.pub_frames = []
         lease.pub_stage = Lease.PUB_NONE
         if up.confirm_mode:

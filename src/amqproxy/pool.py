@@ -160,7 +160,11 @@ class Pool:
         if conn.free_channels <= 0:  # raced with other openers
             conn = await self.connect()
         fut = conn.open_channel()
-        return await asyncio.wait_for(asyncio.shield(fut), self.settings.handshake_timeout)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), self.settings.handshake_timeout)
+        except TimeoutError:
+            fut.cancel()  # a late OpenOk then parks the channel for someone else
+            raise
 
     def bind(self, lease: Lease, up: UpstreamChannel) -> None:
         lease.bind(up)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -18,7 +19,7 @@ from amqproxy import __version__
 from amqproxy.amqp import constants as c
 from amqproxy.amqp import frames
 from amqproxy.amqp.auth import plain_response
-from amqproxy.amqp.frames import Buffer, FrameError
+from amqproxy.amqp.frames import Buffer, FrameError, add_piece, add_pieces
 from amqproxy.channel import ChannelState, LeaseState, UpstreamChannel
 from amqproxy.heartbeat import HeartbeatMixin
 
@@ -56,6 +57,10 @@ _WATCHED = frozenset(
 
 
 _KEEP = memoryview(b"")  # _on_method's verdict "forward unchanged" (compared by identity)
+
+
+_HEADER = struct.Struct(">BHI")
+_U32 = struct.Struct(">I")
 
 
 class UpstreamRefused(Exception):
@@ -326,50 +331,118 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
         }
 
     def _forward(self, data: bytes) -> None:
-        """The broker-to-client hot path: rewrite channel ids, one write per client."""
-        found, pos = frames.scan(data, self.frame_max)
-        if pos < len(data):
-            self._rest = data[pos:]
-        if not found:
-            return
+        """The broker-to-client hot path.
+
+        Walks frame headers only; frames that reach a client unchanged are coalesced into runs,
+        one slice of the read buffer per stretch, and each client gets one write per read.
+        """
         view = memoryview(data)
-        outs: dict[ClientConnection, list[Buffer]] = {}
+        length = len(data)
+        limit = self.frame_max - c.FRAME_OVERHEAD
         channels = self.channels
-        watched = _WATCHED
-        header = frames.header
-        for ftype, channel_id, start, end in found:
+        unpack = _HEADER.unpack_from
+        outs: dict[ClientConnection, list[Buffer]] = {}
+        run_client: ClientConnection | None = None
+        run_start = run_end = 0
+        pos = 0
+        while length - pos >= 7:
+            ftype, channel_id, size = unpack(data, pos)
+            if size > limit:
+                raise FrameError(c.FRAME_ERROR, f"FRAME_ERROR - broker frame of {size} bytes")
+            end = pos + 7 + size
+            if end >= length:
+                break
+            if data[end] != 0xCE:
+                raise FrameError(c.FRAME_ERROR, "FRAME_ERROR - bad frame end octet from broker")
+            nxt = end + 1
+            up = channels.get(channel_id) if channel_id else None
+            lease = up.lease if up is not None else None
+            if (
+                lease is not None
+                and lease.verbatim
+                and lease.state is LeaseState.OPEN
+                and size <= lease.client.max_body
+            ):
+                if ftype == 1:
+                    mid = _U32.unpack_from(data, pos + 7)[0]
+                    if mid == c.BASIC_DELIVER and not lease.tag_offset:
+                        up.delivered += 1  # type: ignore[union-attr]
+                        fast = True
+                    else:
+                        fast = mid not in _WATCHED
+                else:
+                    fast = True
+                if fast:
+                    client = lease.client
+                    if run_client is client and run_end == pos:
+                        run_end = nxt
+                    else:
+                        if run_client is not None:
+                            add_piece(outs, run_client, view[run_start:run_end])
+                        run_client, run_start, run_end = client, pos, nxt
+                    pos = nxt
+                    continue
+            if run_client is not None:
+                add_piece(outs, run_client, view[run_start:run_end])
+                run_client = None
             if channel_id == 0:
-                self._on_connection_frame(ftype, data, start, end)
-                continue
-            up = channels.get(channel_id)
-            if up is None:
-                continue
-            replaced: Buffer | None = None
-            if ftype == c.FRAME_METHOD:
-                mid = frames.method_id_at(data, start)
-                if mid in watched:
-                    verdict = self._on_method(up, mid, data, start, end)
-                    if verdict is None:
-                        continue
-                    if verdict is not _KEEP:
-                        replaced = verdict
-            lease = up.lease
-            if lease is None or lease.state is not LeaseState.OPEN:
-                continue
-            client = lease.client
-            out = outs.get(client)
-            if out is None:
-                out = outs[client] = []
-            if replaced is not None:
-                out += (header(ftype, lease.channel_id, len(replaced)), replaced, b"\xce")
-            elif ftype == c.FRAME_BODY and end - start > client.max_body:
-                out.extend(frames.split_body(lease.channel_id, view[start:end], client.max_body))
-            elif lease.channel_id == channel_id:
-                out.append(view[start - 7 : end + 1])
-            else:
-                out += (header(ftype, lease.channel_id, end - start), view[start : end + 1])
+                self._on_connection_frame(ftype, data, pos + 7, end)
+            elif up is not None:
+                self._frame(up, ftype, channel_id, data, view, pos, end, outs)
+            pos = nxt
+        if run_client is not None:
+            add_piece(outs, run_client, view[run_start:run_end])
+        if pos < length:
+            self._rest = data[pos:]
         for client, pieces in outs.items():
             client.send(pieces)
+
+    def _frame(
+        self,
+        up: UpstreamChannel,
+        ftype: int,
+        channel_id: int,
+        data: bytes,
+        view: memoryview,
+        pos: int,
+        end: int,
+        outs: dict[ClientConnection, list[Buffer]],
+    ) -> None:
+        """One frame off the fast path: methods the proxy acts on, id rewrites, re-splits."""
+        start = pos + 7
+        replaced: Buffer | None = None
+        if ftype == c.FRAME_METHOD:
+            mid = frames.method_id_at(data, start)
+            if mid in _WATCHED:
+                verdict = self._on_method(up, mid, data, start, end)
+                if verdict is None:
+                    return
+                if verdict is not _KEEP:
+                    replaced = verdict
+        lease = up.lease
+        if lease is None or lease.state is not LeaseState.OPEN:
+            return
+        client = lease.client
+        if replaced is not None:
+            add_pieces(
+                outs,
+                client,
+                [frames.header(ftype, lease.channel_id, len(replaced)), replaced, b"\xce"],
+            )
+        elif ftype == c.FRAME_BODY and end - start > client.max_body:
+            add_pieces(
+                outs,
+                client,
+                list(frames.split_body(lease.channel_id, view[start:end], client.max_body)),
+            )
+        elif lease.channel_id == channel_id:
+            add_piece(outs, client, view[pos : end + 1])
+        else:
+            add_pieces(
+                outs,
+                client,
+                [frames.header(ftype, lease.channel_id, end - start), view[start : end + 1]],
+            )
 
     def _on_method(
         self, up: UpstreamChannel, mid: int, data: bytes, start: int, end: int

@@ -7,7 +7,8 @@ channel id; only the methods the proxy must act on are decoded with pamqp.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
+from typing import TypeVar
 
 from pamqp import commands, frame
 from pamqp.base import Frame as Method
@@ -20,6 +21,8 @@ _HEADER = struct.Struct(">BHI")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _TAG_AND_BITS = struct.Struct(">QB")
+
+Destination = TypeVar("Destination", bound=Hashable)
 
 HEARTBEAT: bytes = b"\x08\x00\x00\x00\x00\x00\x00\xce"
 
@@ -155,3 +158,23 @@ def split_body(channel: int, body: Buffer, max_payload: int) -> Iterable[bytes]:
         yield _HEADER.pack(c.FRAME_BODY, channel, len(chunk))
         yield bytes(chunk)
         yield b"\xce"
+
+
+def add_piece(outs: dict[Destination, list[Buffer]], dest: Destination, piece: Buffer) -> None:
+    """Queue ``piece`` for ``dest``; the caller writes each destination's pieces at once."""
+    out = outs.get(dest)
+    if out is None:
+        outs[dest] = [piece]
+    else:
+        out.append(piece)
+
+
+def add_pieces(
+    outs: dict[Destination, list[Buffer]], dest: Destination, pieces: list[Buffer]
+) -> None:
+    """Queue several pieces for ``dest`` (the list may be taken over)."""
+    out = outs.get(dest)
+    if out is None:
+        outs[dest] = pieces
+    else:
+        out.extend(pieces)
