@@ -299,6 +299,9 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         open_msg: Lease | None = None  # its message bytes since pub_start lie contiguous here
         pos = 0
         error: FrameError | None = None
+        lease_open = LeaseState.OPEN
+        basic_publish = c.BASIC_PUBLISH
+        watched = _WATCHED
         try:
             while length - pos >= 7:
                 ftype, channel_id, size = unpack(data, pos)
@@ -319,7 +322,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                 if open_msg is not None and open_msg is not lease:
                     open_msg.pub_frames.append(view[open_msg.pub_start : pos])
                     open_msg = None
-                if lease is None or not lease.verbatim or lease.state is not LeaseState.OPEN:
+                if lease is None or not lease.verbatim or lease.state is not lease_open:
                     if run_conn is not None:
                         add_piece(outs, run_conn, view[run_start:run_end])
                         run_conn = None
@@ -338,13 +341,21 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                             "got non content header frame instead",
                         )
                     mid = _U32.unpack_from(data, pos + 7)[0]
-                    if mid == c.BASIC_PUBLISH:
-                        self._start_publish(lease, data, pos + 7, end)
+                    if mid == basic_publish:
+                        # flags octet after reserved ticket, exchange and routing key
+                        flags_at = pos + 13
+                        if flags_at < end:
+                            flags_at += 1 + data[flags_at]
+                            if flags_at < end:
+                                flags_at += 1 + data[flags_at]
+                        if flags_at >= end or data[flags_at]:
+                            self._start_publish(lease, data, pos + 7, end)
+                        lease.pub_stage = 1
                         lease.pub_start = pos
                         open_msg = lease
                         pos = nxt
                         continue
-                    if mid in _WATCHED and (mid not in _ACKS or lease.tag_offset):
+                    if mid in watched and (mid not in _ACKS or lease.tag_offset):
                         if run_conn is not None:
                             add_piece(outs, run_conn, view[run_start:run_end])
                             run_conn = None
