@@ -134,6 +134,8 @@ class ProxyUnavailable(RuntimeError):
 class Proxy:
     """The proxy under test: `python -m amqproxy` from this repo's src/, on free ports."""
 
+    module = "amqproxy"  # the runner's --proxy-module changes it (e.g. to test the skip path)
+
     def __init__(self, upstream: str, ca: str | None = None, idle: float | None = None) -> None:
         self.upstream = upstream
         self.ca = ca
@@ -148,16 +150,16 @@ class Proxy:
         """Does `python -m amqproxy --help` work?"""
         try:
             r = subprocess.run(
-                [sys.executable, "-m", "amqproxy", "--help"],
+                [sys.executable, "-m", Proxy.module, "--help"],
                 env=proxy_env(),
                 capture_output=True,
                 text=True,
                 timeout=20,
             )
         except subprocess.TimeoutExpired:
-            return False, "python -m amqproxy --help timed out"
+            return False, f"python -m {Proxy.module} --help timed out"
         if r.returncode != 0:
-            return False, (r.stderr.strip().splitlines() or ["exit %d" % r.returncode])[-1]
+            return False, (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
         return True, ""
 
     def start(self, timeout: float = 15.0) -> Proxy:
@@ -165,7 +167,7 @@ class Proxy:
         cmd = [
             sys.executable,
             "-m",
-            "amqproxy",
+            Proxy.module,
             "-l",
             "127.0.0.1",
             "-p",
@@ -221,8 +223,9 @@ class Proxy:
         return out
 
     def metric(self, name: str) -> float | None:
+        """Sum of one metric; 0 if not exported yet (no label set), None if unreachable."""
         try:
-            return self.metrics().get(name)
+            return self.metrics().get(name, 0.0)
         except Exception:  # noqa: BLE001 - metrics are best effort
             return None
 
@@ -360,7 +363,9 @@ def verify_queue(
 
     try:
         count = admin.settled_count(queue, len(expected))
-        got = fastamqp.run(fastamqp.drain_ids("127.0.0.1", admin.port, queue, count)) if count else []
+        got = (
+            fastamqp.run(fastamqp.drain_ids("127.0.0.1", admin.port, queue, count)) if count else []
+        )
         counts = Counter(got)
         exp = set(expected)
         missing = len(exp - counts.keys())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import ssl
 import struct
@@ -47,12 +48,51 @@ def _method(ch: int, cmd: Any) -> bytes:
     return frame.marshal(cmd, ch)
 
 
+@functools.lru_cache(maxsize=64)
+def _handshake_frames(
+    user: str, password: str, vhost: str, channel_max: int, frame_max: int
+) -> tuple[bytes, bytes]:
+    """StartOk, and TuneOk + Open: marshalled once per parameter set (pamqp is not cheap)."""
+    start_ok = _method(
+        0,
+        commands.Connection.StartOk(
+            client_properties={
+                "product": "amqproxy-bench",
+                "capabilities": {"publisher_confirms": True, "basic.nack": True},
+            },
+            mechanism="PLAIN",
+            response=f"\0{user}\0{password}",
+            locale="en_US",
+        ),
+    )
+    tune_open = _method(0, commands.Connection.TuneOk(channel_max, frame_max, 0)) + _method(
+        0, commands.Connection.Open(virtual_host=vhost)
+    )
+    return start_ok, tune_open
+
+
+@functools.lru_cache(maxsize=16)
+def _const(name: str, ch: int) -> bytes:
+    """Frames every cycle sends, marshalled once."""
+    cmd = {
+        "channel.open": commands.Channel.Open(),
+        "channel.close": commands.Channel.Close(200, "bye", 0, 0),
+        "connection.close": commands.Connection.Close(200, "bye", 0, 0),
+    }[name]
+    return _method(ch, cmd)
+
+
 def _publish_prefix(ch: int, routing_key: str, exchange: str = "") -> bytes:
     """Basic.Publish + content header for a BODY_SIZE body (identical for every message)."""
     method = _method(ch, commands.Basic.Publish(exchange=exchange, routing_key=routing_key))
     header_payload = struct.pack(">HHQH", 60, 0, BODY_SIZE, 0)
     header = _HDR.pack(2, ch, len(header_payload)) + header_payload + FRAME_END
     return method + header
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_prefix(queue: str) -> bytes:
+    return _publish_prefix(1, queue)
 
 
 def _body_frame(ch: int, body: bytes) -> bytes:
@@ -239,39 +279,24 @@ class FastConn(asyncio.Protocol):
     async def handshake(self, user: str, password: str, vhost: str) -> None:
         self.write(PROTOCOL_HEADER)
         await self.expect(10, 10)
-        self.write(
-            _method(
-                0,
-                commands.Connection.StartOk(
-                    client_properties={
-                        "product": "amqproxy-bench",
-                        "capabilities": {"publisher_confirms": True, "basic.nack": True},
-                    },
-                    mechanism="PLAIN",
-                    response=f"\0{user}\0{password}",
-                    locale="en_US",
-                ),
-            )
-        )
+        tune_args = (user, password, vhost)
+        self.write(_handshake_frames(*tune_args, 0, 0)[0])
         tune = await self.expect(10, 30)
         channel_max, frame_max, _hb = struct.unpack_from(">HIH", tune, 4)
         self.frame_max = frame_max or 131072
-        self.write(
-            _method(0, commands.Connection.TuneOk(channel_max or 2047, self.frame_max, 0))
-            + _method(0, commands.Connection.Open(virtual_host=vhost))
-        )
+        self.write(_handshake_frames(*tune_args, channel_max or 2047, self.frame_max)[1])
         await self.expect(10, 41)
 
     async def open_channel(self, ch: int = 1) -> None:
-        self.write(_method(ch, commands.Channel.Open()))
+        self.write(_const("channel.open", ch))
         await self.expect(20, 11)
 
     async def close_channel(self, ch: int = 1) -> None:
-        self.write(_method(ch, commands.Channel.Close(200, "bye", 0, 0)))
+        self.write(_const("channel.close", ch))
         await self.expect(20, 41)
 
     async def close(self) -> None:
-        self.write(_method(0, commands.Connection.Close(200, "bye", 0, 0)))
+        self.write(_const("connection.close", 0))
         await self.expect(10, 51)
         assert self.transport is not None
         self.transport.close()
@@ -377,7 +402,7 @@ async def short_cycle(host: str, port: int, queue: str, msg_id: int, **kw: Any) 
     """One S1/S3 cycle: connect, open channel, publish, close channel, close connection."""
     conn = await connect(host, port, **kw)
     try:
-        conn.write(_publish_prefix(1, queue) + _body_frame(1, body_for(msg_id)))
+        conn.write(_cached_prefix(queue) + _body_frame(1, body_for(msg_id)))
         await conn.close_channel()
         await conn.close()
     except BaseException:
@@ -412,9 +437,11 @@ async def s3_loops(
             ids.append(msg_id)
 
     t0 = time.monotonic()
+    c0 = time.process_time()
     await asyncio.gather(*(one(k) for k in range(loops)))
     return {
         "elapsed_s": time.monotonic() - t0,
+        "client_cpu_s": time.process_time() - c0,
         "lat_ms": lat,
         "ids": ids,
         "maybe_ids": maybe,

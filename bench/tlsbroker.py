@@ -108,7 +108,9 @@ def make_certs(directory: str) -> dict[str, str]:
 
 
 def _port_free(port: int) -> bool:
+    """True unless something listens there (TIME_WAIT leftovers of a previous run are fine)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
