@@ -585,7 +585,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                 assert self.pool is not None
                 del self.leases[lease.channel_id]
                 self.pool.release(lease, "channel closed")
-                self._write(frames.encode_method(lease.channel_id, commands.Channel.CloseOk()))
+                self._write(frames.method_frame(lease.channel_id, frames.CHANNEL_CLOSE_OK))
                 return None
             lease.state = LeaseState.CLOSING
             up.state = ChannelState.CLOSING
@@ -602,7 +602,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             lease.client_confirm = True
             if up.confirm_mode:  # inherited from an earlier lease: answer here
                 if not method.nowait:
-                    self._write(frames.encode_method(lease.channel_id, commands.Confirm.SelectOk()))
+                    self._write(frames.method_frame(lease.channel_id, frames.CONFIRM_SELECT_OK))
                 return None
             up.confirm_mode = True
             if not method.nowait:
@@ -648,7 +648,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                 del self.leases[lease.channel_id]
             elif mid == c.CHANNEL_CLOSE:
                 del self.leases[lease.channel_id]
-                self._write(frames.encode_method(lease.channel_id, commands.Channel.CloseOk()))
+                self._write(frames.method_frame(lease.channel_id, frames.CHANNEL_CLOSE_OK))
 
     def _channel_open(self, ftype: int, channel_id: int, data: bytes, start: int, end: int) -> None:
         """Channel.Open on a new id: a parked channel at once, or a new one upstream."""
@@ -668,7 +668,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         if up is not None:
             lease.backlog = None
             self.pool.bind(lease, up)
-            self._write(frames.encode_method(channel_id, commands.Channel.OpenOk()))
+            self._write(frames.method_frame(channel_id, frames.CHANNEL_OPEN_OK))
             return
         self.loop.create_task(self._open_upstream_channel(lease))
 
@@ -687,7 +687,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             pool.release_unleased(up)
             return
         pool.bind(lease, up)
-        self._write(frames.encode_method(lease.channel_id, commands.Channel.OpenOk()))
+        self._write(frames.method_frame(lease.channel_id, frames.CHANNEL_OPEN_OK))
         backlog, lease.backlog = lease.backlog, None
         if backlog:
             self._process(b"".join(backlog))
@@ -710,7 +710,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         lease.up = None
         if self.leases.get(lease.channel_id) is lease:
             del self.leases[lease.channel_id]
-        self._write(frames.encode_method(lease.channel_id, commands.Channel.CloseOk()))
+        self._write(frames.method_frame(lease.channel_id, frames.CHANNEL_CLOSE_OK))
 
     def _on_connection_frame(self, ftype: int, data: bytes, start: int, end: int) -> None:
         if ftype == c.FRAME_HEARTBEAT:
@@ -719,7 +719,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             raise FrameError(c.UNEXPECTED_FRAME, "UNEXPECTED_FRAME - content frame on channel 0")
         mid = frames.method_id_at(data, start)
         if mid == c.CONNECTION_CLOSE:
-            self._write(frames.encode_method(0, commands.Connection.CloseOk()))
+            self._write(frames.method_frame(0, frames.CONNECTION_CLOSE_OK))
             self._close_reason = "closed by client"
             self.state = State.CLOSED
             self._release_all("client closed the connection")
@@ -753,7 +753,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             mid = frames.method_id_at(data, start)
             if mid in (c.CONNECTION_CLOSE_OK, c.CONNECTION_CLOSE):
                 if mid == c.CONNECTION_CLOSE:
-                    self._write(frames.encode_method(0, commands.Connection.CloseOk()))
+                    self._write(frames.method_frame(0, frames.CONNECTION_CLOSE_OK))
                 if self.transport is not None:
                     self.transport.close()
                 return
@@ -769,7 +769,11 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             return
         self.state = State.START
         self._rest = data[8:]
-        self.loop.create_task(self._send_start())
+        start = self.proxy.start_frame()
+        if start is not None:
+            self._send_start(start)
+        else:
+            self.loop.create_task(self._learn_then_start())
 
     def _refuse_header(self) -> None:
         """A wrong protocol header gets the one we speak, then the socket closes (spec 4.2.2)."""
@@ -779,22 +783,14 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             self.transport.close()
         self.state = State.CLOSED
 
-    async def _send_start(self) -> None:
-        properties = await self.proxy.server_properties()
-        if self.state is not State.START:
-            return
-        self._write(
-            frames.encode_method(
-                0,
-                commands.Connection.Start(
-                    version_major=0,
-                    version_minor=9,
-                    server_properties=properties,
-                    mechanisms=auth.MECHANISMS,
-                    locales="en_US",
-                ),
-            )
-        )
+    async def _learn_then_start(self) -> None:
+        """First contact: the broker's properties are not known yet (bounded by timeouts)."""
+        await self.proxy.server_properties()
+        if self.state is State.START:
+            self._send_start(self.proxy.start_frame() or self.proxy.fallback_start_frame())
+
+    def _send_start(self, start: bytes) -> None:
+        self._write(start)
         if self._rest:
             data, self._rest = self._rest, b""
             self._handshake(data)
@@ -802,8 +798,6 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
     def _handshake(self, data: bytes) -> None:
         try:
             found, pos = frames.scan(data, HANDSHAKE_FRAME_MAX)
-            if pos < len(data):
-                self._rest = data[pos:]
             for ftype, channel_id, start, end in found:
                 if ftype == c.FRAME_HEARTBEAT:
                     continue
@@ -812,10 +806,17 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                         c.UNEXPECTED_FRAME, "UNEXPECTED_FRAME - non-method frame during handshake"
                     )
                 self._handshake_method(frames.decode_method(data[start:end]))
-                if self.state in (State.CLOSING, State.CLOSED, State.AUTHENTICATING):
-                    if self.state is State.AUTHENTICATING and end + 1 < len(data):
+                state = self.state
+                if state is State.OPEN:  # admitted at once: the rest is ordinary traffic
+                    self._rest = b""
+                    if end + 1 < len(data):
+                        self._process(data[end + 1 :])
+                    return
+                if state in (State.CLOSING, State.CLOSED, State.AUTHENTICATING):
+                    if state is State.AUTHENTICATING:
                         self._rest = data[end + 1 :]
                     return
+            self._rest = data[pos:]
         except FrameError as exc:
             if self.state is State.START:
                 # Before Tune the client may not be ready for Connection.Close; just hang up.
@@ -836,16 +837,8 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             if isinstance(capabilities, dict):
                 self.wants_blocked = bool(capabilities.get("connection.blocked"))
             self.user, self._password = auth.credentials(method.mechanism, method.response)
-            frame_max = self.registry.frame_max
             self.state = State.TUNE
-            self._write(
-                frames.encode_method(
-                    0,
-                    commands.Connection.Tune(
-                        self.settings.channel_max, frame_max, self.settings.heartbeat
-                    ),
-                )
-            )
+            self._write(self.proxy.tune_frame())
         elif self.state is State.TUNE and isinstance(method, commands.Connection.TuneOk):
             offered = self.registry.frame_max
             frame_max = method.frame_max or offered
@@ -866,9 +859,13 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             self.state = State.AUTHENTICATING
             if self._timer is not None:
                 self._timer.cancel()
-            self.loop.create_task(self._authenticate())
+            pool = self.registry.pool(self.user, self._password, self.vhost)
+            if pool.live_upstream() is not None:
+                self._admitted(pool)  # proven by a live upstream: no task, no wait
+            else:
+                self.loop.create_task(self._authenticate(pool))
         elif isinstance(method, commands.Connection.Close):
-            self._write(frames.encode_method(0, commands.Connection.CloseOk()))
+            self._write(frames.method_frame(0, frames.CONNECTION_CLOSE_OK))
             self.state = State.CLOSED
             if self.transport is not None:
                 self.transport.close()
@@ -878,9 +875,8 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                 f"COMMAND_INVALID - unexpected {method.name} in handshake state {self.state.value}",
             )
 
-    async def _authenticate(self) -> None:
-        """Prove the credentials upstream (a live pooled connection counts), then OpenOk."""
-        pool = self.registry.pool(self.user, self._password, self.vhost)
+    async def _authenticate(self, pool: Pool) -> None:
+        """Prove the credentials with a new upstream connection, then OpenOk."""
         try:
             await pool.authenticate()
         except UpstreamRefused as exc:
@@ -891,10 +887,13 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         if self.state is not State.AUTHENTICATING:
             self.registry.maybe_drop(pool)
             return
+        self._admitted(pool)
+
+    def _admitted(self, pool: Pool) -> None:
         self.pool = pool
         pool.client_added(self)
         self.state = State.OPEN
-        self._write(frames.encode_method(0, commands.Connection.OpenOk()))
+        self._write(frames.method_frame(0, frames.CONNECTION_OPEN_OK))
         log.info("client %s connected", self.describe())
         if self._rest:
             data, self._rest = self._rest, b""

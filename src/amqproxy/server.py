@@ -13,9 +13,10 @@ from typing import Any
 
 from pamqp import commands
 
+from amqproxy import __version__
 from amqproxy.admin import AdminServer
+from amqproxy.amqp import auth, frames
 from amqproxy.amqp import constants as c
-from amqproxy.amqp import frames
 from amqproxy.client import ClientConnection
 from amqproxy.config import Settings
 from amqproxy.pool import PoolRegistry
@@ -38,6 +39,8 @@ class Proxy:
         self._stop = asyncio.Event()
         self._probe: asyncio.Future[dict[str, Any]] | None = None
         self._signals = 0
+        self._start_cache: tuple[dict[str, Any], bytes] | None = None
+        self._tune_cache: tuple[tuple[int, int, int], bytes] | None = None
 
     # ---- clients ----------------------------------------------------------------------------
 
@@ -58,8 +61,46 @@ class Proxy:
         try:
             return await asyncio.shield(self._probe)
         except Exception as exc:  # the broker is unreachable: the client learns it at Open
-            log.warning("cannot read the broker's properties: %s", exc)
-            return {"product": "amqproxy", "information": "upstream broker unreachable"}
+            log.warning("cannot read the broker's properties: %s", exc or type(exc).__name__)
+            return {}
+
+    def start_frame(self) -> bytes | None:
+        """Connection.Start with the broker's properties, encoded once per change of them."""
+        properties = self.registry.server_properties
+        if properties is None:
+            return None
+        if self._start_cache is None or self._start_cache[0] is not properties:
+            frame = frames.encode_method(
+                0,
+                commands.Connection.Start(
+                    version_major=0,
+                    version_minor=9,
+                    server_properties=properties,
+                    mechanisms=auth.MECHANISMS,
+                    locales="en_US",
+                ),
+            )
+            self._start_cache = (properties, frame)
+        return self._start_cache[1]
+
+    def fallback_start_frame(self) -> bytes:
+        """Connection.Start when the broker could not be reached; Open will then fail (320)."""
+        return frames.encode_method(
+            0,
+            commands.Connection.Start(
+                server_properties={"product": "amqproxy", "version": __version__},
+                mechanisms=auth.MECHANISMS,
+                locales="en_US",
+            ),
+        )
+
+    def tune_frame(self) -> bytes:
+        """Connection.Tune offering the broker's frame_max (known once an upstream tuned)."""
+        settings = self.settings
+        key = (settings.channel_max, self.registry.frame_max, settings.heartbeat)
+        if self._tune_cache is None or self._tune_cache[0] != key:
+            self._tune_cache = (key, frames.encode_method(0, commands.Connection.Tune(*key)))
+        return self._tune_cache[1]
 
     async def _probe_broker(self) -> dict[str, Any]:
         settings = self.settings

@@ -27,6 +27,23 @@ Destination = TypeVar("Destination", bound=Hashable)
 HEARTBEAT: bytes = b"\x08\x00\x00\x00\x00\x00\x00\xce"
 
 
+def _payload(method: Method) -> bytes:
+    return frame.marshal(method, 0)[7:-1]
+
+
+# Payloads of the argument-less replies the proxy sends itself, encoded once.
+CONNECTION_OPEN_OK = _payload(commands.Connection.OpenOk())
+CONNECTION_CLOSE_OK = _payload(commands.Connection.CloseOk())
+CHANNEL_OPEN_OK = _payload(commands.Channel.OpenOk())
+CHANNEL_CLOSE_OK = _payload(commands.Channel.CloseOk())
+CONFIRM_SELECT_OK = _payload(commands.Confirm.SelectOk())
+
+
+def method_frame(channel: int, payload: bytes) -> bytes:
+    """A method frame around an already encoded payload."""
+    return b"".join((_HEADER.pack(c.FRAME_METHOD, channel, len(payload)), payload, b"\xce"))
+
+
 class FrameError(Exception):
     """A peer broke the framing rules; the connection must be closed with ``code``."""
 
