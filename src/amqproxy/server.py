@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import gc
 import logging
 import os
 import signal
@@ -24,6 +27,17 @@ from amqproxy.pool import PoolRegistry
 log = logging.getLogger("amqproxy.server")
 
 SWEEP_INTERVAL = 1.0
+TRIM_AFTER_CLIENTS_LEFT = 200  # hand memory back once this many clients have gone
+
+
+def _return_memory() -> None:
+    """After a crowd of clients has left, give freed heap pages back to the OS (glibc)."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the memory is reused, just not returned
+        pass
 
 
 class Proxy:
@@ -178,9 +192,15 @@ class Proxy:
 
     async def _sweeper(self) -> None:
         loop = asyncio.get_running_loop()
+        peak = 0
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             self.registry.sweep(loop.time())
+            count = len(self.clients)
+            peak = max(peak, count)
+            if peak - count >= TRIM_AFTER_CLIENTS_LEFT and count <= peak // 2:
+                _return_memory()
+                peak = count
 
     async def _drain(self) -> None:
         """Stop accepting, give clients time to leave, close them, close upstreams."""
