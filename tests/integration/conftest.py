@@ -5,9 +5,9 @@
   stop it at teardown (SIGTERM, then SIGKILL).  The proxy's stderr goes to a file; for a failing
   test the logs of every proxy alive during the test are attached to the report.
 * ``Proxy.metrics()``: the Prometheus endpoint parsed into something you can query by labels.
-* ``tenant`` / ``tenant_factory``: a throwaway vhost + user created with rabbitmqctl.  Every test
-  that counts upstream connections or channels uses its own tenant, so one shared proxy per module
-  is enough: pools (and their metric labels) never overlap between tests.
+* ``tenant`` / ``tenant_factory``: a throwaway vhost (and optionally user) created with
+  rabbitmqctl.  Every test that counts upstream connections or channels uses its own tenant, so
+  one shared proxy per module is enough: pools (and their metric labels) never overlap.
 * ``queues``: unique queue names, declared and deleted through a direct pika connection.
 * ``fault_relay``: an asyncio TCP relay (own thread) between proxy and broker that can cut every
   connection at once, so upstream-failure tests never touch the shared broker.
@@ -16,7 +16,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -24,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -387,7 +391,10 @@ def proxy_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run_proxy_cli(
-    args: list[str], env: dict[str, str] | None = None, timeout: float = 15.0, cwd: Path | None = None
+    args: list[str],
+    env: dict[str, str] | None = None,
+    timeout: float = 15.0,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m amqproxy ARGS`` to completion (for --print-config and bad-config tests)."""
     return subprocess.run(
@@ -421,14 +428,20 @@ class _ProxyFactory:
         return proxy.start(ready_timeout=ready_timeout, wait=wait, healthz=healthz)
 
     def stop_all(self) -> None:
+        """Stop every proxy; fail the teardown if one could not be stopped or if its log holds
+        a bare traceback (the contract: failures are logged with a reason, never a traceback)."""
         errors = []
         for p in self.started:
             try:
                 p.stop(timeout=10)
             except Exception as exc:  # noqa: BLE001
-                errors.append(f"{p.log_path}: {exc!r}")
+                errors.append(f"could not stop {p.log_path}: {exc!r}")
+            log = p.log()
+            if "Traceback (most recent call last)" in log:
+                at = log.index("Traceback (most recent call last)")
+                errors.append(f"traceback in {p.log_path}:\n{log[max(0, at - 500) : at + 3000]}")
         if errors:
-            raise ProxyError("could not stop proxies: " + "; ".join(errors))
+            raise ProxyError("\n".join(errors))
 
 
 @pytest.fixture
@@ -491,13 +504,6 @@ def _ctl_async(*args: str) -> subprocess.Popen[str]:
     )
 
 
-def _ctl_wait(procs: list[subprocess.Popen[str]], timeout: float = 30.0) -> None:
-    for p in procs:
-        out, err = p.communicate(timeout=timeout)
-        if p.returncode != 0:
-            raise RuntimeError(f"rabbitmqctl {p.args[1:]} failed: {err or out}")
-
-
 def list_connections(*fields: str) -> list[dict[str, str]]:
     """rabbitmqctl list_connections as dicts (tab separated, no headers)."""
     out = rabbitmqctl("list_connections", "-q", "--no-table-headers", *fields)
@@ -529,23 +535,102 @@ class Tenant:
 _PENDING_DELETES: list[subprocess.Popen[str]] = []
 
 
+def _password_hash(password: str) -> str:
+    """rabbit_password_hashing_sha256: base64(salt + sha256(salt + password))."""
+    salt = os.urandom(4)
+    return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
+
+
+class _TenantPool:
+    """Throwaway vhosts for one shared session user, created in batches with a single
+    ``rabbitmqctl import_definitions`` call (one Erlang VM start per batch instead of three per
+    tenant); each vhost is deleted after the test that used it."""
+
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.user = f"itest-u-{tag}"
+        self.password = f"pw-{uuid.uuid4().hex[:12]}"
+        self.user_created = False
+        self.available: list[str] = []
+        self.batch = 4
+        self.lock = threading.Lock()
+
+    def take(self) -> Tenant:
+        with self.lock:
+            if not self.available:
+                self._create_batch(self.batch)
+                self.batch = min(self.batch * 2, 16)
+            return Tenant(self.user, self.password, self.available.pop(0))
+
+    def _create_batch(self, n: int) -> None:
+        vhosts = [f"itest-vh-{uuid.uuid4().hex[:8]}" for _ in range(n)]
+        defs: dict[str, Any] = {
+            "vhosts": [{"name": v} for v in vhosts],
+            "permissions": [
+                {"user": self.user, "vhost": v, "configure": ".*", "write": ".*", "read": ".*"}
+                for v in vhosts
+            ],
+        }
+        if not self.user_created:
+            defs["users"] = [{
+                "name": self.user,
+                "password_hash": _password_hash(self.password),
+                "hashing_algorithm": "rabbit_password_hashing_sha256",
+                "tags": [],
+            }]
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(defs, f)
+        os.chmod(f.name, 0o644)  # read by the broker node, not by rabbitmqctl
+        try:
+            rabbitmqctl("import_definitions", f.name)
+        finally:
+            os.unlink(f.name)
+        self.user_created = True
+        # the import is asynchronous: wait until every new vhost accepts our user
+        pending = list(vhosts)
+
+        def usable() -> bool:
+            while pending:
+                with direct(Tenant(self.user, self.password, pending[0]), attempts=1):
+                    pending.pop(0)
+            return True
+
+        wait_for(usable, 15, interval=0.2, message=lambda: f"imported vhosts {pending} not usable")
+        self.available.extend(vhosts)
+
+    def finish(self) -> list[subprocess.Popen[str]]:
+        procs = [_ctl_async("delete_vhost", v) for v in self.available]
+        self.available.clear()
+        if self.user_created:
+            procs.append(_ctl_async("delete_user", self.user))
+        return procs
+
+
+_TENANTS = _TenantPool()
+
+
 @pytest.fixture
 def tenant_factory() -> Iterator[Callable[..., Tenant]]:
-    """Create throwaway (vhost, user) pairs; deleted (in the background) after the test."""
+    """Throwaway tenants, deleted (in the background) after the test.
+
+    ``tenant_factory()``: a fresh vhost for the session user (own pool, own metric labels).
+    ``tenant_factory(own_user=True)``: a fresh vhost and a new user with rights only there.
+    ``tenant_factory(vhost=v)``: a new user with rights on the existing vhost ``v``.
+    """
     created_users: list[str] = []
     created_vhosts: list[str] = []
 
-    def make(vhost: str | None = None, user: str | None = None) -> Tenant:
-        tag = uuid.uuid4().hex[:8]
-        user = user or f"itest-u-{tag}"
-        password = f"pw-{uuid.uuid4().hex[:12]}"
-        procs = [_ctl_async("add_user", user, password)]
-        created_users.append(user)
+    def make(vhost: str | None = None, own_user: bool = False) -> Tenant:
         if vhost is None:
-            vhost = f"itest-vh-{tag}"
-            procs.append(_ctl_async("add_vhost", vhost))
-            created_vhosts.append(vhost)
-        _ctl_wait(procs)
+            base = _TENANTS.take()
+            created_vhosts.append(base.vhost)
+            if not own_user:
+                return base
+            vhost = base.vhost
+        user = f"itest-own-{uuid.uuid4().hex[:8]}"
+        password = f"pw-{uuid.uuid4().hex[:12]}"
+        rabbitmqctl("add_user", user, password)
+        created_users.append(user)
         rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
         return Tenant(user, password, vhost)
 
@@ -554,6 +639,9 @@ def tenant_factory() -> Iterator[Callable[..., Tenant]]:
         _PENDING_DELETES.append(_ctl_async("delete_user", u))
     for v in created_vhosts:
         _PENDING_DELETES.append(_ctl_async("delete_vhost", v))
+    # keep at most a few deletions in flight so they do not starve the tests of CPU
+    while sum(p.poll() is None for p in _PENDING_DELETES) > 2:
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -562,20 +650,25 @@ def tenant(tenant_factory: Callable[..., Tenant]) -> Tenant:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:  # noqa: ARG001
-    for p in _PENDING_DELETES:
-        with contextlib.suppress(Exception):
-            p.communicate(timeout=60)
     for p in _PROXIES:
         if p.alive:
             with contextlib.suppress(Exception):
                 p.stop(timeout=5)
+    for p in _PENDING_DELETES:
+        with contextlib.suppress(Exception):
+            p.communicate(timeout=60)
+    for p in _TENANTS.finish():
+        with contextlib.suppress(Exception):
+            p.communicate(timeout=60)
 
 
 GUEST = Tenant("guest", "guest", "/")
 
 
 @contextlib.contextmanager
-def direct(tenant: Tenant = GUEST) -> Iterator[pika.adapters.blocking_connection.BlockingChannel]:
+def direct(
+    tenant: Tenant = GUEST, attempts: int = 3
+) -> Iterator[pika.adapters.blocking_connection.BlockingChannel]:
     """A channel on a direct connection to the broker (bypassing the proxy)."""
     conn = pika.BlockingConnection(
         pika.ConnectionParameters(
@@ -583,7 +676,7 @@ def direct(tenant: Tenant = GUEST) -> Iterator[pika.adapters.blocking_connection
             BROKER_PORT,
             tenant.vhost,
             pika.PlainCredentials(tenant.user, tenant.password),
-            connection_attempts=3,
+            connection_attempts=attempts,
             retry_delay=0.5,
             client_properties={"connection_name": "itest-direct"},
         )
@@ -674,6 +767,8 @@ class _RelaySide(asyncio.Protocol):
         self.pair.forward(self, data)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.relay.mode == "freeze" and self.name == "up":
+            return  # a frozen network: the proxy side must notice the silence by itself
         self.pair.close()
 
 
@@ -687,7 +782,7 @@ class _RelayPair:
 
     def on_downstream(self, side: _RelaySide) -> None:
         self.down = side
-        self.relay._pairs.add(self)
+        self.relay._pairs[self] = None
         self.relay.accepted_total += 1
         mode = self.relay.mode
         if mode == "refuse":
@@ -715,7 +810,7 @@ class _RelayPair:
         self.pending.clear()
 
     def forward(self, src: _RelaySide, data: bytes) -> None:
-        if self.closed:
+        if self.closed or self.relay.mode == "freeze":
             return
         if src is self.down:
             if self.relay.mode == "blackhole":
@@ -731,7 +826,7 @@ class _RelayPair:
         if self.closed:
             return
         self.closed = True
-        self.relay._pairs.discard(self)
+        self.relay._pairs.pop(self, None)
         for side in (self.down, self.up):
             if side is not None and side.transport is not None:
                 if abort:
@@ -743,7 +838,9 @@ class _RelayPair:
 class FaultRelay:
     """TCP relay 127.0.0.1:<port> -> target, in its own thread.
 
-    mode: "forward" (default), "blackhole" (accept, never answer), "refuse" (accept and close).
+    mode: "forward" (default), "blackhole" (accept, never answer; drops client->broker data of
+    open connections too), "refuse" (accept and close), "freeze" (open connections go silent in
+    both directions and the broker's closing is not passed on: a dead network path).
     ``cut()`` closes every relayed connection at once (both legs).
     """
 
@@ -751,9 +848,11 @@ class FaultRelay:
         self.target = target
         self.mode = "forward"
         self.accepted_total = 0
-        self._pairs: set[_RelayPair] = set()
+        self._pairs: dict[_RelayPair, None] = {}  # insertion (accept) order
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="fault-relay", daemon=True)
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="fault-relay", daemon=True
+        )
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
 
@@ -784,11 +883,14 @@ class FaultRelay:
     def connections(self) -> int:
         return int(self._call(lambda: len(self._pairs)))
 
-    def cut(self, abort: bool = True) -> int:
-        """Close every relayed connection now (abort=True: TCP RST). Returns how many."""
+    def cut(self, abort: bool = True, only: int | None = None) -> int:
+        """Close every relayed connection now (abort=True: TCP RST), or only the ``only``-th
+        of the currently open ones in accept order. Returns how many were closed."""
 
         def do() -> int:
             pairs = list(self._pairs)
+            if only is not None:
+                pairs = pairs[only : only + 1]
             for p in pairs:
                 p.close(abort=abort)
             return len(pairs)

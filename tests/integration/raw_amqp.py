@@ -1,4 +1,4 @@
-"""A tiny blocking AMQP 0-9-1 client built on pamqp, for tests that need to see or send exact frames.
+"""A tiny blocking AMQP 0-9-1 client built on pamqp, for tests that need exact frames.
 
 Real clients (pika, aio-pika) hide frames the tests need to observe (an unexpected Basic.Ack, the
 exact delivery tag, the reply code of a Connection.Close during the handshake) and cannot stop in
@@ -62,7 +62,7 @@ class RawAMQP:
             self.sock.settimeout(remaining)
             try:
                 chunk = self.sock.recv(65536)
-            except socket.timeout as exc:
+            except TimeoutError as exc:
                 raise TimeoutError("timed out waiting for data") from exc
             except ConnectionResetError as exc:
                 raise RawClosed("connection reset") from exc

@@ -4,6 +4,7 @@ its unacked messages are requeued and the next client gets them with redelivered
 from __future__ import annotations
 
 import asyncio
+import selectors
 import subprocess
 import sys
 import textwrap
@@ -11,8 +12,9 @@ import time
 
 import aio_pika
 import pytest
-
 from conftest import direct, list_consumers, queue_counts, wait_for
+from pamqp import commands
+from raw_amqp import RawAMQP
 
 N = 5
 
@@ -107,8 +109,6 @@ def test_consumer_killed_with_sigkill_is_cancelled_and_unacked_requeued(
     try:
         line = ""
         deadline = time.monotonic() + 15
-        import selectors
-
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ)
         while time.monotonic() < deadline and "ready" not in line:
@@ -150,3 +150,24 @@ def test_aio_pika_consumer_disconnect_requeues(proxy, tenant, queues):
 
     asyncio.run(run())
     _assert_gone_and_requeued(proxy, tenant, q)
+
+
+@pytest.mark.timeout(30)
+def test_consumer_cancel_notification_reaches_the_client(proxy, tenant, queues):
+    """The broker cancels a consumer when its queue is deleted; the client (which advertised
+    consumer_cancel_notify) gets Basic.Cancel, and the connection stays usable."""
+    q = queues.declare(tenant)
+    raw = RawAMQP(proxy.host, proxy.port)
+    try:
+        raw.handshake(tenant.user, tenant.password, tenant.vhost)
+        raw.open_channel(1)
+        ok = raw.rpc(1, commands.Basic.Consume(queue=q, consumer_tag="itest-ctag"),
+                     commands.Basic.ConsumeOk)
+        assert ok.consumer_tag == "itest-ctag"
+        with direct(tenant) as ch:
+            ch.queue_delete(q)
+        cancel = raw.expect(commands.Basic.Cancel, 1, timeout=5)
+        assert cancel.consumer_tag == "itest-ctag"
+        raw.rpc(1, commands.Queue.Declare(queue="", exclusive=True), commands.Queue.DeclareOk)
+    finally:
+        raw.close()

@@ -8,9 +8,8 @@ import struct
 import time
 
 import pytest
-from pamqp import commands
-
 from conftest import UPSTREAM_CONNECTS, drain, queue_counts, wait_for
+from pamqp import commands
 from raw_amqp import RawAMQP
 
 BIG = 1024 * 1024

@@ -9,8 +9,6 @@ import threading
 import aio_pika
 import pika
 import pytest
-from pamqp import commands
-
 from conftest import (
     CLIENT_CONNECTIONS,
     LEASED_CHANNELS,
@@ -22,6 +20,8 @@ from conftest import (
     queue_counts,
     wait_for,
 )
+from pamqp import commands
+from pamqp import frame as pframe
 from raw_amqp import RawAMQP, RawConnectionClose
 
 N = 50
@@ -76,6 +76,9 @@ def test_pika_50_short_lived_publishers_share_one_upstream_connection_and_channe
 def test_aio_pika_50_short_lived_publishers_share_one_upstream_connection_and_channel(
     proxy, tenant, queues, confirms
 ):
+    """With confirms aio-pika publishes mandatory (returns arrive before the acks, so the
+    channel is clean when the client leaves); without confirms we publish non-mandatory
+    (a mandatory publish without confirms may still get a Basic.Return: dirty by design)."""
     q = queues.declare(tenant)
 
     async def run() -> None:
@@ -83,13 +86,37 @@ def test_aio_pika_50_short_lived_publishers_share_one_upstream_connection_and_ch
             conn = await aio_pika.connect(proxy.url(tenant), timeout=10)
             ch = await conn.channel(publisher_confirms=confirms)
             await asyncio.wait_for(
-                ch.default_exchange.publish(aio_pika.Message(f"msg-{i}".encode()), q), 5
+                ch.default_exchange.publish(
+                    aio_pika.Message(f"msg-{i}".encode()), q, mandatory=confirms
+                ),
+                5,
             )
             await conn.close()
 
     asyncio.run(run())
     _assert_in_order(tenant, q)
     _assert_one_upstream_one_channel(proxy, tenant)
+
+
+@pytest.mark.timeout(60)
+def test_aio_pika_mandatory_publishes_without_confirms_all_arrive(proxy, tenant, queues):
+    """Mandatory publish without confirms leaves the channel dirty (closed upstream when the
+    client leaves); the completed publish must still be delivered, and the shared upstream
+    connection must survive the channel closes."""
+    q = queues.declare(tenant)
+
+    async def run() -> None:
+        for i in range(N):
+            conn = await aio_pika.connect(proxy.url(tenant), timeout=10)
+            ch = await conn.channel(publisher_confirms=False)
+            await ch.default_exchange.publish(
+                aio_pika.Message(f"msg-{i}".encode()), q, mandatory=True
+            )
+            await conn.close()
+
+    asyncio.run(run())
+    _assert_in_order(tenant, q)
+    assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) == 1
 
 
 @pytest.mark.timeout(30)
@@ -108,7 +135,9 @@ def test_connection_close_keeps_upstream_and_client_gauges_follow_clients(proxy,
     proxy.wait_metric(LEASED_CHANNELS, 0, **tenant.labels)
     proxy.wait_metric(PARKED_CHANNELS, 3, **tenant.labels)
     assert proxy.metric(UPSTREAM_CONNECTIONS, **tenant.labels) == 1
-    _assert_in_order(tenant, q, 3)
+    wait_for(lambda: queue_counts(tenant, q)[0] == 3, 5)
+    # three channels: no order between them
+    assert sorted(b for b, _, _ in drain(tenant, q)) == [b"msg-0", b"msg-1", b"msg-2"]
     # the three parked channels serve the next three concurrent clients without Channel.Open
     conns = [proxy.connect(tenant) for _ in range(3)]
     for c in conns:
@@ -365,3 +394,136 @@ def test_amqplain_wrong_password_refused(proxy, tenant):
         assert ei.value.reply_code == 403
     finally:
         raw.abort()
+
+
+@pytest.mark.timeout(40)
+def test_no_park_channels_opens_a_channel_per_client_but_keeps_the_connection(
+    module_proxy_factory, tenant, queues
+):
+    p = module_proxy_factory("-t", "60", "--no-park-channels")
+    q = queues.declare(tenant)
+    for i in range(10):
+        c = p.connect(tenant)
+        c.channel().basic_publish("", q, f"msg-{i}".encode())
+        c.close()
+    _assert_in_order(tenant, q, 10)
+    assert p.metric(UPSTREAM_CONNECTS, **tenant.labels) == 1
+    assert p.metric(UPSTREAM_CHANNEL_OPENS, **tenant.labels) == 10
+    p.wait_metric(PARKED_CHANNELS, 0, **tenant.labels)
+
+
+@pytest.mark.timeout(40)
+def test_async_channel_error_after_client_left_is_logged_and_channel_not_reused(
+    proxy, tenant, queues
+):
+    """Fire-and-forget publish to a missing exchange, Channel.Close and Connection.Close in
+    one write: the 404 arrives after the client is gone. The proxy logs it with the client's
+    identity, does not hand that channel to anyone, and the shared upstream survives."""
+    q = queues.declare(tenant)
+    raw = RawAMQP(proxy.host, proxy.port)
+    raw.handshake(tenant.user, tenant.password, tenant.vhost)
+    raw.open_channel(1)
+    raw.send_raw(
+        raw.content_frames(1, "itest-no-such-exchange", "k", b"lost")
+        + pframe.marshal(commands.Channel.Close(200, "bye", 0, 0), 1)
+        + pframe.marshal(commands.Connection.Close(200, "bye", 0, 0), 0)
+    )
+    raw.read_until(lambda c, v: isinstance(v, commands.Connection.CloseOk), 5)
+    raw.abort()
+    wait_for(
+        lambda: any("404" in ln and tenant.user in ln for ln in proxy.log().splitlines()),
+        3,
+        message="404 after the client left was not logged with the client's identity",
+    )
+    for i in range(3):
+        c = proxy.connect(tenant)
+        c.channel().basic_publish("", q, f"msg-{i}".encode())
+        c.close()
+    _assert_in_order(tenant, q, 3)
+    assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) == 1
+    # first channel died with the 404; one new channel serves the next three clients
+    assert proxy.metric(UPSTREAM_CHANNEL_OPENS, **tenant.labels) == 2
+
+
+@pytest.mark.timeout(40)
+def test_pika_close_racing_a_broker_channel_error_does_not_kill_the_connection(
+    proxy, tenant
+):
+    """pika closes its channels on connection.close(); when the broker's asynchronous 404
+    crosses that Channel.Close, a broker answers CloseOk and carries on. Against RabbitMQ
+    directly this never raises; through the proxy it must not either."""
+    for _ in range(60):  # a race: one iteration hits it only now and then
+        c = proxy.connect(tenant)
+        c.channel().basic_publish("itest-no-such-exchange", "k", b"lost")
+        c.close()  # raises ConnectionClosedByBroker if the proxy kills the connection
+    assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) == 1
+
+
+@pytest.mark.timeout(20)
+def test_crossing_channel_close_is_answered_like_the_broker(proxy, tenant):
+    """Deterministic form of the race: the client sends Channel.Close after the broker's
+    Channel.Close(404) was sent to it, then CloseOk. RabbitMQ answers CloseOk and the
+    connection stays usable."""
+    raw = RawAMQP(proxy.host, proxy.port)
+    try:
+        raw.handshake(tenant.user, tenant.password, tenant.vhost)
+        raw.open_channel(1)
+        raw.publish(1, "itest-no-such-exchange", "k", b"x")
+        assert raw.expect(commands.Channel.Close, 1).reply_code == 404
+        raw.send(1, commands.Channel.Close(200, "bye", 0, 0))
+        raw.send(1, commands.Channel.CloseOk())
+        raw.open_channel(1)
+        raw.rpc(1, commands.Exchange.Declare(exchange="amq.direct", exchange_type="direct",
+                                             passive=True), commands.Exchange.DeclareOk)
+    finally:
+        raw.close()
+
+
+@pytest.mark.timeout(30)
+def test_empty_bodies_both_ways_and_on_a_reused_channel(proxy, tenant, queues):
+    """A message with body_size 0 has no body frame: the proxy's whole-message tracking must
+    see it complete (else the channel is wedged or the next publish is mangled)."""
+    q = queues.declare(tenant)
+    for round_ in range(3):
+        c = proxy.connect(tenant)
+        ch = c.channel()
+        ch.basic_publish("", q, b"", pika.BasicProperties(message_id=f"empty-{round_}"))
+        ch.basic_publish("", q, f"full-{round_}".encode())
+        c.close()
+    assert proxy.metric(UPSTREAM_CHANNEL_OPENS, **tenant.labels) == 1
+    wait_for(lambda: queue_counts(tenant, q)[0] == 6, 5)
+    c = proxy.connect(tenant)
+    try:
+        ch = c.channel()
+        got = []
+        for _ in range(6):
+            m, props, body = ch.basic_get(q, auto_ack=True)
+            assert m is not None
+            got.append((props.message_id, body))
+        assert got == [
+            x for r in range(3) for x in ((f"empty-{r}", b""), (None, f"full-{r}".encode()))
+        ]
+    finally:
+        c.close()
+
+
+@pytest.mark.timeout(30)
+def test_body_in_many_small_frames_from_a_small_frame_max_client(proxy, tenant, queues):
+    q = queues.declare(tenant)
+    body = bytes(range(256)) * 2048  # 512 KiB in ~128 frames of 4 KiB
+    raw = RawAMQP(proxy.host, proxy.port)
+    try:
+        raw.handshake(tenant.user, tenant.password, tenant.vhost, frame_max=4096)
+        raw.open_channel(1)
+        raw.rpc(1, commands.Confirm.Select(), commands.Confirm.SelectOk)
+        for _ in range(3):
+            raw.publish(1, "", q, body)
+        acked: set[int] = set()
+        while acked != {1, 2, 3}:
+            ack = raw.expect(commands.Basic.Ack, 1)
+            assert ack.delivery_tag <= 3, ack.delivery_tag
+            acked |= set(range(1, ack.delivery_tag + 1)) if ack.multiple else {ack.delivery_tag}
+    finally:
+        raw.close()
+    msgs = drain(tenant, q)
+    assert [b for b, _, _ in msgs] == [body] * 3

@@ -11,7 +11,6 @@ import uuid
 
 import pika
 import pytest
-
 from conftest import (
     UPSTREAM_CONNECTIONS,
     UPSTREAM_CONNECTS,
@@ -122,16 +121,17 @@ def test_broker_close_connection_forwards_code_and_text(proxy, tenant, queues):
         ch.basic_publish("", q, b"x")
 
     def upstreams():
-        rows = list_connections("name", "vhost", "user", "client_properties")
+        rows = list_connections("pid", "vhost", "user", "client_properties")
         return [
             r for r in rows
-            if r.get("vhost") == tenant.vhost and "itest-direct" not in r.get("client_properties", "")
+            if r.get("vhost") == tenant.vhost
+            and "itest-direct" not in r.get("client_properties", "")
         ]
 
     ups = wait_for(lambda: upstreams() if len(upstreams()) == 1 else None, 5,
                    message="expected exactly one upstream connection for the tenant")
     reason = f"itest-forced-{uuid.uuid4().hex[:6]}"
-    rabbitmqctl("close_connection", ups[0]["name"], reason)
+    rabbitmqctl("close_connection", ups[0]["pid"], reason)
     t0 = time.monotonic()
     results = _wait_closed(clients, t0)
     _check_closed(results, 2, code=320, within=1.0, text=reason)
@@ -196,3 +196,59 @@ def test_broker_back_after_outage_serves_next_client(proxy_factory, fault_relay,
     ch.basic_publish("", q, b"two")
     c.close()
     assert [b for b, _, _ in drain(tenant, q)] == [b"one", b"two"]
+
+
+@pytest.mark.timeout(40)
+def test_only_clients_of_the_dead_upstream_are_closed(proxy_factory, fault_relay, tenant, queues):
+    """With one channel per upstream, two clients of one pool sit on two upstream connections;
+    killing one upstream closes its client only."""
+    p = proxy_factory("-t", "60", "--max-upstream-channels", "1", upstream=fault_relay.url)
+    q = queues.declare(tenant)
+    a = p.connect(tenant)
+    ach = a.channel()
+    ach.basic_publish("", q, b"a")
+    wait_for(lambda: fault_relay.connections == 1, 3)
+    b = p.connect(tenant)
+    bch = b.channel()
+    bch.confirm_delivery()
+    bch.basic_publish("", q, b"b")
+    wait_for(lambda: fault_relay.connections == 2, 3)
+
+    t0 = time.monotonic()
+    assert fault_relay.cut(only=0) == 1  # a's upstream (accepted first)
+    _check_closed(_wait_closed([a], t0), 1)
+    b.process_data_events(time_limit=0.5)
+    assert b.is_open and bch.is_open, "a client on a healthy upstream was closed"
+    bch.basic_publish("", q, b"b-after")
+    b.close()
+    assert sorted(x for x, _, _ in drain(tenant, q)) == [b"a", b"b", b"b-after"]
+
+
+@pytest.mark.timeout(40)
+def test_aio_pika_client_told_when_upstream_dies(proxy_factory, fault_relay, tenant, queues):
+    import asyncio
+
+    import aio_pika
+    import aiormq
+
+    p = proxy_factory("-t", "60", upstream=fault_relay.url)
+    q = queues.declare(tenant)
+
+    async def run() -> tuple[float, BaseException | None]:
+        conn = await aio_pika.connect(p.url(tenant), timeout=10)
+        closed: asyncio.Future = asyncio.get_running_loop().create_future()
+        conn.close_callbacks.add(
+            lambda _sender, exc: closed.done() or closed.set_result(exc)
+        )
+        ch = await conn.channel()
+        await ch.default_exchange.publish(aio_pika.Message(b"x"), q)
+        t0 = time.monotonic()
+        await asyncio.get_running_loop().run_in_executor(None, fault_relay.cut)
+        exc = await asyncio.wait_for(closed, 5)
+        return time.monotonic() - t0, exc
+
+    elapsed, exc = asyncio.run(run())
+    assert elapsed < 1.0, f"aio-pika client told after {elapsed:.2f}s"
+    # aiormq has no class for 320: ConnectionClosed(reply_code, reply_text)
+    assert isinstance(exc, aiormq.exceptions.ConnectionClosed), repr(exc)
+    assert exc.args[0] == 320, repr(exc)
