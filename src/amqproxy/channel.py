@@ -8,6 +8,7 @@ makes it unfit for reuse (DESIGN.md section 4). No I/O here.
 from __future__ import annotations
 
 import enum
+from collections import deque
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -111,6 +112,7 @@ class Lease:
         "pub_start",
         "backlog",
         "verbatim",
+        "declares",
     )
 
     PUB_NONE = 0
@@ -130,6 +132,7 @@ class Lease:
         self.pub_remaining = 0
         self.pub_start = 0  # where the current read's part of that message begins
         self.verbatim = False  # frames pass with no rewrite: same id, fitting frame sizes
+        self.declares: deque[bool] = deque()  # pending Queue.Declare: exclusive or not
         self.backlog: list[bytes] | None = []  # client frames that arrived before ``up``
 
     def bind(self, up: UpstreamChannel) -> None:
@@ -137,7 +140,6 @@ class Lease:
         self.up = up
         up.lease = self
         up.last_client = self.client.describe()
-        self.confirm_offset = up.published
         self.tag_offset = up.delivered
         self.state = LeaseState.OPEN
         # Client frames fit upstream as they are (broker bodies are checked frame by frame).

@@ -137,6 +137,8 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         self.wants_blocked = False
         self.pool: Pool | None = None
         self.leases: dict[int, Lease] = {}
+        self._late_close_ok: set[int] = set()  # channels whose Close crossed the broker's
+        self.exclusive_queues: dict[str, UpstreamConnection] = {}  # declared here, die with us
         self.frame_max = HANDSHAKE_FRAME_MAX
         self.max_body = HANDSHAKE_FRAME_MAX - c.FRAME_OVERHEAD
         self.channel_max = self.settings.channel_max
@@ -215,11 +217,16 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         self._timer = self.loop.call_later(CLOSE_OK_TIMEOUT, self.transport.abort)
 
     def _release_all(self, why: str) -> None:
+        """The client is leaving: give back its channels, delete its exclusive queues."""
         leases, self.leases = self.leases, {}
         if self.pool is None:
             return
         for lease in leases.values():
             self.pool.release(lease, why)
+        queues, self.exclusive_queues = self.exclusive_queues, {}
+        for name, conn in queues.items():
+            log.debug("deleting exclusive queue %r of client %s", name, self.describe())
+            conn.delete_queue(name, "amqproxy: exclusive queue owner left")
 
     # ---- writing and flow control ------------------------------------------------------------
 
@@ -599,7 +606,10 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             up.mark_dirty(_DIRTYING[mid])
         if mid == c.CONFIRM_SELECT:
             assert isinstance(method, commands.Confirm.Select)
-            lease.client_confirm = True
+            if not lease.client_confirm:
+                # The client's tag 1 is the broker's next one (publishes before Select included).
+                lease.client_confirm = True
+                lease.confirm_offset = up.published
             if up.confirm_mode:  # inherited from an earlier lease: answer here
                 if not method.nowait:
                     self._write(frames.method_frame(lease.channel_id, frames.CONFIRM_SELECT_OK))
@@ -618,8 +628,13 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                 up.mark_dirty("get with ack")
         elif mid == c.QUEUE_DECLARE:
             assert isinstance(method, commands.Queue.Declare)
-            if method.exclusive:
+            exclusive = method.exclusive and not method.passive
+            if exclusive:
                 up.mark_dirty("exclusive queue")
+            if not method.nowait:
+                lease.declares.append(exclusive)
+            elif exclusive and method.queue:
+                self.exclusive_queues[method.queue] = up.conn
         if mid in _ALWAYS_REPLIED or (
             mid in _NOWAIT_METHODS and not getattr(method, "nowait", False)
         ):
@@ -647,12 +662,19 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             if mid == c.CHANNEL_CLOSE_OK:
                 del self.leases[lease.channel_id]
             elif mid == c.CHANNEL_CLOSE:
+                # Both sides closed at once: answer, and accept the CloseOk that may follow.
                 del self.leases[lease.channel_id]
+                self._late_close_ok.add(lease.channel_id)
                 self._write(frames.method_frame(lease.channel_id, frames.CHANNEL_CLOSE_OK))
 
     def _channel_open(self, ftype: int, channel_id: int, data: bytes, start: int, end: int) -> None:
         """Channel.Open on a new id: a parked channel at once, or a new one upstream."""
-        if ftype != c.FRAME_METHOD or frames.method_id_at(data, start) != c.CHANNEL_OPEN:
+        mid = frames.method_id_at(data, start) if ftype == c.FRAME_METHOD else 0
+        if channel_id in self._late_close_ok:
+            self._late_close_ok.discard(channel_id)
+            if mid == c.CHANNEL_CLOSE_OK:
+                return
+        if mid != c.CHANNEL_OPEN:
             raise FrameError(
                 c.CHANNEL_ERROR, f"CHANNEL_ERROR - expected 'channel.open' on channel {channel_id}"
             )
@@ -664,7 +686,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         assert self.pool is not None
         lease = Lease(self, channel_id)
         self.leases[channel_id] = lease
-        up = self.pool.take_parked()
+        up = self.pool.take_parked(channel_id)
         if up is not None:
             lease.backlog = None
             self.pool.bind(lease, up)
@@ -676,7 +698,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         pool = self.pool
         assert pool is not None
         try:
-            up = await pool.new_channel()
+            up = await pool.new_channel(lease.channel_id)
         except (UpstreamRefused, TimeoutError) as exc:
             if self.leases.get(lease.channel_id) is lease:
                 code = getattr(exc, "code", c.CONNECTION_FORCED)
@@ -698,6 +720,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             lease.up.conn.on_lease_change(-1)
             lease.up.lease = None
         lease.up = None
+        lease.declares.clear()
         lease.drop_partial_publish()
         lease.state = LeaseState.BROKER_CLOSED
         self._write(frames.encode(c.FRAME_METHOD, lease.channel_id, close_payload))

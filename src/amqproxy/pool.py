@@ -142,8 +142,16 @@ class Pool:
 
     # ---- leases -----------------------------------------------------------------------------
 
-    def take_parked(self) -> UpstreamChannel | None:
-        """A parked clean channel, most recently used first (its connection is warm)."""
+    def take_parked(self, preferred: int = 0) -> UpstreamChannel | None:
+        """A parked clean channel: one with the client's own id if among the most recent
+        (its frames then pass without a rewrite), else the most recently parked."""
+        parked = self.parked
+        for index in range(len(parked) - 1, max(len(parked) - 9, -1), -1):
+            up = parked[index]
+            if up.id == preferred and up.conn.open and up.reusable:
+                del parked[index]
+                self.stats.channel_reuses += 1
+                return up
         while self.parked:
             up = self.parked.pop()
             if up.conn.open and up.reusable:
@@ -151,7 +159,7 @@ class Pool:
                 return up
         return None
 
-    async def new_channel(self) -> UpstreamChannel:
+    async def new_channel(self, preferred: int = 0) -> UpstreamChannel:
         """Open a channel upstream on a connection with room, connecting if all are full."""
         conn = (
             next((u for u in self.upstreams if u.open and u.free_channels > 0), None)
@@ -159,7 +167,7 @@ class Pool:
         )
         if conn.free_channels <= 0:  # raced with other openers
             conn = await self.connect()
-        fut = conn.open_channel()
+        fut = conn.open_channel(preferred)
         try:
             return await asyncio.wait_for(asyncio.shield(fut), self.settings.handshake_timeout)
         except TimeoutError:

@@ -214,9 +214,11 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
         limit = self.pool.max_channels(self)
         return limit - len(self.channels)
 
-    def open_channel(self) -> asyncio.Future[UpstreamChannel]:
-        """Send Channel.Open on a free id; the future resolves at the broker's OpenOk."""
+    def _allocate_id(self, preferred: int = 0) -> int:
+        """A free channel id: ``preferred`` if possible (then frames pass without a rewrite)."""
         limit = self.pool.max_channels(self)
+        if 0 < preferred <= limit and preferred not in self.channels:
+            return preferred
         channel_id = self._next_id
         for _ in range(limit):
             if channel_id > limit:
@@ -227,6 +229,37 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
         else:
             raise UpstreamRefused(c.RESOURCE_ERROR, "RESOURCE_ERROR - no free upstream channel")
         self._next_id = channel_id + 1
+        return channel_id
+
+    def delete_queue(self, name: str, why: str) -> None:
+        """Delete a queue on a short-lived channel of its own, without waiting for replies."""
+        if not self.open:
+            return
+        try:
+            channel_id = self._allocate_id()
+        except UpstreamRefused:
+            log.warning("cannot delete queue %r on %s: no free channel", name, self.name)
+            return
+        up = UpstreamChannel(self, channel_id)
+        up.state = ChannelState.CLOSING  # its CloseOk frees the id; nothing else matters
+        self.channels[channel_id] = up
+        self._write(
+            b"".join(
+                (
+                    frames.encode_method(channel_id, commands.Channel.Open()),
+                    frames.encode_method(
+                        channel_id, commands.Queue.Delete(queue=name, nowait=True)
+                    ),
+                    frames.encode_method(
+                        channel_id, commands.Channel.Close(c.REPLY_SUCCESS, why, 0, 0)
+                    ),
+                )
+            )
+        )
+
+    def open_channel(self, preferred: int = 0) -> asyncio.Future[UpstreamChannel]:
+        """Send Channel.Open on a free id; the future resolves at the broker's OpenOk."""
+        channel_id = self._allocate_id(preferred)
         up = UpstreamChannel(self, channel_id)
         self.channels[channel_id] = up
         fut: asyncio.Future[UpstreamChannel] = self.loop.create_future()
@@ -454,6 +487,11 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
         lease = up.lease
         if mid in c.SYNC_REPLIES and up.pending_replies > 0:
             up.pending_replies -= 1
+        if mid == c.QUEUE_DECLARE_OK and lease is not None and lease.declares:
+            if lease.declares.popleft():  # an exclusive queue: it dies with this client
+                declared = frames.decode_method(data[start:end])
+                assert isinstance(declared, commands.Queue.DeclareOk)
+                lease.client.exclusive_queues[declared.queue or ""] = self
         if mid == c.BASIC_DELIVER or mid == c.BASIC_GET_OK:
             up.delivered += 1
             if lease is not None and lease.tag_offset:
@@ -467,12 +505,13 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
                 if lease is None:
                     self.pool.maybe_settled(up)
                     return None
-                if not lease.client_confirm:
-                    return None  # confirms this client did not ask for
+                if not lease.client_confirm or tag <= lease.confirm_offset:
+                    return None  # confirms of publishes this client sent before Select
                 if lease.confirm_offset:
                     return frames.retag(data, start, end, start + 4, -lease.confirm_offset)
         elif mid == c.CHANNEL_OPEN_OK:
-            up.state = ChannelState.OPEN
+            if up.state is ChannelState.OPENING:
+                up.state = ChannelState.OPEN
             fut = self._opening.pop(up.id, None)
             if fut is not None and not fut.done():
                 fut.set_result(up)
