@@ -102,6 +102,18 @@ _DIRTYING = {
 }
 _KEEP = memoryview(b"")  # _on_method's verdict "forward unchanged"
 _ACKS = frozenset({c.BASIC_ACK, c.BASIC_NACK, c.BASIC_REJECT})
+# Methods naming a queue: refused with 405 when another client of the pool owns it exclusively.
+_QUEUE_METHODS = frozenset(
+    {
+        c.QUEUE_DECLARE,
+        c.QUEUE_BIND,
+        c.QUEUE_UNBIND,
+        c.QUEUE_PURGE,
+        c.QUEUE_DELETE,
+        c.BASIC_CONSUME,
+        c.BASIC_GET,
+    }
+)
 _HEADER = struct.Struct(">BHI")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -225,6 +237,8 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             self.pool.release(lease, why)
         queues, self.exclusive_queues = self.exclusive_queues, {}
         for name, conn in queues.items():
+            if conn.pool.exclusive_owners.get(name) is self:
+                del conn.pool.exclusive_owners[name]
             log.debug("deleting exclusive queue %r of client %s", name, self.describe())
             conn.delete_queue(name, "amqproxy: exclusive queue owner left")
 
@@ -602,6 +616,28 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         if mid == c.CHANNEL_CLOSE_OK:
             return None  # nothing of ours is waiting for it
         method = frames.decode_method(data[start:end])
+        queue = getattr(method, "queue", None)
+        if queue and mid in _QUEUE_METHODS:
+            owner = up.conn.pool.exclusive_owners.get(queue)
+            if owner is not None and owner is not self:
+                self._refuse_on_channel(
+                    lease,
+                    c.RESOURCE_LOCKED,
+                    f"RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '{queue}' "
+                    f"in vhost '{self.vhost}'. It could be originally declared on another "
+                    "connection or the exclusive property value does not match that of the "
+                    "original declaration.",
+                    mid,
+                )
+                return None
+            if mid == c.QUEUE_DELETE and owner is self:
+                self.exclusive_queues.pop(queue, None)
+                up.conn.pool.exclusive_owners.pop(queue, None)
+        if mid == c.TX_SELECT and up.confirm_mode and not lease.client_confirm:
+            # Confirm mode came with a parked channel, and the broker refuses confirm -> tx:
+            # move this client channel to a fresh upstream channel, then select tx there.
+            self._swap_upstream(lease, data[start - 7 : end + 1])
+            return None
         if mid in _DIRTYING:
             up.mark_dirty(_DIRTYING[mid])
         if mid == c.CONFIRM_SELECT:
@@ -634,12 +670,38 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             if not method.nowait:
                 lease.declares.append(exclusive)
             elif exclusive and method.queue:
-                self.exclusive_queues[method.queue] = up.conn
+                self.own_exclusive_queue(method.queue, up.conn)
         if mid in _ALWAYS_REPLIED or (
             mid in _NOWAIT_METHODS and not getattr(method, "nowait", False)
         ):
             up.pending_replies += 1
         return _KEEP
+
+    def own_exclusive_queue(self, name: str, conn: UpstreamConnection) -> None:
+        """``name`` is an exclusive queue this client declared: it dies when the client leaves,
+        and other clients of the pool get 405 for it, as on a direct connection."""
+        self.exclusive_queues[name] = conn
+        conn.pool.exclusive_owners[name] = self
+
+    def _refuse_on_channel(self, lease: Lease, code: int, text: str, mid: int) -> None:
+        """Close a client channel the way the broker would, without involving the broker."""
+        assert lease.up is not None
+        lease.up.conn.pool.release(lease, "channel error answered by the proxy")
+        lease.drop_partial_publish()
+        lease.state = LeaseState.BROKER_CLOSED
+        self._write(
+            frames.encode_method(
+                lease.channel_id, commands.Channel.Close(code, text, mid >> 16, mid & 0xFFFF)
+            )
+        )
+
+    def _swap_upstream(self, lease: Lease, pending_frame: bytes) -> None:
+        """Give back the lease's upstream channel and continue on a new one."""
+        assert lease.up is not None
+        lease.up.conn.pool.release(lease, "client needs a channel without confirm mode")
+        lease.state = LeaseState.OPENING
+        lease.backlog = [pending_frame]
+        self.loop.create_task(self._open_upstream_channel(lease, announce=False))
 
     def _on_frame_not_open(
         self, lease: Lease, ftype: int, data: bytes, start: int, end: int
@@ -694,7 +756,8 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             return
         self.loop.create_task(self._open_upstream_channel(lease))
 
-    async def _open_upstream_channel(self, lease: Lease) -> None:
+    async def _open_upstream_channel(self, lease: Lease, announce: bool = True) -> None:
+        """Bind ``lease`` to a new upstream channel; ``announce`` sends the client's OpenOk."""
         pool = self.pool
         assert pool is not None
         try:
@@ -709,7 +772,8 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             pool.release_unleased(up)
             return
         pool.bind(lease, up)
-        self._write(frames.method_frame(lease.channel_id, frames.CHANNEL_OPEN_OK))
+        if announce:
+            self._write(frames.method_frame(lease.channel_id, frames.CHANNEL_OPEN_OK))
         backlog, lease.backlog = lease.backlog, None
         if backlog:
             self._process(b"".join(backlog))
@@ -751,9 +815,12 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         elif mid == c.CONNECTION_CLOSE_OK:
             raise FrameError(c.COMMAND_INVALID, "COMMAND_INVALID - unexpected connection.close-ok")
         elif mid == c.CONNECTION_UPDATE_SECRET:
-            raise FrameError(
-                c.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - connection.update-secret is not supported yet"
-            )
+            method = frames.decode_method(data[start:end])
+            assert isinstance(method, commands.Connection.UpdateSecret)
+            secret = method.new_secret or ""
+            if isinstance(secret, bytes):
+                secret = secret.decode("utf-8", "replace")
+            self.loop.create_task(self._update_secret(secret, method.reason or ""))
         else:
             raise FrameError(
                 c.COMMAND_INVALID,
@@ -911,6 +978,28 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             self.registry.maybe_drop(pool)
             return
         self._admitted(pool)
+
+    async def _update_secret(self, secret: str, reason: str) -> None:
+        """Connection.UpdateSecret (OAuth 2 refresh): prove the new secret upstream; later
+        channels use a pool authenticated with it. Channels already open stay where they are."""
+        pool = self.registry.pool(self.user, secret, self.vhost)
+        try:
+            await pool.authenticate()
+        except UpstreamRefused as exc:
+            self.registry.maybe_drop(pool)
+            self.close_with(exc.code, exc.text, 10, 70)
+            return
+        old = self.pool
+        if self.state is not State.OPEN or old is None:
+            self.registry.maybe_drop(pool)
+            return
+        self._password = secret
+        self.pool = pool
+        pool.client_added(self)
+        if old is not pool:
+            old.client_gone(self)
+        self._write(frames.method_frame(0, frames.CONNECTION_UPDATE_SECRET_OK))
+        log.info("client %s updated its secret (%s)", self.describe(), reason or "no reason given")
 
     def _admitted(self, pool: Pool) -> None:
         self.pool = pool

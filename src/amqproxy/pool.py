@@ -53,6 +53,7 @@ class Pool:
         self.parked: list[UpstreamChannel] = []
         self.settling: set[UpstreamChannel] = set()
         self.clients: set[ClientConnection] = set()
+        self.exclusive_owners: dict[str, ClientConnection] = {}  # queue -> declaring client
         self._connecting: asyncio.Future[UpstreamConnection] | None = None
         self._serial = 0
 
@@ -181,6 +182,9 @@ class Pool:
     def release(self, lease: Lease, why: str) -> None:
         """The client is done with this lease: park, settle or close the upstream channel."""
         up = lease.up
+        if up is not None and up.conn.pool is not self:  # the client moved (UpdateSecret)
+            up.conn.pool.release(lease, why)
+            return
         lease.up = None
         if up is None:
             return

@@ -491,7 +491,7 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
             if lease.declares.popleft():  # an exclusive queue: it dies with this client
                 declared = frames.decode_method(data[start:end])
                 assert isinstance(declared, commands.Queue.DeclareOk)
-                lease.client.exclusive_queues[declared.queue or ""] = self
+                lease.client.own_exclusive_queue(declared.queue or "", self)
         if mid == c.BASIC_DELIVER or mid == c.BASIC_GET_OK:
             up.delivered += 1
             if lease is not None and lease.tag_offset:

@@ -37,6 +37,7 @@ CONNECTION_CLOSE_OK = _payload(commands.Connection.CloseOk())
 CHANNEL_OPEN_OK = _payload(commands.Channel.OpenOk())
 CHANNEL_CLOSE_OK = _payload(commands.Channel.CloseOk())
 CONFIRM_SELECT_OK = _payload(commands.Confirm.SelectOk())
+CONNECTION_UPDATE_SECRET_OK = _payload(commands.Connection.UpdateSecretOk())
 
 
 def method_frame(channel: int, payload: bytes) -> bytes:
