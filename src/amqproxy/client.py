@@ -321,6 +321,8 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         pos = 0
         error: FrameError | None = None
         lease_open = LeaseState.OPEN
+        fast_channel = -1
+        fast_lease: Lease = None  # type: ignore[assignment]  # set before first use
         basic_publish = c.BASIC_PUBLISH
         watched = _WATCHED
         try:
@@ -339,19 +341,25 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                         c.FRAME_ERROR, f"FRAME_ERROR - bad frame end octet {data[end]:#04x}"
                     )
                 nxt = end + 1
-                lease = leases.get(channel_id) if channel_id else None
-                if open_msg is not None and open_msg is not lease:
-                    open_msg.pub_frames.append(view[open_msg.pub_start : pos])
-                    open_msg = None
-                if lease is None or not lease.verbatim or lease.state is not lease_open:
-                    if run_conn is not None:
-                        add_piece(outs, run_conn, view[run_start:run_end])
-                        run_conn = None
-                    self._frame(ftype, channel_id, data, view, pos, end, outs)
-                    pos = nxt
-                    if self.state is not State.OPEN:
-                        break
-                    continue
+                if channel_id == fast_channel:  # the last frame's lease: checks already done
+                    lease = fast_lease
+                else:
+                    found = leases.get(channel_id) if channel_id else None
+                    if open_msg is not None and open_msg is not found:
+                        open_msg.pub_frames.append(view[open_msg.pub_start : pos])
+                        open_msg = None
+                    if found is None or not found.verbatim or found.state is not lease_open:
+                        fast_channel = -1
+                        if run_conn is not None:
+                            add_piece(outs, run_conn, view[run_start:run_end])
+                            run_conn = None
+                        self._frame(ftype, channel_id, data, view, pos, end, outs)
+                        pos = nxt
+                        if self.state is not State.OPEN:
+                            break
+                        continue
+                    fast_channel = channel_id
+                    lease = fast_lease = found
                 up = lease.up
                 assert up is not None
                 if ftype == 1:  # method
@@ -377,6 +385,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                         pos = nxt
                         continue
                     if mid in watched and (mid not in _ACKS or lease.tag_offset):
+                        fast_channel = -1  # the proxy acts on it: the lease may change
                         if run_conn is not None:
                             add_piece(outs, run_conn, view[run_start:run_end])
                             run_conn = None

@@ -377,6 +377,13 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
         outs: dict[ClientConnection, list[Buffer]] = {}
         run_client: ClientConnection | None = None
         run_start = run_end = 0
+        # Content frames that follow a verbatim method on the same channel skip the lookups.
+        fast_channel = -1
+        fast_client: ClientConnection | None = None
+        fast_max = 0
+        lease_open = LeaseState.OPEN
+        deliver = c.BASIC_DELIVER
+        watched = _WATCHED
         pos = 0
         while length - pos >= 7:
             ftype, channel_id, size = unpack(data, pos)
@@ -388,40 +395,46 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
             if data[end] != 0xCE:
                 raise FrameError(c.FRAME_ERROR, "FRAME_ERROR - bad frame end octet from broker")
             nxt = end + 1
-            up = channels.get(channel_id) if channel_id else None
-            lease = up.lease if up is not None else None
-            if (
-                lease is not None
-                and lease.verbatim
-                and lease.state is LeaseState.OPEN
-                and size <= lease.client.max_body
-            ):
-                if ftype == 1:
-                    mid = _U32.unpack_from(data, pos + 7)[0]
-                    if mid == c.BASIC_DELIVER and not lease.tag_offset:
-                        up.delivered += 1  # type: ignore[union-attr]
-                        fast = True
+            client: ClientConnection | None = None
+            if channel_id == fast_channel and ftype != 1 and size <= fast_max:
+                client = fast_client
+            else:
+                fast_channel = -1
+                up = channels.get(channel_id) if channel_id else None
+                lease = up.lease if up is not None else None
+                if (
+                    lease is not None
+                    and lease.verbatim
+                    and lease.state is lease_open
+                    and size <= lease.client.max_body
+                ):
+                    if ftype != 1:
+                        client = lease.client
                     else:
-                        fast = mid not in _WATCHED
-                else:
-                    fast = True
-                if fast:
-                    client = lease.client
-                    if run_client is client and run_end == pos:
-                        run_end = nxt
-                    else:
-                        if run_client is not None:
-                            add_piece(outs, run_client, view[run_start:run_end])
-                        run_client, run_start, run_end = client, pos, nxt
+                        mid = _U32.unpack_from(data, pos + 7)[0]
+                        if mid == deliver and not lease.tag_offset:
+                            up.delivered += 1  # type: ignore[union-attr]
+                            client = lease.client
+                        elif mid not in watched:
+                            client = lease.client
+                    if client is not None:
+                        fast_channel, fast_client, fast_max = channel_id, client, client.max_body
+                if client is None:
+                    if run_client is not None:
+                        add_piece(outs, run_client, view[run_start:run_end])
+                        run_client = None
+                    if channel_id == 0:
+                        self._on_connection_frame(ftype, data, pos + 7, end)
+                    elif up is not None:
+                        self._frame(up, ftype, channel_id, data, view, pos, end, outs)
                     pos = nxt
                     continue
-            if run_client is not None:
-                add_piece(outs, run_client, view[run_start:run_end])
-                run_client = None
-            if channel_id == 0:
-                self._on_connection_frame(ftype, data, pos + 7, end)
-            elif up is not None:
-                self._frame(up, ftype, channel_id, data, view, pos, end, outs)
+            if run_client is client and run_end == pos:
+                run_end = nxt
+            else:
+                if run_client is not None:
+                    add_piece(outs, run_client, view[run_start:run_end])
+                run_client, run_start, run_end = client, pos, nxt
             pos = nxt
         if run_client is not None:
             add_piece(outs, run_client, view[run_start:run_end])
