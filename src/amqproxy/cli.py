@@ -175,6 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if print_only:
         print(json.dumps(settings.public(), indent=2, sort_keys=True))
         return 0
+    # No caller, thread or process lookups per record: clients come and go by the thousand.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from pamqp import commands
 
-from amqproxy.amqp import auth, frames
+from amqproxy.amqp import auth, frames, handshake
 from amqproxy.amqp import constants as c
 from amqproxy.amqp.frames import Buffer, FrameError, add_piece, add_pieces
 from amqproxy.channel import ChannelState, Lease, LeaseState
@@ -904,7 +904,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                     raise FrameError(
                         c.UNEXPECTED_FRAME, "UNEXPECTED_FRAME - non-method frame during handshake"
                     )
-                self._handshake_method(frames.decode_method(data[start:end]))
+                self._handshake_method(frames.method_id_at(data, start), data[start:end])
                 state = self.state
                 if state is State.OPEN:  # admitted at once: the rest is ordinary traffic
                     self._rest = b""
@@ -927,9 +927,10 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             else:
                 self.close_with(exc.code, exc.text)
 
-    def _handshake_method(self, method: Any) -> None:
-        if self.state is State.START and isinstance(method, commands.Connection.StartOk):
-            self.client_properties = dict(method.client_properties or {})
+    def _handshake_method(self, mid: int, payload: bytes) -> None:
+        if self.state is State.START and mid == c.CONNECTION_START_OK:
+            method = handshake.start_ok(payload)
+            self.client_properties = method.client_properties
             name = self.client_properties.get("connection_name")
             self.connection_name = name.decode() if isinstance(name, bytes) else str(name or "")
             capabilities = self.client_properties.get("capabilities") or {}
@@ -938,9 +939,10 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             self.user, self._password = auth.credentials(method.mechanism, method.response)
             self.state = State.TUNE
             self._write(self.proxy.tune_frame())
-        elif self.state is State.TUNE and isinstance(method, commands.Connection.TuneOk):
+        elif self.state is State.TUNE and mid == c.CONNECTION_TUNE_OK:
+            channel_max, frame_max, heartbeat = handshake.tune_ok(payload)
             offered = self.registry.frame_max
-            frame_max = method.frame_max or offered
+            frame_max = frame_max or offered
             if frame_max < c.FRAME_MIN_SIZE or frame_max > offered:
                 raise FrameError(
                     c.NOT_ALLOWED,
@@ -949,12 +951,12 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             self.frame_max = frame_max
             self.max_body = frame_max - c.FRAME_OVERHEAD
             limit = self.settings.channel_max
-            self.channel_max = min(method.channel_max, limit) if method.channel_max else limit
-            self.heartbeat = method.heartbeat
+            self.channel_max = min(channel_max, limit) if channel_max else limit
+            self.heartbeat = heartbeat
             self._start_heartbeat(self.heartbeat)
             self.state = State.OPEN_WAIT
-        elif self.state is State.OPEN_WAIT and isinstance(method, commands.Connection.Open):
-            self.vhost = method.virtual_host
+        elif self.state is State.OPEN_WAIT and mid == c.CONNECTION_OPEN:
+            self.vhost = handshake.open_vhost(payload)
             self.state = State.AUTHENTICATING
             if self._timer is not None:
                 self._timer.cancel()
@@ -963,7 +965,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                 self._admitted(pool)  # proven by a live upstream: no task, no wait
             else:
                 self.loop.create_task(self._authenticate(pool))
-        elif isinstance(method, commands.Connection.Close):
+        elif mid == c.CONNECTION_CLOSE:
             self._write(frames.method_frame(0, frames.CONNECTION_CLOSE_OK))
             self.state = State.CLOSED
             if self.transport is not None:
@@ -971,7 +973,8 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         else:
             raise FrameError(
                 c.COMMAND_INVALID,
-                f"COMMAND_INVALID - unexpected {method.name} in handshake state {self.state.value}",
+                f"COMMAND_INVALID - unexpected method {mid >> 16}.{mid & 0xFFFF} "
+                f"in handshake state {self.state.value}",
             )
 
     async def _authenticate(self, pool: Pool) -> None:

@@ -49,10 +49,10 @@ def test_scan_rejects_a_frame_above_frame_max_before_it_arrives() -> None:
 
 def test_publish_flags() -> None:
     data = method(1, commands.Basic.Publish(exchange="ex", routing_key="r", mandatory=True))
-    (_, _, start, end), = frames.scan(data, 4096)[0]
+    ((_, _, start, end),) = frames.scan(data, 4096)[0]
     assert frames.publish_flags(data, start, end) == (True, False)
     data = method(1, commands.Basic.Publish(immediate=True))
-    (_, _, start, end), = frames.scan(data, 4096)[0]
+    ((_, _, start, end),) = frames.scan(data, 4096)[0]
     assert frames.publish_flags(data, start, end) == (False, True)
 
 
@@ -60,7 +60,7 @@ def test_content_body_size() -> None:
     from pamqp import header
 
     data = frame.marshal(header.ContentHeader(0, 123456789), 1)
-    (_, _, start, _), = frames.scan(data, 4096)[0]
+    ((_, _, start, _),) = frames.scan(data, 4096)[0]
     assert frames.content_body_size(data, start) == 123456789
 
 
@@ -76,7 +76,7 @@ def test_content_body_size() -> None:
 )
 def test_retag_shifts_the_delivery_tag_and_keeps_the_rest(m: object) -> None:
     data = method(2, m)
-    (_, _, start, end), = frames.scan(data, 4096)[0]
+    ((_, _, start, end),) = frames.scan(data, 4096)[0]
     mid = frames.method_id_at(data, start)
     payload = frames.retag(data, start, end, frames.tag_position(mid, data, start), -5)
     decoded = frames.decode_method(payload)
@@ -89,7 +89,7 @@ def test_retag_shifts_the_delivery_tag_and_keeps_the_rest(m: object) -> None:
 
 def test_retag_leaves_tag_zero_alone() -> None:
     data = method(1, commands.Basic.Ack(0, True))
-    (_, _, start, end), = frames.scan(data, 4096)[0]
+    ((_, _, start, end),) = frames.scan(data, 4096)[0]
     assert frames.decode_method(frames.retag(data, start, end, start + 4, 9)).delivery_tag == 0
 
 

@@ -27,7 +27,9 @@ def test_precedence(tmp_path: Path) -> None:
     settings = load(str(path), {}, {})
     assert settings.upstream == "amqp://file-host:5672"
     assert (settings.listen_address, settings.listen_port, settings.http_port) == (
-        "10.0.0.1", 6000, 16000,
+        "10.0.0.1",
+        6000,
+        16000,
     )
     assert settings.idle_connection_timeout == 7
     assert settings.max_upstream_channels == 0  # default

@@ -38,6 +38,9 @@ def method_id(class_id: int, method: int) -> int:
     return (class_id << 16) | method
 
 
+CONNECTION_START_OK: Final = method_id(10, 11)
+CONNECTION_TUNE_OK: Final = method_id(10, 31)
+CONNECTION_OPEN: Final = method_id(10, 40)
 CONNECTION_CLOSE: Final = method_id(10, 50)
 CONNECTION_CLOSE_OK: Final = method_id(10, 51)
 CONNECTION_BLOCKED: Final = method_id(10, 60)

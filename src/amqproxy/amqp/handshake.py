@@ -1,0 +1,69 @@
+"""Decoders for the three client methods of the connection handshake.
+
+Every short-lived client sends them, so they are read with struct rather than through pamqp's
+generic method objects; only the client-properties table goes through pamqp's table decoder.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, NamedTuple
+
+from pamqp import decode
+
+from amqproxy.amqp import constants as c
+from amqproxy.amqp.frames import Buffer, FrameError
+
+_TUNE_OK = struct.Struct(">HIH")
+_U32 = struct.Struct(">I")
+
+
+class StartOk(NamedTuple):
+    client_properties: dict[str, Any]
+    mechanism: str
+    response: bytes
+    locale: str
+
+
+def _short_str(payload: Buffer, pos: int) -> tuple[str, int]:
+    length = payload[pos]
+    end = pos + 1 + length
+    if end > len(payload):
+        raise IndexError
+    return bytes(payload[pos + 1 : end]).decode("utf-8", "replace"), end
+
+
+def start_ok(payload: Buffer) -> StartOk:
+    """Connection.StartOk: properties table, mechanism, response, locale."""
+    try:
+        table_size = _U32.unpack_from(payload, 4)[0]
+        pos = 8 + table_size
+        _, properties = decode.field_table(bytes(payload[4:pos]))
+        mechanism, pos = _short_str(payload, pos)
+        response_size = _U32.unpack_from(payload, pos)[0]
+        pos += 4
+        response = bytes(payload[pos : pos + response_size])
+        if len(response) != response_size:
+            raise IndexError
+        locale, _ = _short_str(payload, pos + response_size)
+    except (IndexError, ValueError, struct.error):
+        raise FrameError(c.SYNTAX_ERROR, "SYNTAX_ERROR - malformed connection.start-ok") from None
+    return StartOk(properties, mechanism, response, locale)
+
+
+def tune_ok(payload: Buffer) -> tuple[int, int, int]:
+    """Connection.TuneOk: (channel_max, frame_max, heartbeat)."""
+    try:
+        channel_max, frame_max, heartbeat = _TUNE_OK.unpack_from(payload, 4)
+    except struct.error:
+        raise FrameError(c.SYNTAX_ERROR, "SYNTAX_ERROR - malformed connection.tune-ok") from None
+    return channel_max, frame_max, heartbeat
+
+
+def open_vhost(payload: Buffer) -> str:
+    """Connection.Open: the virtual host."""
+    try:
+        vhost, _ = _short_str(payload, 4)
+    except IndexError:
+        raise FrameError(c.SYNTAX_ERROR, "SYNTAX_ERROR - malformed connection.open") from None
+    return vhost
