@@ -10,6 +10,7 @@ import asyncio
 import logging
 import socket
 import struct
+from collections.abc import Coroutine
 from enum import Enum
 from typing import TYPE_CHECKING, Any, cast
 
@@ -292,14 +293,38 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             data = self._rest + data
             self._rest = b""
         state = self.state
-        if state is State.OPEN:
-            self._process(data)
-        elif state is State.HEADER:
-            self._on_protocol_header(data)
-        elif state is State.CLOSING:
-            self._while_closing(data)
-        elif state is not State.CLOSED:
-            self._handshake(data)
+        try:
+            if state is State.OPEN:
+                self._process(data)
+            elif state is State.HEADER:
+                self._on_protocol_header(data)
+            elif state is State.CLOSING:
+                self._while_closing(data)
+            elif state is not State.CLOSED:
+                self._handshake(data)
+        except Exception:  # a bug of ours: this client goes, the others stay
+            self._internal_error("handling data")
+
+    def _internal_error(self, doing: str, exc: BaseException | None = None) -> None:
+        log.error(
+            "internal error %s for client %s; closing it",
+            doing,
+            self.describe(),
+            exc_info=exc or True,
+        )
+        self.close_with(c.INTERNAL_ERROR, "INTERNAL_ERROR - amqproxy internal error")
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run control-path work (an upstream round trip) beside the hot path."""
+        task = self.loop.create_task(work, name=getattr(work, "__qualname__", "task"))
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            self._internal_error(f"in {task.get_name()}", exc)
 
     def _process(self, data: bytes) -> None:
         """The client-to-broker hot path.
@@ -710,7 +735,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         lease.up.conn.pool.release(lease, "client needs a channel without confirm mode")
         lease.state = LeaseState.OPENING
         lease.backlog = [pending_frame]
-        self.loop.create_task(self._open_upstream_channel(lease, announce=False))
+        self._spawn(self._open_upstream_channel(lease, announce=False))
 
     def _on_frame_not_open(
         self, lease: Lease, ftype: int, data: bytes, start: int, end: int
@@ -763,7 +788,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             self.pool.bind(lease, up)
             self._write(frames.method_frame(channel_id, frames.CHANNEL_OPEN_OK))
             return
-        self.loop.create_task(self._open_upstream_channel(lease))
+        self._spawn(self._open_upstream_channel(lease))
 
     async def _open_upstream_channel(self, lease: Lease, announce: bool = True) -> None:
         """Bind ``lease`` to a new upstream channel; ``announce`` sends the client's OpenOk."""
@@ -829,7 +854,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             secret = method.new_secret or ""
             if isinstance(secret, bytes):
                 secret = secret.decode("utf-8", "replace")
-            self.loop.create_task(self._update_secret(secret, method.reason or ""))
+            self._spawn(self._update_secret(secret, method.reason or ""))
         else:
             raise FrameError(
                 c.COMMAND_INVALID,
@@ -872,7 +897,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         if start is not None:
             self._send_start(start)
         else:
-            self.loop.create_task(self._learn_then_start())
+            self._spawn(self._learn_then_start())
 
     def _refuse_header(self) -> None:
         """A wrong protocol header gets the one we speak, then the socket closes (spec 4.2.2)."""
@@ -964,7 +989,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             if pool.live_upstream() is not None:
                 self._admitted(pool)  # proven by a live upstream: no task, no wait
             else:
-                self.loop.create_task(self._authenticate(pool))
+                self._spawn(self._authenticate(pool))
         elif mid == c.CONNECTION_CLOSE:
             self._write(frames.method_frame(0, frames.CONNECTION_CLOSE_OK))
             self.state = State.CLOSED

@@ -296,9 +296,15 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
                 self._forward(data)
         except FrameError as exc:
             log.warning("upstream %s sent a bad frame: %s", self.name, exc.text)
-            self._close_reason = (c.CONNECTION_FORCED, f"CONNECTION_FORCED - {exc.text}")
-            if self.transport is not None:
-                self.transport.abort()
+            reason = exc.text
+        except Exception:  # a bug of ours: drop this upstream, with the context in the log
+            log.exception("internal error on upstream %s; closing it", self.name)
+            reason = "INTERNAL_ERROR - amqproxy internal error"
+        else:
+            return
+        self._close_reason = (c.CONNECTION_FORCED, f"CONNECTION_FORCED - {reason}")
+        if self.transport is not None:
+            self.transport.abort()
 
     def _handshake(self, data: bytes) -> None:
         found, pos = frames.scan(data, HANDSHAKE_FRAME_MAX)
