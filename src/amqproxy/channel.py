@@ -58,6 +58,10 @@ class UpstreamChannel:
 
     def confirm(self, tag: int, multiple: bool) -> None:
         """Record a broker Ack/Nack for publishes in confirm mode."""
+        if not self.confirmed_ahead and (multiple or tag == self.confirmed + 1):
+            if tag > self.confirmed:  # the usual case: in order
+                self.confirmed = tag
+            return
         if multiple:
             if tag > self.confirmed:
                 self.confirmed = tag

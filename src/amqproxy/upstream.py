@@ -61,6 +61,7 @@ _KEEP = memoryview(b"")  # _on_method's verdict "forward unchanged" (compared by
 
 _HEADER = struct.Struct(">BHI")
 _U32 = struct.Struct(">I")
+_TAG_AND_BITS = struct.Struct(">QB")
 
 
 class UpstreamRefused(Exception):
@@ -389,6 +390,7 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
         fast_max = 0
         lease_open = LeaseState.OPEN
         deliver = c.BASIC_DELIVER
+        ack = c.BASIC_ACK
         watched = _WATCHED
         pos = 0
         while length - pos >= 7:
@@ -420,6 +422,11 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
                         mid = _U32.unpack_from(data, pos + 7)[0]
                         if mid == deliver and not lease.tag_offset:
                             up.delivered += 1  # type: ignore[union-attr]
+                            client = lease.client
+                        elif mid == ack and lease.client_confirm and not lease.confirm_offset:
+                            # A confirm for this client, tags untranslated: record and pass.
+                            tag, bits = _TAG_AND_BITS.unpack_from(data, pos + 11)
+                            up.confirm(tag, bool(bits & 1))  # type: ignore[union-attr]
                             client = lease.client
                         elif mid not in watched:
                             client = lease.client
