@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import struct
 from collections.abc import Coroutine
 from enum import Enum
@@ -21,6 +20,7 @@ from amqproxy.amqp import constants as c
 from amqproxy.amqp.frames import Buffer, FrameError, add_piece, add_pieces
 from amqproxy.channel import ChannelState, Lease, LeaseState
 from amqproxy.heartbeat import HeartbeatMixin
+from amqproxy.sockets import nodelay
 from amqproxy.upstream import UpstreamRefused
 
 if TYPE_CHECKING:
@@ -171,12 +171,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        nodelay(transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = f"{peer[0]}:{peer[1]}"
@@ -366,28 +361,17 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                         c.FRAME_ERROR, f"FRAME_ERROR - bad frame end octet {data[end]:#04x}"
                     )
                 nxt = end + 1
+                mid = 0
                 if channel_id == fast_channel:  # the last frame's lease: checks already done
-                    lease = fast_lease
+                    lease: Lease | None = fast_lease
                 else:
-                    found = leases.get(channel_id) if channel_id else None
-                    if open_msg is not None and open_msg is not found:
+                    lease = leases.get(channel_id) if channel_id else None
+                    if open_msg is not None and open_msg is not lease:
                         open_msg.pub_frames.append(view[open_msg.pub_start : pos])
                         open_msg = None
-                    if found is None or not found.verbatim or found.state is not lease_open:
-                        fast_channel = -1
-                        if run_conn is not None:
-                            add_piece(outs, run_conn, view[run_start:run_end])
-                            run_conn = None
-                        self._frame(ftype, channel_id, data, view, pos, end, outs)
-                        pos = nxt
-                        if self.state is not State.OPEN:
-                            break
-                        continue
-                    fast_channel = channel_id
-                    lease = fast_lease = found
-                up = lease.up
-                assert up is not None
-                if ftype == 1:  # method
+                    if lease is not None and (not lease.verbatim or lease.state is not lease_open):
+                        lease = None
+                if lease is not None and ftype == 1:
                     if lease.pub_stage:
                         raise FrameError(
                             c.UNEXPECTED_FRAME,
@@ -395,6 +379,22 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                             "got non content header frame instead",
                         )
                     mid = _U32.unpack_from(data, pos + 7)[0]
+                    if mid in watched and (mid not in _ACKS or lease.tag_offset):
+                        lease = None  # the proxy acts on it
+                if lease is None:  # the slow path: anything the proxy must look at
+                    fast_channel = -1
+                    if run_conn is not None:
+                        add_piece(outs, run_conn, view[run_start:run_end])
+                        run_conn = None
+                    self._frame(ftype, channel_id, data, view, pos, end, outs)
+                    pos = nxt
+                    if self.state is not State.OPEN:
+                        break
+                    continue
+                fast_channel, fast_lease = channel_id, lease
+                up = lease.up
+                assert up is not None
+                if ftype == 1:  # a method that passes through
                     if mid == basic_publish:
                         # flags octet after reserved ticket, exchange and routing key
                         flags_at = pos + 13
@@ -408,16 +408,6 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                         lease.pub_start = pos
                         open_msg = lease
                         pos = nxt
-                        continue
-                    if mid in watched and (mid not in _ACKS or lease.tag_offset):
-                        fast_channel = -1  # the proxy acts on it: the lease may change
-                        if run_conn is not None:
-                            add_piece(outs, run_conn, view[run_start:run_end])
-                            run_conn = None
-                        self._frame(ftype, channel_id, data, view, pos, end, outs)
-                        pos = nxt
-                        if self.state is not State.OPEN:
-                            break
                         continue
                     start_of_run = pos
                 elif ftype == 2 or ftype == 3:  # content header, body

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
@@ -22,6 +21,7 @@ from amqproxy.amqp.auth import plain_response
 from amqproxy.amqp.frames import Buffer, FrameError, add_piece, add_pieces
 from amqproxy.channel import ChannelState, LeaseState, UpstreamChannel
 from amqproxy.heartbeat import HeartbeatMixin
+from amqproxy.sockets import nodelay
 
 if TYPE_CHECKING:
     from amqproxy.client import ClientConnection
@@ -107,12 +107,8 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        sock = transport.get_extra_info("socket")
+        sock = nodelay(transport)
         if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
             name = sock.getsockname()
             self.peer = f"{name[0]}:{name[1]}"
         self.transport.write(c.PROTOCOL_HEADER)
