@@ -760,14 +760,18 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             self._late_close_ok.discard(channel_id)
             if mid == c.CHANNEL_CLOSE_OK:
                 return
+        if mid == c.CHANNEL_CLOSE:  # closed already (a second Close): RabbitMQ answers CloseOk
+            self._write(frames.method_frame(channel_id, frames.CHANNEL_CLOSE_OK))
+            return
         if mid != c.CHANNEL_OPEN:
             raise FrameError(
                 c.CHANNEL_ERROR, f"CHANNEL_ERROR - expected 'channel.open' on channel {channel_id}"
             )
         if channel_id > self.channel_max:
             raise FrameError(
-                c.CHANNEL_ERROR,
-                f"CHANNEL_ERROR - channel {channel_id} is above channel_max {self.channel_max}",
+                c.NOT_ALLOWED,
+                f"NOT_ALLOWED - channel {channel_id} is above the negotiated channel_max "
+                f"{self.channel_max}",
             )
         assert self.pool is not None
         lease = Lease(self, channel_id)
