@@ -99,6 +99,7 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
         self._opening: dict[int, asyncio.Future[UpstreamChannel]] = {}
         self._next_id = 1
         self._rest = b""
+        self._outbox: list[Buffer] = []  # client frames queued for the end of this loop turn
         self._close_reason: tuple[int, str] | None = None
         self._init_heartbeat()
         self._close_timer: asyncio.TimerHandle | None = None
@@ -153,6 +154,7 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
             log.log(level, "upstream %s closed (%s): %d %s", self.name, self.peer, code, text)
         self.pool.upstream_closed(self)
         if self.transport is not None:
+            self._flush_outbox()
             self.transport.close()
 
     def close(self, text: str = "closed by amqproxy") -> None:
@@ -174,16 +176,28 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
     # ---- writing and flow control -------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
+        """Write a frame of our own now, after what clients queued (order is kept)."""
         assert self.transport is not None
+        self._flush_outbox()
         self._wrote = True
         self.transport.write(data)
 
     def send(self, pieces: list[Buffer]) -> None:
-        """Write the frames a client produced in one read, in one call."""
+        """Queue the frames a client produced in one read; everything clients queue during one
+        turn of the event loop goes out in one write (many clients share this connection)."""
         if self.closed or self.transport is None:
             return
         self._wrote = True
-        self.transport.write(b"".join(pieces))
+        if self._outbox:
+            self._outbox.extend(pieces)
+        else:
+            self._outbox = pieces
+            self.loop.call_soon(self._flush_outbox)
+
+    def _flush_outbox(self) -> None:
+        pieces, self._outbox = self._outbox, []
+        if pieces and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(pieces))
 
     def pause_writing(self) -> None:
         self.paused = True
