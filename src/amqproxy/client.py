@@ -218,7 +218,9 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             level = logging.WARNING
         log.log(level, "closing client %s: %d %s", self.describe(), code, text)
         self._write(
-            frames.encode_method(0, commands.Connection.Close(code, text, class_id, method_id))
+            frames.encode_method(
+                0, commands.Connection.Close(code, frames.reply_text(text), class_id, method_id)
+            )
         )
         if self._timer is not None:
             self._timer.cancel()
@@ -715,7 +717,8 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         lease.state = LeaseState.BROKER_CLOSED
         self._write(
             frames.encode_method(
-                lease.channel_id, commands.Channel.Close(code, text, mid >> 16, mid & 0xFFFF)
+                lease.channel_id,
+                commands.Channel.Close(code, frames.reply_text(text), mid >> 16, mid & 0xFFFF),
             )
         )
 

@@ -4,6 +4,7 @@ queues) never reaches the next client of a pooled channel."""
 from __future__ import annotations
 
 import time
+import uuid
 
 import pika
 import pytest
@@ -470,3 +471,41 @@ def test_clients_vanishing_mid_channel_open_or_rpc_leak_no_leases(proxy, tenant,
     ch.basic_publish("", q, b"still-works")
     c.close()
     assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("named", [True, False], ids=["named", "server-named"])
+def test_exclusive_queue_is_locked_for_other_clients_of_the_pool(proxy, tenant, named):
+    """While its owner is connected, another client of the same pool (same upstream connection,
+    where the broker itself would allow it) gets 405 RESOURCE_LOCKED for every operation on an
+    exclusive queue, and its connection lives on; the owner keeps full use of it."""
+    owner = proxy.connect(tenant)
+    och = owner.channel()
+    wanted = f"itest-excl-{uuid.uuid4().hex[:8]}" if named else ""
+    name = och.queue_declare(wanted, exclusive=True).method.queue
+    och.queue_bind(name, "amq.fanout")
+    other = proxy.connect(tenant)
+    attempts = {
+        "declare": lambda ch: ch.queue_declare(name, exclusive=True),
+        "passive declare": lambda ch: ch.queue_declare(name, passive=True),
+        "bind": lambda ch: ch.queue_bind(name, "amq.direct", "k"),
+        "unbind": lambda ch: ch.queue_unbind(name, "amq.fanout"),
+        "consume": lambda ch: ch.basic_consume(name, lambda *a: None),
+        "get": lambda ch: ch.basic_get(name),
+        "purge": lambda ch: ch.queue_purge(name),
+        "delete": lambda ch: ch.queue_delete(name),
+    }
+    for what, attempt in attempts.items():
+        ch = other.channel()
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as ei:
+            attempt(ch)
+        assert ei.value.reply_code == 405, (what, ei.value)
+        assert "RESOURCE_LOCKED" in ei.value.reply_text
+    other.channel().basic_publish("", "amq.fanout-nothing", b"")  # still connected
+    och.basic_publish("amq.fanout", "", b"to the owner")
+    method, _, body = och.basic_get(name, auto_ack=True)
+    assert body == b"to the owner"
+    och.queue_purge(name)
+    other.close()
+    owner.close()
+    assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) == 1  # one shared upstream

@@ -110,3 +110,10 @@ def test_decode_method_reports_unknown_and_malformed_methods() -> None:
     with pytest.raises(FrameError) as err:
         frames.decode_method(struct.pack(">HH", 50, 10) + b"\x00")
     assert err.value.code == c.SYNTAX_ERROR
+
+
+def test_reply_text_fits_a_shortstr() -> None:
+    assert frames.reply_text("short") == "short"
+    long = "RESOURCE_LOCKED - " + "\u00e9" * 200  # 418 bytes in UTF-8
+    cut = frames.reply_text(long)
+    assert len(cut.encode()) <= 255 and long.startswith(cut)

@@ -40,6 +40,12 @@ CONFIRM_SELECT_OK = _payload(commands.Confirm.SelectOk())
 CONNECTION_UPDATE_SECRET_OK = _payload(commands.Connection.UpdateSecretOk())
 
 
+def reply_text(text: str) -> str:
+    """A reply text that fits its shortstr (255 bytes), cut on a character boundary."""
+    raw = text.encode("utf-8")
+    return text if len(raw) <= 255 else raw[:255].decode("utf-8", "ignore")
+
+
 def method_frame(channel: int, payload: bytes) -> bytes:
     """A method frame around an already encoded payload."""
     return b"".join((_HEADER.pack(c.FRAME_METHOD, channel, len(payload)), payload, b"\xce"))
