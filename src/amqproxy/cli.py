@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="close every channel upstream when its client closes it (no reuse)",
     )
     add(
+        "--credential-ttl",
+        dest="credential_ttl",
+        metavar="SECONDS",
+        help="admit a client whose credentials the broker accepted this recently without "
+        "asking it again (default 60; 0: the broker checks every client)",
+    )
+    add(
         "--upstream-ca",
         dest="upstream_ca",
         metavar="FILE",
@@ -133,6 +140,7 @@ def settings_from(argv: Sequence[str] | None) -> tuple[Settings, bool]:
             "upstream_heartbeat",
             "park_channels",
             "upstream_ca",
+            "credential_ttl",
             "max_client_buffer",
         )
     }

@@ -983,8 +983,8 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             if self._timer is not None:
                 self._timer.cancel()
             pool = self.registry.pool(self.user, self._password, self.vhost)
-            if pool.live_upstream() is not None:
-                self._admitted(pool)  # proven by a live upstream: no task, no wait
+            if pool.trusted():
+                self._admitted(pool)  # proven recently: no task, no wait
             else:
                 self._spawn(self._authenticate(pool))
         elif mid == c.CONNECTION_CLOSE:

@@ -88,6 +88,7 @@ class Settings:
     heartbeat: int = 60  # offered to clients
     upstream_heartbeat: int | None = None  # None: the broker's proposal
     park_channels: bool = True
+    credential_ttl: float = 60.0  # how long a broker's "yes" to a password is trusted
     channel_max: int = 2047  # offered to clients
     max_client_buffer: int = 64 * 1024 * 1024
     upstream_ca: str = ""
@@ -138,6 +139,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "heartbeat": _non_negative_int,
     "upstream_heartbeat": _optional_seconds,
     "park_channels": _bool,
+    "credential_ttl": _seconds,
     "channel_max": _non_negative_int,
     "max_client_buffer": _non_negative_int,
     "upstream_ca": str,
@@ -156,6 +158,7 @@ FILE_KEYS: dict[tuple[str, str], str] = {
     ("main", "heartbeat"): "heartbeat",
     ("main", "upstream_heartbeat"): "upstream_heartbeat",
     ("main", "park_channels"): "park_channels",
+    ("main", "credential_ttl"): "credential_ttl",
     ("main", "max_client_buffer"): "max_client_buffer",
     ("main", "upstream_ca"): "upstream_ca",
     ("listen", "address"): "listen_address",

@@ -55,6 +55,7 @@ class Pool:
         self.clients: set[ClientConnection] = set()
         self.exclusive_owners: dict[str, ClientConnection] = {}  # queue -> declaring client
         self._connecting: asyncio.Future[UpstreamConnection] | None = None
+        self.verified_at = float("-inf")  # when the broker last accepted these credentials
         self._serial = 0
 
     def __repr__(self) -> str:
@@ -68,9 +69,16 @@ class Pool:
                 return conn
         return None
 
+    def trusted(self) -> bool:
+        """The broker accepted these credentials less than ``credential_ttl`` seconds ago and an
+        upstream opened with them is live: a client may be admitted without asking again."""
+        age = asyncio.get_running_loop().time() - self.verified_at
+        return age < self.settings.credential_ttl and self.live_upstream() is not None
+
     async def authenticate(self) -> None:
-        """Prove the credentials: a live upstream opened with them, or a new one."""
-        if self.live_upstream() is None:
+        """Prove the credentials: trusted recently, or by a new upstream connection (which then
+        serves the pool like any other)."""
+        if not self.trusted():
             await self.connect()
 
     def max_channels(self, conn: UpstreamConnection) -> int:
@@ -129,6 +137,7 @@ class Pool:
             raise
         self.registry.upstream_reachable = True
         self.registry.frame_max = conn.frame_max
+        self.verified_at = loop.time()
         self.upstreams.append(conn)
         self.stats.connects += 1
         log.info(
