@@ -3,6 +3,8 @@ queues) never reaches the next client of a pooled channel."""
 
 from __future__ import annotations
 
+import socket
+import struct
 import time
 import uuid
 
@@ -509,3 +511,26 @@ def test_exclusive_queue_is_locked_for_other_clients_of_the_pool(proxy, tenant, 
     other.close()
     owner.close()
     assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) == 1  # one shared upstream
+
+
+@pytest.mark.timeout(30)
+def test_exclusive_queue_dies_with_a_killed_client(proxy, tenant):
+    """A client that vanishes without Connection.Close (socket reset) loses its exclusive
+    queues too, as on a direct connection."""
+    raw = RawAMQP(proxy.host, proxy.port)
+    raw.handshake(tenant.user, tenant.password, tenant.vhost)
+    raw.open_channel(1)
+    name = raw.rpc(1, commands.Queue.Declare(queue="", exclusive=True), commands.Queue.DeclareOk)
+    name = name.queue
+    raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    raw.abort()
+
+    def gone() -> bool:
+        with direct(tenant) as ch:
+            try:
+                ch.queue_declare(name, passive=True)
+                return False
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                return exc.reply_code == 404
+
+    wait_for(gone, 5, interval=0.2, message=f"exclusive queue {name} outlived its killed client")
