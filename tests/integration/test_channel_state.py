@@ -274,6 +274,16 @@ def test_no_ack_get_keeps_channel_clean_and_tags_work_after_reuse(proxy, tenant,
 
 
 @pytest.mark.timeout(40)
+def _queue_gone(tenant, name: str) -> bool:
+    """True once a passive declare of ``name`` on a direct connection gets 404."""
+    with direct(tenant) as ch:
+        try:
+            ch.queue_declare(name, passive=True)
+            return False
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            return exc.reply_code == 404
+
+
 def test_exclusive_queue_dies_with_its_client(proxy, tenant):
     a = proxy.connect(tenant)
     name = a.channel().queue_declare("", exclusive=True).method.queue
@@ -282,16 +292,10 @@ def test_exclusive_queue_dies_with_its_client(proxy, tenant):
             ch.queue_declare(name, passive=True)
         assert ei.value.reply_code == 405  # locked by its owner while A is connected
     a.close()
-
-    def gone() -> bool:
-        with direct(tenant) as ch:
-            try:
-                ch.queue_declare(name, passive=True)
-                return False
-            except pika.exceptions.ChannelClosedByBroker as exc:
-                return exc.reply_code == 404
-
-    wait_for(gone, 5, interval=0.2, message=f"exclusive queue {name} outlived its client")
+    wait_for(
+        lambda: _queue_gone(tenant, name), 5, interval=0.2,
+        message=f"exclusive queue {name} outlived its client",
+    )
     # and the pool still works
     b = proxy.connect(tenant)
     b.channel().queue_declare("", exclusive=True)
@@ -524,13 +528,7 @@ def test_exclusive_queue_dies_with_a_killed_client(proxy, tenant):
     name = name.queue
     raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     raw.abort()
-
-    def gone() -> bool:
-        with direct(tenant) as ch:
-            try:
-                ch.queue_declare(name, passive=True)
-                return False
-            except pika.exceptions.ChannelClosedByBroker as exc:
-                return exc.reply_code == 404
-
-    wait_for(gone, 5, interval=0.2, message=f"exclusive queue {name} outlived its killed client")
+    wait_for(
+        lambda: _queue_gone(tenant, name), 5, interval=0.2,
+        message=f"exclusive queue {name} outlived its killed client",
+    )
