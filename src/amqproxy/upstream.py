@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from pamqp import commands
@@ -621,6 +620,3 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
     def on_lease_change(self, delta: int) -> None:
         self.leased += delta
         self.last_used = self.loop.time()
-
-    def call_soon(self, callback: Callable[[], None]) -> None:
-        self.loop.call_soon(callback)
