@@ -180,7 +180,9 @@ def test_broker_back_after_outage_serves_next_client(proxy_factory, fault_relay,
     q = queues.declare(tenant)
     p = proxy_factory("-t", "60", "--connect-timeout", "2", upstream=fault_relay.url)
     c = p.connect(tenant)
-    c.channel().basic_publish("", q, b"one")
+    first = c.channel()
+    first.confirm_delivery()  # "one" is at the broker before the relay is cut
+    first.basic_publish("", q, b"one")
     fault_relay.mode = "refuse"
     fault_relay.cut()
     with pytest.raises(pika.exceptions.AMQPError):
@@ -206,6 +208,7 @@ def test_only_clients_of_the_dead_upstream_are_closed(proxy_factory, fault_relay
     q = queues.declare(tenant)
     a = p.connect(tenant)
     ach = a.channel()
+    ach.confirm_delivery()  # at the broker before its upstream is cut
     ach.basic_publish("", q, b"a")
     wait_for(lambda: fault_relay.connections == 1, 3)
     b = p.connect(tenant)
