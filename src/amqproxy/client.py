@@ -375,11 +375,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                         lease = None
                 if lease is not None and ftype == 1:
                     if lease.pub_stage:
-                        raise FrameError(
-                            c.UNEXPECTED_FRAME,
-                            "UNEXPECTED_FRAME - expected content header for class 60, "
-                            "got non content header frame instead",
-                        )
+                        raise frames.content_expected()
                     mid = _U32.unpack_from(data, pos + 7)[0]
                     if mid in watched and (mid not in _ACKS or lease.tag_offset):
                         lease = None  # the proxy acts on it
@@ -415,25 +411,14 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                 elif ftype == 2 or ftype == 3:  # content header, body
                     if ftype == 2:
                         if lease.pub_stage != Lease.PUB_HEADER:
-                            raise FrameError(
-                                c.UNEXPECTED_FRAME,
-                                f"UNEXPECTED_FRAME - content header on channel {channel_id} "
-                                "without a preceding basic.publish",
-                            )
+                            raise frames.header_without_publish(channel_id)
                         remaining = _U64.unpack_from(data, pos + 11)[0]
                     else:
                         if lease.pub_stage != Lease.PUB_BODY:
-                            raise FrameError(
-                                c.UNEXPECTED_FRAME,
-                                f"UNEXPECTED_FRAME - content body on channel {channel_id} "
-                                "without a preceding content header",
-                            )
+                            raise frames.body_without_header(channel_id)
                         remaining = lease.pub_remaining - size
                         if remaining < 0:
-                            raise FrameError(
-                                c.FRAME_ERROR,
-                                "FRAME_ERROR - content body larger than its header announced",
-                            )
+                            raise frames.body_too_long()
                     if open_msg is not lease:
                         open_msg = lease
                         lease.pub_start = pos
@@ -458,11 +443,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                         continue
                     start_of_run = lease.pub_start
                 else:
-                    raise FrameError(
-                        c.FRAME_ERROR,
-                        f"FRAME_ERROR - {'heartbeat' if ftype == 8 else f'type {ftype}'} frame "
-                        f"on channel {channel_id}",
-                    )
+                    raise frames.bad_frame_type(ftype, channel_id)
                 conn = up.conn
                 if run_conn is conn and run_end == start_of_run:
                     run_end = nxt
@@ -531,11 +512,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         replaced: Buffer | None = None
         if ftype == c.FRAME_METHOD:
             if lease.pub_stage:
-                raise FrameError(
-                    c.UNEXPECTED_FRAME,
-                    "UNEXPECTED_FRAME - expected content header for class 60, "
-                    "got non content header frame instead",
-                )
+                raise frames.content_expected()
             mid = frames.method_id_at(data, start)
             if mid == c.BASIC_PUBLISH:
                 self._start_publish(lease, data, start, end)
@@ -553,11 +530,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             self._on_content(lease, ftype, view, start, end, outs)
             return
         else:
-            raise FrameError(
-                c.FRAME_ERROR,
-                f"FRAME_ERROR - {'heartbeat' if ftype == 8 else f'type {ftype}'} frame "
-                f"on channel {channel_id}",
-            )
+            raise frames.bad_frame_type(ftype, channel_id)
         if replaced is not None:
             add_pieces(
                 outs, up.conn, [frames.header(ftype, up.id, len(replaced)), replaced, b"\xce"]
@@ -584,24 +557,14 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         size = end - start
         if ftype == c.FRAME_HEADER:
             if lease.pub_stage != Lease.PUB_HEADER:
-                raise FrameError(
-                    c.UNEXPECTED_FRAME,
-                    f"UNEXPECTED_FRAME - content header on channel {lease.channel_id} "
-                    "without a preceding basic.publish",
-                )
+                raise frames.header_without_publish(lease.channel_id)
             remaining = frames.content_body_size(view, start)
         else:
             if lease.pub_stage != Lease.PUB_BODY:
-                raise FrameError(
-                    c.UNEXPECTED_FRAME,
-                    f"UNEXPECTED_FRAME - content body on channel {lease.channel_id} "
-                    "without a preceding content header",
-                )
+                raise frames.body_without_header(lease.channel_id)
             remaining = lease.pub_remaining - size
             if remaining < 0:
-                raise FrameError(
-                    c.FRAME_ERROR, "FRAME_ERROR - content body larger than its header announced"
-                )
+                raise frames.body_too_long()
         upstream_max = up.conn.frame_max - c.FRAME_OVERHEAD
         if ftype == c.FRAME_BODY and size > upstream_max:
             lease.pub_frames.extend(frames.split_body(up.id, view[start:end], upstream_max))

@@ -56,7 +56,6 @@ class Pool:
         self.exclusive_owners: dict[str, ClientConnection] = {}  # queue -> declaring client
         self._connecting: asyncio.Future[UpstreamConnection] | None = None
         self.verified_at = float("-inf")  # when the broker last accepted these credentials
-        self._serial = 0
 
     def __repr__(self) -> str:
         return f"<Pool {self.user}@{self.vhost}>"
@@ -99,7 +98,6 @@ class Pool:
     async def _connect(self) -> UpstreamConnection:
         settings = self.settings
         loop = asyncio.get_running_loop()
-        self._serial += 1
         conn = UpstreamConnection(self, self.registry.next_serial())
         try:
             await asyncio.wait_for(

@@ -60,6 +60,37 @@ class FrameError(Exception):
         self.text = text
 
 
+def content_expected() -> FrameError:
+    return FrameError(
+        c.UNEXPECTED_FRAME,
+        "UNEXPECTED_FRAME - expected content header for class 60, "
+        "got non content header frame instead",
+    )
+
+
+def header_without_publish(channel: int) -> FrameError:
+    return FrameError(
+        c.UNEXPECTED_FRAME,
+        f"UNEXPECTED_FRAME - content header on channel {channel} without a preceding basic.publish",
+    )
+
+
+def body_without_header(channel: int) -> FrameError:
+    return FrameError(
+        c.UNEXPECTED_FRAME,
+        f"UNEXPECTED_FRAME - content body on channel {channel} without a preceding content header",
+    )
+
+
+def body_too_long() -> FrameError:
+    return FrameError(c.FRAME_ERROR, "FRAME_ERROR - content body larger than its header announced")
+
+
+def bad_frame_type(ftype: int, channel: int) -> FrameError:
+    kind = "heartbeat" if ftype == c.FRAME_HEARTBEAT else f"type {ftype}"
+    return FrameError(c.FRAME_ERROR, f"FRAME_ERROR - {kind} frame on channel {channel}")
+
+
 # One scanned frame: (type, channel, payload start, payload end) as offsets into the buffer.
 ScannedFrame = tuple[int, int, int, int]
 
