@@ -18,6 +18,7 @@ from pamqp import commands
 from amqproxy.amqp import auth, frames, handshake
 from amqproxy.amqp import constants as c
 from amqproxy.amqp.frames import Buffer, FrameError, add_piece, add_pieces
+from amqproxy.amqp.scan import client_run as run_scan
 from amqproxy.channel import ChannelState, Lease, LeaseState
 from amqproxy.heartbeat import HeartbeatMixin
 from amqproxy.sockets import nodelay
@@ -329,7 +330,9 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         Walks frame headers only. Frames that go upstream unchanged are coalesced into runs, one
         slice of the read buffer per stretch, and a message goes upstream only once its last body
         byte has arrived: a message still incomplete when the read ends waits in its lease.
-        Anything else (id rewrite, methods the proxy acts on) takes ``_frame``.
+        Anything else (id rewrite, methods the proxy acts on) takes ``_frame``. After a frame
+        passes the full checks, ``run_scan`` walks the whole messages that follow it on its
+        channel (compiled when the extension is built).
         """
         view = memoryview(data)
         length = len(data)
@@ -444,14 +447,19 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                     start_of_run = lease.pub_start
                 else:
                     raise frames.bad_frame_type(ftype, channel_id)
+                # At a message boundary: whole plain messages and acks that follow on this
+                # channel join the same run, walked in one call.
+                stop, published = run_scan(data, nxt, channel_id, limit, not lease.tag_offset)
+                if up.confirm_mode:
+                    up.published += published
                 conn = up.conn
                 if run_conn is conn and run_end == start_of_run:
-                    run_end = nxt
+                    run_end = stop
                 else:
                     if run_conn is not None:
                         add_piece(outs, run_conn, view[run_start:run_end])
-                    run_conn, run_start, run_end = conn, start_of_run, nxt
-                pos = nxt
+                    run_conn, run_start, run_end = conn, start_of_run, stop
+                pos = stop
         except FrameError as exc:
             error = exc
         if open_msg is not None:

@@ -18,6 +18,7 @@ from amqproxy.amqp import constants as c
 from amqproxy.amqp import frames
 from amqproxy.amqp.auth import plain_response
 from amqproxy.amqp.frames import Buffer, FrameError, add_piece, add_pieces
+from amqproxy.amqp.scan import broker_run as run_scan
 from amqproxy.channel import ChannelState, LeaseState, UpstreamChannel
 from amqproxy.heartbeat import HeartbeatMixin
 from amqproxy.sockets import nodelay
@@ -384,6 +385,8 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
 
         Walks frame headers only; frames that reach a client unchanged are coalesced into runs,
         one slice of the read buffer per stretch, and each client gets one write per read.
+        After a frame passes the full checks, ``run_scan`` walks the plain frames that follow it
+        on its channel (compiled when the extension is built).
         """
         view = memoryview(data)
         length = len(data)
@@ -393,10 +396,6 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
         outs: dict[ClientConnection, list[Buffer]] = {}
         run_client: ClientConnection | None = None
         run_start = run_end = 0
-        # Content frames that follow a verbatim method on the same channel skip the lookups.
-        fast_channel = -1
-        fast_client: ClientConnection | None = None
-        fast_max = 0
         lease_open = LeaseState.OPEN
         deliver = c.BASIC_DELIVER
         ack = c.BASIC_ACK
@@ -413,51 +412,52 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
                 raise FrameError(c.FRAME_ERROR, "FRAME_ERROR - bad frame end octet from broker")
             nxt = end + 1
             client: ClientConnection | None = None
-            if channel_id == fast_channel and ftype != 1 and size <= fast_max:
-                client = fast_client
-            else:
-                fast_channel = -1
-                up = channels.get(channel_id) if channel_id else None
-                lease = up.lease if up is not None else None
-                if (
-                    lease is not None
-                    and lease.verbatim
-                    and lease.state is lease_open
-                    and size <= lease.client.max_body
-                ):
-                    if ftype != 1:
+            up = channels.get(channel_id) if channel_id else None
+            lease = up.lease if up is not None else None
+            if (
+                lease is not None
+                and lease.verbatim
+                and lease.state is lease_open
+                and size <= lease.client.max_body
+            ):
+                if ftype != 1:
+                    client = lease.client
+                else:
+                    mid = _U32.unpack_from(data, pos + 7)[0]
+                    if mid == deliver and not lease.tag_offset:
+                        up.delivered += 1  # type: ignore[union-attr]
                         client = lease.client
-                    else:
-                        mid = _U32.unpack_from(data, pos + 7)[0]
-                        if mid == deliver and not lease.tag_offset:
-                            up.delivered += 1  # type: ignore[union-attr]
-                            client = lease.client
-                        elif mid == ack and lease.client_confirm and not lease.confirm_offset:
-                            # A confirm for this client, tags untranslated: record and pass.
-                            tag, bits = _TAG_AND_BITS.unpack_from(data, pos + 11)
-                            up.confirm(tag, bool(bits & 1))  # type: ignore[union-attr]
-                            client = lease.client
-                        elif mid not in watched:
-                            client = lease.client
-                    if client is not None:
-                        fast_channel, fast_client, fast_max = channel_id, client, client.max_body
-                if client is None:
-                    if run_client is not None:
-                        add_piece(outs, run_client, view[run_start:run_end])
-                        run_client = None
-                    if channel_id == 0:
-                        self._on_connection_frame(ftype, data, pos + 7, end)
-                    elif up is not None:
-                        self._frame(up, ftype, channel_id, data, view, pos, end, outs)
-                    pos = nxt
-                    continue
+                    elif mid == ack and lease.client_confirm and not lease.confirm_offset:
+                        # A confirm for this client, tags untranslated: record and pass.
+                        tag, bits = _TAG_AND_BITS.unpack_from(data, pos + 11)
+                        up.confirm(tag, bool(bits & 1))  # type: ignore[union-attr]
+                        client = lease.client
+                    elif mid not in watched:
+                        client = lease.client
+            if client is None:
+                if run_client is not None:
+                    add_piece(outs, run_client, view[run_start:run_end])
+                    run_client = None
+                if channel_id == 0:
+                    self._on_connection_frame(ftype, data, pos + 7, end)
+                elif up is not None:
+                    self._frame(up, ftype, channel_id, data, view, pos, end, outs)
+                pos = nxt
+                continue
+            # The frames after it on this channel that need no decision (a consumer's stream:
+            # content, and Deliver when its tag is untranslated) go in the same run, in one call.
+            assert up is not None and lease is not None
+            stop, delivered = run_scan(
+                data, nxt, channel_id, min(limit, client.max_body), not lease.tag_offset
+            )
+            up.delivered += delivered
             if run_client is client and run_end == pos:
-                run_end = nxt
+                run_end = stop
             else:
                 if run_client is not None:
                     add_piece(outs, run_client, view[run_start:run_end])
-                run_client, run_start, run_end = client, pos, nxt
-            pos = nxt
+                run_client, run_start, run_end = client, pos, stop
+            pos = stop
         if run_client is not None:
             add_piece(outs, run_client, view[run_start:run_end])
         if pos < length:

@@ -1,0 +1,157 @@
+/* Compiled frame-run scanner for the proxy's hot path (optional; amqproxy/amqp/scan.py holds
+ * the pure-Python twin with the same contract, and tests/unit/test_scan.py checks both agree).
+ *
+ * Both functions walk complete frames of one channel from `pos` and return where the run stops:
+ * at the first frame that is incomplete, oversized, badly terminated, on another channel or of a
+ * kind the caller must look at itself. They never raise on bad input: the caller's Python path
+ * re-reads the frame at the stop position and produces the right AMQP error.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+#define FRAME_METHOD 1
+#define FRAME_HEADER 2
+#define FRAME_BODY 3
+#define FRAME_END 0xCE
+
+#define BASIC_PUBLISH 0x003C0028u
+#define BASIC_DELIVER 0x003C003Cu
+#define BASIC_ACK 0x003C0050u
+#define BASIC_REJECT 0x003C005Au
+#define BASIC_NACK 0x003C0078u
+
+static inline uint32_t be32(const unsigned char *p) {
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+static inline uint64_t be64(const unsigned char *p) {
+    return ((uint64_t)be32(p) << 32) | be32(p + 4);
+}
+
+/* One complete frame of `channel` at `p`: its payload size, or -1. */
+static inline Py_ssize_t frame_at(const unsigned char *b, Py_ssize_t n, Py_ssize_t p,
+                                  unsigned channel, uint32_t max_size, int *type) {
+    if (n - p < 8)
+        return -1;
+    uint32_t size = be32(b + p + 3);
+    if (size > max_size || ((unsigned)b[p + 1] << 8 | b[p + 2]) != channel)
+        return -1;
+    if ((Py_ssize_t)size >= n - p - 7 || b[p + 7 + size] != FRAME_END)
+        return -1;
+    *type = b[p];
+    return (Py_ssize_t)size;
+}
+
+/* broker_run(data, pos, channel, max_size, deliver_ok) -> (stop, deliveries)
+ * Broker to client: content frames, and Basic.Deliver when deliver_ok. */
+static PyObject *broker_run(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    Py_ssize_t pos;
+    unsigned int channel, max_size;
+    int deliver_ok;
+    if (!PyArg_ParseTuple(args, "y*nIIp", &buf, &pos, &channel, &max_size, &deliver_ok))
+        return NULL;
+    const unsigned char *b = buf.buf;
+    Py_ssize_t n = buf.len, deliveries = 0;
+    if (pos < 0)
+        pos = n;
+    while (1) {
+        int type;
+        Py_ssize_t size = frame_at(b, n, pos, channel, max_size, &type);
+        if (size < 0)
+            break;
+        if (type == FRAME_METHOD) {
+            if (!deliver_ok || size < 4 || be32(b + pos + 7) != BASIC_DELIVER)
+                break;
+            deliveries++;
+        } else if (type != FRAME_HEADER && type != FRAME_BODY) {
+            break;
+        }
+        pos += size + 8;
+    }
+    PyBuffer_Release(&buf);
+    return Py_BuildValue("nn", pos, deliveries);
+}
+
+/* Where the flags octet of a Basic.Publish payload lies, or -1 when it does not fit. */
+static Py_ssize_t publish_flags_at(const unsigned char *b, Py_ssize_t start, Py_ssize_t end) {
+    Py_ssize_t at = start + 6; /* class, method, reserved ticket */
+    if (at >= end)
+        return -1;
+    at += 1 + b[at]; /* exchange */
+    if (at >= end)
+        return -1;
+    at += 1 + b[at]; /* routing key */
+    return at < end ? at : -1;
+}
+
+/* client_run(data, pos, channel, max_size, acks_ok) -> (stop, publishes)
+ * Client to broker, from a message boundary: whole messages of Basic.Publish without the
+ * mandatory/immediate flags (method, header, bodies adding up to the header's size), and
+ * Basic.Ack/Nack/Reject when acks_ok. Stops before a message that is not complete here. */
+static PyObject *client_run(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    Py_ssize_t pos;
+    unsigned int channel, max_size;
+    int acks_ok;
+    if (!PyArg_ParseTuple(args, "y*nIIp", &buf, &pos, &channel, &max_size, &acks_ok))
+        return NULL;
+    const unsigned char *b = buf.buf;
+    Py_ssize_t n = buf.len, publishes = 0;
+    if (pos < 0)
+        pos = n;
+    while (1) {
+        int type;
+        Py_ssize_t size = frame_at(b, n, pos, channel, max_size, &type);
+        if (size < 4 || type != FRAME_METHOD)
+            break;
+        uint32_t mid = be32(b + pos + 7);
+        Py_ssize_t next = pos + size + 8;
+        if (mid == BASIC_ACK || mid == BASIC_NACK || mid == BASIC_REJECT) {
+            if (!acks_ok)
+                break;
+            pos = next;
+            continue;
+        }
+        if (mid != BASIC_PUBLISH)
+            break;
+        Py_ssize_t flags = publish_flags_at(b, pos + 7, pos + 7 + size);
+        if (flags < 0 || b[flags] != 0)
+            break;
+        /* the content header, then bodies up to its size */
+        Py_ssize_t hsize = frame_at(b, n, next, channel, max_size, &type);
+        if (hsize < 12 || type != FRAME_HEADER)
+            break;
+        uint64_t remaining = be64(b + next + 11);
+        next += hsize + 8;
+        while (remaining) {
+            Py_ssize_t bsize = frame_at(b, n, next, channel, max_size, &type);
+            if (bsize < 0 || type != FRAME_BODY || (uint64_t)bsize > remaining)
+                break;
+            remaining -= (uint64_t)bsize;
+            next += bsize + 8;
+        }
+        if (remaining)
+            break;
+        publishes++;
+        pos = next;
+    }
+    PyBuffer_Release(&buf);
+    return Py_BuildValue("nn", pos, publishes);
+}
+
+static PyMethodDef methods[] = {
+    {"broker_run", broker_run, METH_VARARGS,
+     "broker_run(data, pos, channel, max_size, deliver_ok) -> (stop, deliveries)"},
+    {"client_run", client_run, METH_VARARGS,
+     "client_run(data, pos, channel, max_size, acks_ok) -> (stop, publishes)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "amqproxy.amqp._scan",
+    "Compiled frame-run scanner (see amqproxy.amqp.scan).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__scan(void) { return PyModule_Create(&module); }

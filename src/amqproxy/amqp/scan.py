@@ -1,0 +1,120 @@
+"""Frame runs: how far a stream of plain frames for one channel goes, in one call.
+
+The hot paths hand the bulk of a consumer's or publisher's stream to these functions: once a
+frame on a channel has passed the full checks, the frames after it that need no decision (content,
+Basic.Deliver, whole Basic.Publish messages, acks) are walked here instead of frame by frame in
+Python. ``_scan.c`` implements them in C; the pure-Python versions below have the same contract and
+are used when the extension is not built. Neither raises on bad input: they stop, and the caller's
+full path re-reads the frame at the stop position and answers it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+from amqproxy.amqp import constants as c
+
+_HEADER = struct.Struct(">BHI")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_ACKS = (c.BASIC_ACK, c.BASIC_NACK, c.BASIC_REJECT)
+
+RunScanner = Callable[[bytes, int, int, int, bool], tuple[int, int]]
+
+
+def _frame_at(data: bytes, pos: int, channel: int, max_size: int) -> tuple[int, int]:
+    """(type, payload size) of a complete, well-ended frame of `channel` at `pos`, else (0, -1)."""
+    if len(data) - pos < 8:
+        return 0, -1
+    ftype, ch, size = _HEADER.unpack_from(data, pos)
+    if size > max_size or ch != channel:
+        return 0, -1
+    if size >= len(data) - pos - 7 or data[pos + 7 + size] != 0xCE:
+        return 0, -1
+    return ftype, size
+
+
+def broker_run_py(
+    data: bytes, pos: int, channel: int, max_size: int, deliver_ok: bool
+) -> tuple[int, int]:
+    """Broker to client: content frames, and Basic.Deliver when `deliver_ok`.
+
+    Returns (stop position, deliveries walked)."""
+    deliveries = 0
+    while True:
+        ftype, size = _frame_at(data, pos, channel, max_size)
+        if size < 0:
+            break
+        if ftype == c.FRAME_METHOD:
+            if not deliver_ok or size < 4 or _U32.unpack_from(data, pos + 7)[0] != c.BASIC_DELIVER:
+                break
+            deliveries += 1
+        elif ftype != c.FRAME_HEADER and ftype != c.FRAME_BODY:
+            break
+        pos += size + 8
+    return pos, deliveries
+
+
+def _publish_flags_at(data: bytes, start: int, end: int) -> int:
+    at = start + 6  # class, method, reserved ticket
+    if at >= end:
+        return -1
+    at += 1 + data[at]  # exchange
+    if at >= end:
+        return -1
+    at += 1 + data[at]  # routing key
+    return at if at < end else -1
+
+
+def client_run_py(
+    data: bytes, pos: int, channel: int, max_size: int, acks_ok: bool
+) -> tuple[int, int]:
+    """Client to broker, from a message boundary: whole Basic.Publish messages without the
+    mandatory/immediate flags, and Basic.Ack/Nack/Reject when `acks_ok`.
+
+    Returns (stop position, messages walked); stops before a message not complete here."""
+    publishes = 0
+    while True:
+        ftype, size = _frame_at(data, pos, channel, max_size)
+        if size < 4 or ftype != c.FRAME_METHOD:
+            break
+        mid = _U32.unpack_from(data, pos + 7)[0]
+        nxt = pos + size + 8
+        if mid in _ACKS:
+            if not acks_ok:
+                break
+            pos = nxt
+            continue
+        if mid != c.BASIC_PUBLISH:
+            break
+        flags = _publish_flags_at(data, pos + 7, pos + 7 + size)
+        if flags < 0 or data[flags]:
+            break
+        ftype, hsize = _frame_at(data, nxt, channel, max_size)
+        if hsize < 12 or ftype != c.FRAME_HEADER:
+            break
+        remaining = _U64.unpack_from(data, nxt + 11)[0]
+        nxt += hsize + 8
+        while remaining:
+            ftype, bsize = _frame_at(data, nxt, channel, max_size)
+            if bsize < 0 or ftype != c.FRAME_BODY or bsize > remaining:
+                break
+            remaining -= bsize
+            nxt += bsize + 8
+        if remaining:
+            break
+        publishes += 1
+        pos = nxt
+    return pos, publishes
+
+
+broker_run: RunScanner
+client_run: RunScanner
+try:
+    from amqproxy.amqp._scan import broker_run, client_run  # type: ignore[no-redef]
+
+    COMPILED = True
+except ImportError:  # no compiler where it was installed: same results, more CPU per frame
+    broker_run, client_run = broker_run_py, client_run_py
+    COMPILED = False
