@@ -21,7 +21,6 @@ from amqproxy.amqp.frames import Buffer, FrameError, add_piece, add_pieces
 from amqproxy.amqp.scan import client_run as run_scan
 from amqproxy.channel import ChannelState, Lease, LeaseState
 from amqproxy.heartbeat import HeartbeatMixin
-from amqproxy.sockets import nodelay
 from amqproxy.upstream import UpstreamRefused
 
 if TYPE_CHECKING:
@@ -171,8 +170,8 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
     # ---- lifecycle -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # TCP_NODELAY is already on: uvloop and asyncio set it on every TCP transport.
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        nodelay(transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = f"{peer[0]}:{peer[1]}"

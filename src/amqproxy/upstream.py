@@ -21,7 +21,6 @@ from amqproxy.amqp.frames import Buffer, FrameError, add_piece, add_pieces
 from amqproxy.amqp.scan import broker_run as run_scan
 from amqproxy.channel import ChannelState, LeaseState, UpstreamChannel
 from amqproxy.heartbeat import HeartbeatMixin
-from amqproxy.sockets import nodelay
 
 if TYPE_CHECKING:
     from amqproxy.client import ClientConnection
@@ -107,10 +106,10 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
     # ---- lifecycle -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # TCP_NODELAY is already on: uvloop and asyncio set it on every TCP transport.
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        sock = nodelay(transport)
-        if sock is not None:
-            name = sock.getsockname()
+        name = transport.get_extra_info("sockname")
+        if isinstance(name, tuple):
             self.peer = f"{name[0]}:{name[1]}"
         self.transport.write(c.PROTOCOL_HEADER)
 
