@@ -164,6 +164,46 @@ class LogFormatter(logging.Formatter):
         return f"{self._stamp},{int(record.msecs):03d}"
 
 
+class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes the lines logged during one event-loop turn with one system call.
+
+    Every client logs a line when it connects and one when it leaves; written one by one, those
+    writes cost a quarter of the proxy's CPU for short-lived clients. Records at ERROR and above,
+    and records logged outside the event loop, are written at once; ``flush`` (called by
+    ``logging.shutdown``) writes whatever is pending.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # the logging module's own policy for bad records
+            self.handleError(record)
+            return
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        self._pending.append(line)
+        if loop is None or record.levelno >= logging.ERROR:
+            self.flush()
+        elif len(self._pending) == 1:
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            lines, self._pending = self._pending, []
+            if lines:
+                try:
+                    self.stream.write("\n".join(lines) + "\n")
+                except Exception:  # a closed or broken log stream must not stop the proxy
+                    return
+            super().flush()
+
+
 def _run(main: Coroutine[Any, Any, None]) -> None:
     """Run on uvloop when it is installed; the standard loop works too, more slowly."""
     try:
@@ -188,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
+    handler = TurnBufferedHandler(sys.stderr)
     handler.setFormatter(LogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
     warn_ignored_url_parts(settings)

@@ -1,0 +1,70 @@
+"""The log handler batches the lines of one event-loop turn into one write, and loses none."""
+
+import asyncio
+import io
+import logging
+
+from amqproxy.cli import LogFormatter, TurnBufferedHandler
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, s: str) -> int:
+        self.writes += 1
+        return super().write(s)
+
+
+def make_logger() -> tuple[logging.Logger, CountingStream]:
+    stream = CountingStream()
+    handler = TurnBufferedHandler(stream)
+    handler.setFormatter(LogFormatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger(f"test.turnbuffer.{id(stream)}")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    return logger, stream
+
+
+def test_lines_of_one_loop_turn_go_out_in_one_write_after_it() -> None:
+    logger, stream = make_logger()
+
+    async def main() -> tuple[str, str]:
+        for i in range(3):
+            logger.info("client %d connected", i)
+        during = stream.getvalue()
+        await asyncio.sleep(0)  # the turn ends: the pending lines are written
+        await asyncio.sleep(0)
+        return during, stream.getvalue()
+
+    during, after = asyncio.run(main())
+    assert during == ""
+    assert after == "INFO client 0 connected\nINFO client 1 connected\nINFO client 2 connected\n"
+    assert stream.writes == 1
+
+
+def test_errors_and_records_outside_the_loop_are_written_at_once() -> None:
+    logger, stream = make_logger()
+    logger.info("before the loop")
+    assert stream.getvalue() == "INFO before the loop\n"
+
+    async def main() -> str:
+        logger.info("pending")
+        logger.error("broken")  # written now, after what was pending, in order
+        return stream.getvalue()
+
+    assert asyncio.run(main()) == "INFO before the loop\nINFO pending\nERROR broken\n"
+
+
+def test_flush_writes_what_is_pending() -> None:
+    logger, stream = make_logger()
+
+    async def main() -> None:
+        logger.warning("last words")
+        for handler in logger.handlers:
+            handler.flush()  # what logging.shutdown does before os._exit
+        assert stream.getvalue() == "WARNING last words\n"
+
+    asyncio.run(main())
