@@ -19,6 +19,7 @@ from amqproxy.amqp import auth, frames, handshake
 from amqproxy.amqp import constants as c
 from amqproxy.amqp.frames import Buffer, FrameError, add_piece, add_pieces
 from amqproxy.amqp.scan import client_run as run_scan
+from amqproxy.amqp.scan import client_run_to as run_scan_to
 from amqproxy.channel import ChannelState, Lease, LeaseState
 from amqproxy.heartbeat import HeartbeatMixin
 from amqproxy.upstream import UpstreamRefused
@@ -374,6 +375,16 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                         open_msg.pub_frames.append(view[open_msg.pub_start : pos])
                         open_msg = None
                     if lease is not None and (not lease.verbatim or lease.state is not lease_open):
+                        if lease.state is lease_open and ftype == 1 and not lease.pub_stage:
+                            # Served by an upstream channel of another number: the whole plain
+                            # messages and acks from here are moved to it in one call.
+                            if run_conn is not None:
+                                add_piece(outs, run_conn, view[run_start:run_end])
+                                run_conn = None
+                            stop = self._moved_run(lease, data, pos, outs)
+                            if stop > pos:
+                                pos = stop
+                                continue
                         lease = None
                 if lease is not None and ftype == 1:
                     if lease.pub_stage:
@@ -470,6 +481,32 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         self._flush(outs)
         if error is not None:
             self.close_with(error.code, error.text)
+
+    def _moved_run(
+        self,
+        lease: Lease,
+        data: bytes,
+        pos: int,
+        outs: dict[UpstreamConnection, list[Buffer]],
+    ) -> int:
+        """Whole plain messages and acks at `pos` for a lease whose upstream channel id differs,
+        queued with the id rewritten; returns where they end (`pos` when there are none).
+        Bodies above the upstream's frame_max stop the run: the slow path re-splits them."""
+        up = lease.up
+        assert up is not None
+        stop, published, moved = run_scan_to(
+            data,
+            pos,
+            lease.channel_id,
+            min(self.max_body, up.conn.frame_max - c.FRAME_OVERHEAD),
+            not lease.tag_offset,
+            up.id,
+        )
+        if stop > pos:
+            add_piece(outs, up.conn, moved)
+            if up.confirm_mode:
+                up.published += published
+        return stop
 
     def _flush(self, outs: dict[UpstreamConnection, list[Buffer]]) -> None:
         """Write what this read produced, one write per upstream; pause if one is full."""

@@ -18,7 +18,7 @@ from pamqp import commands
 
 from amqproxy import __version__
 from amqproxy.admin import AdminServer
-from amqproxy.amqp import auth, frames
+from amqproxy.amqp import auth, frames, scan
 from amqproxy.amqp import constants as c
 from amqproxy.client import ClientConnection
 from amqproxy.config import Settings
@@ -160,10 +160,11 @@ class Proxy:
         sockets: list[socket.socket] = list(self._server.sockets or [])
         addresses = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in sockets)
         log.info(
-            "amqproxy listening on %s, upstream %s%s",
+            "amqproxy listening on %s, upstream %s%s, frame scanner: %s",
             addresses,
             "amqps://" if settings.upstream_tls else "amqp://",
             settings.upstream_address,
+            "compiled" if scan.COMPILED else "pure Python",
         )
         if settings.http_port:
             self._admin = AdminServer(self)

@@ -255,6 +255,11 @@ def test_proxy_started_from_config_file_and_environment_serves_clients(
     finally:
         p.stop()
     assert [b for b, _, _ in drain(tenant, q)] == [b"configured"]
+    # the startup line names the upstream and the frame scanner (the install builds the C one)
+    assert (
+        f"listening on 127.0.0.1:{port}, upstream amqp://127.0.0.1:5672, "
+        "frame scanner: compiled" in p.log()
+    )
 
 
 @pytest.mark.timeout(40)

@@ -21,6 +21,22 @@ def test_start_ok() -> None:
     assert (got.mechanism, got.response, got.locale) == ("PLAIN", b"\0u\0p", "en_US")
 
 
+def test_client_properties_are_decoded_once_per_distinct_table() -> None:
+    def start_ok(name: str) -> handshake.StartOk:
+        props = {"product": "php", "connection_name": name}
+        return handshake.start_ok(
+            payload(commands.Connection.StartOk(props, "PLAIN", "\0u\0p", "en_US"))
+        )
+
+    first, again = start_ok("worker"), start_ok("worker")
+    assert first.client_properties == {"product": "php", "connection_name": "worker"}
+    assert again.client_properties is first.client_properties  # remembered, not re-decoded
+    assert start_ok("other").client_properties["connection_name"] == "other"
+    for i in range(handshake._TABLES_MAX + 10):  # a flood of distinct tables stays bounded
+        start_ok(f"w{i}")
+    assert len(handshake._TABLES) <= handshake._TABLES_MAX
+
+
 def test_tune_ok_and_open() -> None:
     assert handshake.tune_ok(payload(commands.Connection.TuneOk(7, 4096, 3))) == (7, 4096, 3)
     assert handshake.open_vhost(payload(commands.Connection.Open("/vh\u00e9"))) == "/vh\u00e9"

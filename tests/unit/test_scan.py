@@ -14,8 +14,10 @@ from pamqp.header import ContentHeader
 from amqproxy.amqp import scan
 
 BOTH = {"python": (scan.broker_run_py, scan.client_run_py)}
+MOVE = {"python": scan.client_run_to_py}
 if scan.COMPILED:
     BOTH["c"] = (scan.broker_run, scan.client_run)
+    MOVE["c"] = scan.client_run_to
 MAX = 131072 - 8
 
 
@@ -90,6 +92,24 @@ def test_client_run_leaves_an_incomplete_message_whole(impl: str) -> None:
     assert client_run(bytes(bad_end), 0, 1, MAX, True) == (0, 0)
 
 
+@pytest.mark.parametrize("impl", sorted(MOVE))
+def test_client_run_to_moves_the_walked_frames_to_another_channel(impl: str) -> None:
+    client_run_to = MOVE[impl]
+    a, b = message(1, b"a" * 100), message(1, b"b" * 1000, frame_body=300)
+    data = a + b + ack(1, 3) + message(1, b"m", mandatory=True)
+    stop, n, moved = client_run_to(data, 0, 1, MAX, True, 517)
+    assert (stop, n) == (len(a + b + ack(1, 3)), 2)
+    assert moved == message(517, b"a" * 100) + message(517, b"b" * 1000, frame_body=300) + ack(
+        517, 3
+    )
+    assert client_run_to(data, len(a), 1, MAX, False, 2) == (
+        len(a + b),
+        1,
+        message(2, b"b" * 1000, frame_body=300),
+    )
+    assert client_run_to(b"\x01\x00", 0, 1, MAX, True, 2) == (0, 0, b"")
+
+
 @pytest.mark.parametrize("impl", sorted(BOTH))
 def test_broker_run_takes_content_and_deliveries(impl: str) -> None:
     broker_run, _ = BOTH[impl]
@@ -148,6 +168,8 @@ def test_c_and_python_agree_on_random_streams() -> None:
                 assert (stop, _) == scan.broker_run_py(*args), args
                 result = scan.client_run(*args)
                 assert result == scan.client_run_py(*args), args
+                to = rng.randrange(65536)
+                assert scan.client_run_to(*args, to) == scan.client_run_to_py(*args, to), args
                 checked += 1
                 advanced += (stop > pos) + (result[0] > pos)
     assert checked == 12000

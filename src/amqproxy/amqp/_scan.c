@@ -86,21 +86,16 @@ static Py_ssize_t publish_flags_at(const unsigned char *b, Py_ssize_t start, Py_
     return at < end ? at : -1;
 }
 
-/* client_run(data, pos, channel, max_size, acks_ok) -> (stop, publishes)
- * Client to broker, from a message boundary: whole messages of Basic.Publish without the
+/* Client to broker, from a message boundary: whole messages of Basic.Publish without the
  * mandatory/immediate flags (method, header, bodies adding up to the header's size), and
- * Basic.Ack/Nack/Reject when acks_ok. Stops before a message that is not complete here. */
-static PyObject *client_run(PyObject *self, PyObject *args) {
-    Py_buffer buf;
-    Py_ssize_t pos;
-    unsigned int channel, max_size;
-    int acks_ok;
-    if (!PyArg_ParseTuple(args, "y*nIIp", &buf, &pos, &channel, &max_size, &acks_ok))
-        return NULL;
-    const unsigned char *b = buf.buf;
-    Py_ssize_t n = buf.len, publishes = 0;
+ * Basic.Ack/Nack/Reject when acks_ok. Stops before a message that is not complete here.
+ * Returns the stop position; *publishes counts the messages walked. */
+static Py_ssize_t walk_client(const unsigned char *b, Py_ssize_t n, Py_ssize_t pos,
+                              unsigned channel, uint32_t max_size, int acks_ok,
+                              Py_ssize_t *publishes) {
+    *publishes = 0;
     if (pos < 0)
-        pos = n;
+        return n;
     while (1) {
         int type;
         Py_ssize_t size = frame_at(b, n, pos, channel, max_size, &type);
@@ -134,11 +129,49 @@ static PyObject *client_run(PyObject *self, PyObject *args) {
         }
         if (remaining)
             break;
-        publishes++;
+        (*publishes)++;
         pos = next;
     }
+    return pos;
+}
+
+/* client_run(data, pos, channel, max_size, acks_ok) -> (stop, publishes) */
+static PyObject *client_run(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    Py_ssize_t pos, publishes;
+    unsigned int channel, max_size;
+    int acks_ok;
+    if (!PyArg_ParseTuple(args, "y*nIIp", &buf, &pos, &channel, &max_size, &acks_ok))
+        return NULL;
+    Py_ssize_t stop = walk_client(buf.buf, buf.len, pos, channel, max_size, acks_ok, &publishes);
     PyBuffer_Release(&buf);
-    return Py_BuildValue("nn", pos, publishes);
+    return Py_BuildValue("nn", stop, publishes);
+}
+
+/* client_run_to(data, pos, channel, max_size, acks_ok, to_channel)
+ *   -> (stop, publishes, the frames of data[pos:stop] moved to channel to_channel) */
+static PyObject *client_run_to(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    Py_ssize_t pos, publishes;
+    unsigned int channel, max_size, to_channel;
+    int acks_ok;
+    if (!PyArg_ParseTuple(args, "y*nIIpI", &buf, &pos, &channel, &max_size, &acks_ok,
+                          &to_channel))
+        return NULL;
+    const unsigned char *b = buf.buf;
+    Py_ssize_t stop = walk_client(b, buf.len, pos, channel, max_size, acks_ok, &publishes);
+    PyObject *moved = PyBytes_FromStringAndSize(stop > pos ? (const char *)b + pos : "",
+                                                stop > pos ? stop - pos : 0);
+    PyBuffer_Release(&buf);
+    if (moved == NULL)
+        return NULL;
+    unsigned char *m = (unsigned char *)PyBytes_AS_STRING(moved);
+    Py_ssize_t len = PyBytes_GET_SIZE(moved);
+    for (Py_ssize_t p = 0; p < len; p += (Py_ssize_t)be32(m + p + 3) + 8) {
+        m[p + 1] = (unsigned char)(to_channel >> 8);
+        m[p + 2] = (unsigned char)to_channel;
+    }
+    return Py_BuildValue("nnN", stop, publishes, moved);
 }
 
 static PyMethodDef methods[] = {
@@ -146,6 +179,9 @@ static PyMethodDef methods[] = {
      "broker_run(data, pos, channel, max_size, deliver_ok) -> (stop, deliveries)"},
     {"client_run", client_run, METH_VARARGS,
      "client_run(data, pos, channel, max_size, acks_ok) -> (stop, publishes)"},
+    {"client_run_to", client_run_to, METH_VARARGS,
+     "client_run_to(data, pos, channel, max_size, acks_ok, to_channel) -> "
+     "(stop, publishes, frames moved to to_channel)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,7 +1,8 @@
 """Decoders for the three client methods of the connection handshake.
 
 Every short-lived client sends them, so they are read with struct rather than through pamqp's
-generic method objects; only the client-properties table goes through pamqp's table decoder.
+generic method objects; only the client-properties table goes through pamqp's table decoder, and
+its result is remembered: the workers of one application send the same table bytes every time.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from amqproxy.amqp.frames import Buffer, FrameError
 
 _TUNE_OK = struct.Struct(">HIH")
 _U32 = struct.Struct(">I")
+
+# Decoded client-properties tables by their raw bytes; shared by clients, so read-only.
+_TABLES: dict[bytes, dict[str, Any]] = {}
+_TABLES_MAX = 256  # distinct tables remembered (cleared when full: bounded memory)
 
 
 class StartOk(NamedTuple):
@@ -38,7 +43,13 @@ def start_ok(payload: Buffer) -> StartOk:
     try:
         table_size = _U32.unpack_from(payload, 4)[0]
         pos = 8 + table_size
-        _, properties = decode.field_table(bytes(payload[4:pos]))
+        raw = bytes(payload[4:pos])
+        properties = _TABLES.get(raw)
+        if properties is None:
+            _, properties = decode.field_table(raw)
+            if len(_TABLES) >= _TABLES_MAX:
+                _TABLES.clear()
+            _TABLES[raw] = properties
         mechanism, pos = _short_str(payload, pos)
         response_size = _U32.unpack_from(payload, pos)[0]
         pos += 4

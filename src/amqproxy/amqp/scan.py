@@ -109,12 +109,32 @@ def client_run_py(
     return pos, publishes
 
 
+def client_run_to_py(
+    data: bytes, pos: int, channel: int, max_size: int, acks_ok: bool, to_channel: int
+) -> tuple[int, int, bytes]:
+    """``client_run``, and the frames walked with their channel id set to `to_channel`
+    (a client's channel served by an upstream channel of another number)."""
+    stop, publishes = client_run_py(data, pos, channel, max_size, acks_ok)
+    moved = bytearray(data[pos:stop])
+    to = to_channel.to_bytes(2, "big")
+    at = 0
+    while at < len(moved):
+        moved[at + 1 : at + 3] = to
+        at += _U32.unpack_from(moved, at + 3)[0] + 8
+    return stop, publishes, bytes(moved)
+
+
 broker_run: RunScanner
 client_run: RunScanner
+client_run_to: Callable[[bytes, int, int, int, bool, int], tuple[int, int, bytes]]
 try:
-    from amqproxy.amqp._scan import broker_run, client_run  # type: ignore[no-redef]
+    from amqproxy.amqp._scan import (  # type: ignore[no-redef]
+        broker_run,
+        client_run,
+        client_run_to,
+    )
 
     COMPILED = True
 except ImportError:  # no compiler where it was installed: same results, more CPU per frame
-    broker_run, client_run = broker_run_py, client_run_py
+    broker_run, client_run, client_run_to = broker_run_py, client_run_py, client_run_to_py
     COMPILED = False
