@@ -207,6 +207,14 @@ class Proxy:
             return " | ".join(f.read().strip().splitlines()[-n:])
         return ""
 
+    def frame_scanner(self) -> str:
+        """Which frame scanner the proxy runs ("compiled" or "pure Python"), from its log."""
+        with contextlib.suppress(OSError), open(self.log_path, errors="replace") as f:
+            for line in f:
+                if "frame scanner: " in line:
+                    return line.rsplit("frame scanner: ", 1)[1].strip()
+        return "unknown"
+
     def metrics(self) -> dict[str, float]:
         """Prometheus text from /metrics, summed per metric name over all label sets."""
         url = f"http://127.0.0.1:{self.http_port}/metrics"

@@ -98,7 +98,7 @@ FULL = Mode(
     s2_consume=100_000,
     s3_loops=[50, 200],
     s3_rtts=[0, 50],
-    s3_duration=6.0,
+    s3_duration=15.0,
     s4_clients=1000,
     s4_settle_s=5.0,
 )
@@ -151,6 +151,7 @@ class Bench:
         self.id_seq = 0
         self.broker_pid = pid_listening_on(BROKER_PORT)
         self.s3_procs = 1
+        self.scanner = "unknown"  # the proxy's frame scanner, from its startup line
         self.t0 = time.monotonic()
 
     # -- resources -------------------------------------------------------------------------
@@ -196,6 +197,9 @@ class Bench:
             log(f"proxy unavailable: {e}")
             return None
         self.proxies[url] = p
+        if self.scanner == "unknown":
+            self.scanner = p.frame_scanner()
+            log(f"proxy frame scanner: {self.scanner}")
         return p
 
     def tls_broker(self) -> Any:
@@ -836,6 +840,8 @@ def summarize(bench: Bench) -> tuple[str, dict[str, Any]]:
             f"{k}: {v['median_ms']:.2f} ms" for k, v in sorted(bench.calibration.items())
         )
         lines.append(f"delay relay calibration (sync basic.qos, median): {cal}")
+    if bench.scanner != "unknown":
+        lines.append(f"proxy frame scanner: {bench.scanner}")
     if not bench.proxy_ok:
         lines.append(f"PROXIED RUNS SKIPPED: {bench.proxy_reason}")
     elif bench.proxy_failed:
@@ -962,6 +968,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
         },
         "s3_client_procs": bench.s3_procs,
+        "proxy_frame_scanner": bench.scanner,
         "proxy_available": bench.proxy_ok,
         "proxy_skip_reason": bench.proxy_reason,
         "relay_calibration": bench.calibration,
