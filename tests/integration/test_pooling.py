@@ -527,3 +527,44 @@ def test_body_in_many_small_frames_from_a_small_frame_max_client(proxy, tenant, 
         raw.close()
     msgs = drain(tenant, q)
     assert [b for b, _, _ in msgs] == [body] * 3
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("scanner", ["compiled", "pure Python"])
+def test_streams_through_both_frame_scanners(proxy_factory, tenant, queues, scanner):
+    """Runs of plain frames are walked by the C scanner or its pure-Python twin
+    (AMQPROXY_PURE_PYTHON_SCANNER=1): both forward the same streams, on a channel with the
+    same upstream id and on one renumbered upstream, with confirms, acks and big bodies."""
+    env = {"AMQPROXY_PURE_PYTHON_SCANNER": "1"} if scanner == "pure Python" else None
+    proxy = proxy_factory(env=env)
+    assert f"frame scanner: {scanner}" in proxy.log()
+    q = queues.declare(tenant)
+    first, second = proxy.connect(tenant), proxy.connect(tenant)
+    try:
+        # second's channel 1 rides upstream channel 2 while first holds upstream channel 1
+        chans = [first.channel(), second.channel()]
+        for ch in chans:
+            ch.confirm_delivery()
+        sent = []
+        for i in range(300):
+            body = f"{i}-".encode() + (b"x" * 200_000 if i % 100 == 7 else b"y" * 50)
+            chans[i % 2].basic_publish("", q, body)
+            sent.append(body)
+        consumer = chans[1]
+        consumer.basic_qos(prefetch_count=50)
+        got = []
+        for method, _, body in consumer.consume(q, inactivity_timeout=5):
+            if method is None:
+                break
+            got.append(body)
+            consumer.basic_ack(method.delivery_tag)
+            if len(got) == len(sent):
+                break
+        consumer.cancel()
+    finally:
+        first.close()
+        second.close()
+    assert sorted(got) == sorted(sent)
+    assert [b for b in got if b.startswith(b"1-")] == [sent[1]]  # one copy each, whole
+    assert queue_counts(tenant, q)[0] == 0
+    assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) == 1

@@ -10,6 +10,7 @@ full path re-reads the frame at the stop position and answers it.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable
 
@@ -128,6 +129,9 @@ broker_run: RunScanner
 client_run: RunScanner
 client_run_to: Callable[[bytes, int, int, int, bool, int], tuple[int, int, bytes]]
 try:
+    # AMQPROXY_PURE_PYTHON_SCANNER=1 runs the pure-Python twin (tests, diagnosis).
+    if os.environ.get("AMQPROXY_PURE_PYTHON_SCANNER", "") not in ("", "0"):
+        raise ImportError("pure-Python scanner requested")
     from amqproxy.amqp._scan import (  # type: ignore[no-redef]
         broker_run,
         client_run,
