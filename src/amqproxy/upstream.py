@@ -413,20 +413,38 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
             client: ClientConnection | None = None
             up = channels.get(channel_id) if channel_id else None
             lease = up.lease if up is not None else None
-            if (
-                lease is not None
-                and lease.verbatim
-                and lease.state is lease_open
-                and size <= lease.client.max_body
-            ):
-                if ftype != 1:
+            if lease is not None and lease.state is lease_open and size <= lease.client.max_body:
+                if not lease.verbatim or lease.confirm_offset:
+                    # Other channel id or confirm tags to translate: the plain frames from here
+                    # are copied with the client's numbers, in one call.
+                    assert up is not None
+                    stop, delivered, confirmed, moved = run_scan(
+                        data,
+                        pos,
+                        channel_id,
+                        min(limit, lease.client.max_body),
+                        not lease.tag_offset,
+                        up.confirmed if lease.client_confirm and not up.confirmed_ahead else -1,
+                        lease.confirm_offset,
+                        lease.channel_id,
+                    )
+                    if stop > pos:
+                        if run_client is not None:
+                            add_piece(outs, run_client, view[run_start:run_end])
+                            run_client = None
+                        add_piece(outs, lease.client, view[pos:stop] if moved is None else moved)
+                        up.delivered += delivered
+                        up.confirmed = confirmed if confirmed >= 0 else up.confirmed
+                        pos = stop
+                        continue
+                elif ftype != 1:
                     client = lease.client
                 else:
                     mid = _U32.unpack_from(data, pos + 7)[0]
                     if mid == deliver and not lease.tag_offset:
                         up.delivered += 1  # type: ignore[union-attr]
                         client = lease.client
-                    elif mid == ack and lease.client_confirm and not lease.confirm_offset:
+                    elif mid == ack and lease.client_confirm:
                         # A confirm for this client, tags untranslated: record and pass.
                         tag, bits = _TAG_AND_BITS.unpack_from(data, pos + 11)
                         up.confirm(tag, bool(bits & 1))  # type: ignore[union-attr]
@@ -443,13 +461,22 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
                     self._frame(up, ftype, channel_id, data, view, pos, end, outs)
                 pos = nxt
                 continue
-            # The frames after it on this channel that need no decision (a consumer's stream:
-            # content, and Deliver when its tag is untranslated) go in the same run, in one call.
+            # The frames after it on this channel that need no decision (a consumer's stream,
+            # a publisher's confirms) go in the same run, in one call.
             assert up is not None and lease is not None
-            stop, delivered = run_scan(
-                data, nxt, channel_id, min(limit, client.max_body), not lease.tag_offset
+            stop, delivered, confirmed, _ = run_scan(
+                data,
+                nxt,
+                channel_id,
+                min(limit, client.max_body),
+                not lease.tag_offset,
+                up.confirmed if lease.client_confirm and not up.confirmed_ahead else -1,
+                0,
+                channel_id,
             )
             up.delivered += delivered
+            if confirmed >= 0:
+                up.confirmed = confirmed
             if run_client is client and run_end == pos:
                 run_end = stop
             else:

@@ -112,7 +112,13 @@ def test_client_run_to_moves_the_walked_frames_to_another_channel(impl: str) -> 
 
 @pytest.mark.parametrize("impl", sorted(BOTH))
 def test_broker_run_takes_content_and_deliveries(impl: str) -> None:
-    broker_run, _ = BOTH[impl]
+    scan_run, _ = BOTH[impl]
+
+    def broker_run(data: bytes, pos: int, ch: int, limit: int, deliver_ok: bool) -> object:
+        stop, n, confirmed, moved = scan_run(data, pos, ch, limit, deliver_ok, -1, 0, ch)
+        assert (confirmed, moved) == (-1, None)  # no acks taken, nothing to rewrite
+        return stop, n
+
     d1, d2 = delivery(1, 1, b"x" * 100), delivery(1, 2, b"")
     get_ok = m(
         1,
@@ -133,6 +139,29 @@ def test_broker_run_takes_content_and_deliveries(impl: str) -> None:
     heartbeat = b"\x08\x00\x00\x00\x00\x00\x00\xce"
     assert broker_run(d1 + heartbeat + d1, 0, 1, MAX, True) == (len(d1), 1)
     assert broker_run(d1, 0, 1, 99, True) == (len(d1) - 108, 1)  # body frame of 100 > 99
+    assert broker_run(ack(1, 1), 0, 1, MAX, True) == (0, 0)  # confirms only when asked
+
+
+def confirm(channel: int, tag: int, multiple: bool = False) -> bytes:
+    return m(channel, commands.Basic.Ack(delivery_tag=tag, multiple=multiple))
+
+
+@pytest.mark.parametrize("impl", sorted(BOTH))
+def test_broker_run_takes_in_order_confirms_and_renumbers(impl: str) -> None:
+    broker_run, _ = BOTH[impl]
+    acks = confirm(3, 11) + confirm(3, 12) + confirm(3, 20, multiple=True)
+    # in order from 10: all taken, `confirmed` follows; same channel, no offset: sent as they are
+    assert broker_run(acks, 0, 3, MAX, False, 10, 0, 3) == (len(acks), 0, 20, None)
+    # a gap (11 is missing, 12 is not multiple): the caller's bookkeeping takes over
+    assert broker_run(confirm(3, 12), 0, 3, MAX, False, 10, 0, 3) == (0, 0, 10, None)
+    # the client's channel 1 and numbering: tags lowered by the offset, ids rewritten
+    d = delivery(3, 5, b"abc")
+    stop, n, confirmed, moved = broker_run(d + acks, 0, 3, MAX, True, 10, 8, 1)
+    assert (stop, n, confirmed) == (len(d + acks), 1, 20)
+    expected = delivery(1, 5, b"abc") + confirm(1, 3) + confirm(1, 4) + confirm(1, 12, True)
+    assert moved == expected
+    # confirms of publishes made before this client selected confirms (tag <= offset): stop
+    assert broker_run(confirm(3, 8, True), 0, 3, MAX, True, 7, 8, 1) == (0, 0, 7, None)
 
 
 def test_c_and_python_agree_on_random_streams() -> None:
@@ -145,6 +174,7 @@ def test_c_and_python_agree_on_random_streams() -> None:
         lambda: message(2, b"y"),
         lambda: delivery(1, rng.randrange(1, 1 << 40), rng.randbytes(rng.randrange(0, 300))),
         lambda: ack(1, rng.randrange(1, 99)),
+        lambda: confirm(1, rng.randrange(1, 99), multiple=rng.random() < 0.7),
         lambda: m(1, commands.Basic.Nack(delivery_tag=1)),
         lambda: m(1, commands.Basic.Reject(delivery_tag=1)),
         lambda: m(
@@ -164,8 +194,13 @@ def test_c_and_python_agree_on_random_streams() -> None:
         for flag in (True, False):
             for ch in (1, 2):
                 args = (raw, pos, ch, limit, flag)
-                stop, _ = scan.broker_run(*args)
-                assert (stop, _) == scan.broker_run_py(*args), args
+                confirmed = rng.choice([-1, 0, rng.randrange(0, 99)])
+                offset = rng.choice([0, 0, rng.randrange(0, 50)])
+                to = rng.choice([ch, rng.randrange(65536)])
+                broker_args = (*args, confirmed, offset, to)
+                broker = scan.broker_run(*broker_args)
+                assert broker == scan.broker_run_py(*broker_args), broker_args
+                stop = broker[0]
                 result = scan.client_run(*args)
                 assert result == scan.client_run_py(*args), args
                 to = rng.randrange(65536)

@@ -43,35 +43,73 @@ static inline Py_ssize_t frame_at(const unsigned char *b, Py_ssize_t n, Py_ssize
     return (Py_ssize_t)size;
 }
 
-/* broker_run(data, pos, channel, max_size, deliver_ok) -> (stop, deliveries)
- * Broker to client: content frames, and Basic.Deliver when deliver_ok. */
+/* broker_run(data, pos, channel, max_size, deliver_ok, confirmed, offset, to_channel)
+ *   -> (stop, deliveries, confirmed, moved)
+ * Broker to client: content frames; Basic.Deliver when deliver_ok; Basic.Ack (publisher
+ * confirms) when confirmed >= 0, in order only (multiple, or the tag right after `confirmed`)
+ * and above `offset`, `confirmed` following the acks. `moved` is None when the frames go out
+ * as they are, else a copy of data[pos:stop] with every channel id set to to_channel and every
+ * ack tag lowered by offset (the client's numbering). */
 static PyObject *broker_run(PyObject *self, PyObject *args) {
     Py_buffer buf;
     Py_ssize_t pos;
-    unsigned int channel, max_size;
+    unsigned int channel, max_size, to_channel;
     int deliver_ok;
-    if (!PyArg_ParseTuple(args, "y*nIIp", &buf, &pos, &channel, &max_size, &deliver_ok))
+    long long confirmed, offset;
+    if (!PyArg_ParseTuple(args, "y*nIIpLLI", &buf, &pos, &channel, &max_size, &deliver_ok,
+                          &confirmed, &offset, &to_channel))
         return NULL;
     const unsigned char *b = buf.buf;
-    Py_ssize_t n = buf.len, deliveries = 0;
+    Py_ssize_t n = buf.len, deliveries = 0, start = pos;
     if (pos < 0)
-        pos = n;
+        pos = start = n;
     while (1) {
         int type;
         Py_ssize_t size = frame_at(b, n, pos, channel, max_size, &type);
         if (size < 0)
             break;
         if (type == FRAME_METHOD) {
-            if (!deliver_ok || size < 4 || be32(b + pos + 7) != BASIC_DELIVER)
+            uint32_t mid = size >= 4 ? be32(b + pos + 7) : 0;
+            if (mid == BASIC_DELIVER && deliver_ok) {
+                deliveries++;
+            } else if (mid == BASIC_ACK && confirmed >= 0 && size >= 13) {
+                long long tag = (long long)be64(b + pos + 11);
+                int multiple = b[pos + 19] & 1;
+                if (tag <= offset || tag < 0 || !(multiple || tag == confirmed + 1))
+                    break;
+                if (tag > confirmed)
+                    confirmed = tag;
+            } else {
                 break;
-            deliveries++;
+            }
         } else if (type != FRAME_HEADER && type != FRAME_BODY) {
             break;
         }
         pos += size + 8;
     }
+    PyObject *moved;
+    if (pos > start && (to_channel != channel || offset != 0)) {
+        moved = PyBytes_FromStringAndSize((const char *)b + start, pos - start);
+        if (moved == NULL) {
+            PyBuffer_Release(&buf);
+            return NULL;
+        }
+        unsigned char *m = (unsigned char *)PyBytes_AS_STRING(moved);
+        Py_ssize_t len = PyBytes_GET_SIZE(moved);
+        for (Py_ssize_t p = 0; p < len; p += (Py_ssize_t)be32(m + p + 3) + 8) {
+            m[p + 1] = (unsigned char)(to_channel >> 8);
+            m[p + 2] = (unsigned char)to_channel;
+            if (offset && m[p] == FRAME_METHOD && be32(m + p + 7) == BASIC_ACK) {
+                uint64_t tag = be64(m + p + 11) - (uint64_t)offset;
+                for (int k = 7; k >= 0; k--, tag >>= 8)
+                    m[p + 11 + k] = (unsigned char)tag;
+            }
+        }
+    } else {
+        moved = Py_NewRef(Py_None);
+    }
     PyBuffer_Release(&buf);
-    return Py_BuildValue("nn", pos, deliveries);
+    return Py_BuildValue("nnLN", pos, deliveries, confirmed, moved);
 }
 
 /* Where the flags octet of a Basic.Publish payload lies, or -1 when it does not fit. */
@@ -176,7 +214,8 @@ static PyObject *client_run_to(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"broker_run", broker_run, METH_VARARGS,
-     "broker_run(data, pos, channel, max_size, deliver_ok) -> (stop, deliveries)"},
+     "broker_run(data, pos, channel, max_size, deliver_ok, confirmed, offset, to_channel) -> "
+     "(stop, deliveries, confirmed, moved or None)"},
     {"client_run", client_run, METH_VARARGS,
      "client_run(data, pos, channel, max_size, acks_ok) -> (stop, publishes)"},
     {"client_run_to", client_run_to, METH_VARARGS,

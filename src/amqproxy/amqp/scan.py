@@ -22,6 +22,9 @@ _U64 = struct.Struct(">Q")
 _ACKS = (c.BASIC_ACK, c.BASIC_NACK, c.BASIC_REJECT)
 
 RunScanner = Callable[[bytes, int, int, int, bool], tuple[int, int]]
+BrokerScanner = Callable[
+    [bytes, int, int, int, bool, int, int, int], tuple[int, int, int, bytes | None]
+]
 
 
 def _frame_at(data: bytes, pos: int, channel: int, max_size: int) -> tuple[int, int]:
@@ -37,24 +40,59 @@ def _frame_at(data: bytes, pos: int, channel: int, max_size: int) -> tuple[int, 
 
 
 def broker_run_py(
-    data: bytes, pos: int, channel: int, max_size: int, deliver_ok: bool
-) -> tuple[int, int]:
-    """Broker to client: content frames, and Basic.Deliver when `deliver_ok`.
+    data: bytes,
+    pos: int,
+    channel: int,
+    max_size: int,
+    deliver_ok: bool,
+    confirmed: int,
+    offset: int,
+    to_channel: int,
+) -> tuple[int, int, int, bytes | None]:
+    """Broker to client: content frames; Basic.Deliver when `deliver_ok`; Basic.Ack (publisher
+    confirms) when `confirmed` >= 0, in order only (multiple, or the tag right after
+    `confirmed`) and above `offset`, `confirmed` following the acks.
 
-    Returns (stop position, deliveries walked)."""
+    Returns (stop position, deliveries walked, confirmed, moved): `moved` is None when the
+    frames go out as they are, else a copy of data[pos:stop] with every channel id set to
+    `to_channel` and every ack tag lowered by `offset` (the client's numbering)."""
+    start = pos
     deliveries = 0
     while True:
         ftype, size = _frame_at(data, pos, channel, max_size)
         if size < 0:
             break
         if ftype == c.FRAME_METHOD:
-            if not deliver_ok or size < 4 or _U32.unpack_from(data, pos + 7)[0] != c.BASIC_DELIVER:
+            mid = _U32.unpack_from(data, pos + 7)[0] if size >= 4 else 0
+            if mid == c.BASIC_DELIVER and deliver_ok:
+                deliveries += 1
+            elif mid == c.BASIC_ACK and confirmed >= 0 and size >= 13:
+                tag = _U64.unpack_from(data, pos + 11)[0]
+                multiple = data[pos + 19] & 1
+                if tag <= offset or tag >= 1 << 63 or not (multiple or tag == confirmed + 1):
+                    break
+                confirmed = max(confirmed, tag)
+            else:
                 break
-            deliveries += 1
         elif ftype != c.FRAME_HEADER and ftype != c.FRAME_BODY:
             break
         pos += size + 8
-    return pos, deliveries
+    if pos == start or (to_channel == channel and not offset):
+        return pos, deliveries, confirmed, None
+    moved = bytearray(data[start:pos])
+    to = to_channel.to_bytes(2, "big")
+    at = 0
+    while at < len(moved):
+        moved[at + 1 : at + 3] = to
+        if (
+            offset
+            and moved[at] == c.FRAME_METHOD
+            and _U32.unpack_from(moved, at + 7)[0] == (c.BASIC_ACK)
+        ):
+            tag = _U64.unpack_from(moved, at + 11)[0]
+            _U64.pack_into(moved, at + 11, tag - offset)
+        at += _U32.unpack_from(moved, at + 3)[0] + 8
+    return pos, deliveries, confirmed, bytes(moved)
 
 
 def _publish_flags_at(data: bytes, start: int, end: int) -> int:
@@ -125,7 +163,7 @@ def client_run_to_py(
     return stop, publishes, bytes(moved)
 
 
-broker_run: RunScanner
+broker_run: BrokerScanner
 client_run: RunScanner
 client_run_to: Callable[[bytes, int, int, int, bool, int], tuple[int, int, bytes]]
 try:
