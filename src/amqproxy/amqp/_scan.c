@@ -43,6 +43,27 @@ static inline Py_ssize_t frame_at(const unsigned char *b, Py_ssize_t n, Py_ssize
     return (Py_ssize_t)size;
 }
 
+/* A copy of the complete frames b[from:to] with every channel id set to to_channel and, when
+ * offset is not 0, every Basic.Ack tag lowered by offset; NULL with an exception set. */
+static PyObject *moved_copy(const unsigned char *b, Py_ssize_t from, Py_ssize_t to,
+                            unsigned to_channel, long long offset) {
+    PyObject *moved = PyBytes_FromStringAndSize((const char *)b + from, to - from);
+    if (moved == NULL)
+        return NULL;
+    unsigned char *m = (unsigned char *)PyBytes_AS_STRING(moved);
+    Py_ssize_t len = PyBytes_GET_SIZE(moved);
+    for (Py_ssize_t p = 0; p < len; p += (Py_ssize_t)be32(m + p + 3) + 8) {
+        m[p + 1] = (unsigned char)(to_channel >> 8);
+        m[p + 2] = (unsigned char)to_channel;
+        if (offset && m[p] == FRAME_METHOD && be32(m + p + 7) == BASIC_ACK) {
+            uint64_t tag = be64(m + p + 11) - (uint64_t)offset;
+            for (int k = 7; k >= 0; k--, tag >>= 8)
+                m[p + 11 + k] = (unsigned char)tag;
+        }
+    }
+    return moved;
+}
+
 /* broker_run(data, pos, channel, max_size, deliver_ok, confirmed, offset, to_channel)
  *   -> (stop, deliveries, confirmed, moved)
  * Broker to client: content frames; Basic.Deliver when deliver_ok; Basic.Ack (publisher
@@ -87,26 +108,15 @@ static PyObject *broker_run(PyObject *self, PyObject *args) {
         }
         pos += size + 8;
     }
-    PyObject *moved;
+    PyObject *moved = Py_None;
     if (pos > start && (to_channel != channel || offset != 0)) {
-        moved = PyBytes_FromStringAndSize((const char *)b + start, pos - start);
+        moved = moved_copy(b, start, pos, to_channel, offset);
         if (moved == NULL) {
             PyBuffer_Release(&buf);
             return NULL;
         }
-        unsigned char *m = (unsigned char *)PyBytes_AS_STRING(moved);
-        Py_ssize_t len = PyBytes_GET_SIZE(moved);
-        for (Py_ssize_t p = 0; p < len; p += (Py_ssize_t)be32(m + p + 3) + 8) {
-            m[p + 1] = (unsigned char)(to_channel >> 8);
-            m[p + 2] = (unsigned char)to_channel;
-            if (offset && m[p] == FRAME_METHOD && be32(m + p + 7) == BASIC_ACK) {
-                uint64_t tag = be64(m + p + 11) - (uint64_t)offset;
-                for (int k = 7; k >= 0; k--, tag >>= 8)
-                    m[p + 11 + k] = (unsigned char)tag;
-            }
-        }
     } else {
-        moved = Py_NewRef(Py_None);
+        Py_INCREF(moved);
     }
     PyBuffer_Release(&buf);
     return Py_BuildValue("nnLN", pos, deliveries, confirmed, moved);
@@ -197,18 +207,13 @@ static PyObject *client_run_to(PyObject *self, PyObject *args) {
                           &to_channel))
         return NULL;
     const unsigned char *b = buf.buf;
+    if (pos < 0) /* not a position the proxy passes; keep the copy inside the buffer */
+        pos = buf.len;
     Py_ssize_t stop = walk_client(b, buf.len, pos, channel, max_size, acks_ok, &publishes);
-    PyObject *moved = PyBytes_FromStringAndSize(stop > pos ? (const char *)b + pos : "",
-                                                stop > pos ? stop - pos : 0);
+    PyObject *moved = moved_copy(b, pos, stop, to_channel, 0);
     PyBuffer_Release(&buf);
     if (moved == NULL)
         return NULL;
-    unsigned char *m = (unsigned char *)PyBytes_AS_STRING(moved);
-    Py_ssize_t len = PyBytes_GET_SIZE(moved);
-    for (Py_ssize_t p = 0; p < len; p += (Py_ssize_t)be32(m + p + 3) + 8) {
-        m[p + 1] = (unsigned char)(to_channel >> 8);
-        m[p + 2] = (unsigned char)to_channel;
-    }
     return Py_BuildValue("nnN", stop, publishes, moved);
 }
 
