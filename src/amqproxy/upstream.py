@@ -385,7 +385,9 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
         Walks frame headers only; frames that reach a client unchanged are coalesced into runs,
         one slice of the read buffer per stretch, and each client gets one write per read.
         After a frame passes the full checks, ``run_scan`` walks the plain frames that follow it
-        on its channel (compiled when the extension is built).
+        on its channel (compiled when the extension is built); for a client whose channel has
+        another number, or whose confirm tags are translated, it returns them copied with the
+        client's numbers.
         """
         view = memoryview(data)
         length = len(data)

@@ -1,11 +1,14 @@
 """Frame runs: how far a stream of plain frames for one channel goes, in one call.
 
 The hot paths hand the bulk of a consumer's or publisher's stream to these functions: once a
-frame on a channel has passed the full checks, the frames after it that need no decision (content,
-Basic.Deliver, whole Basic.Publish messages, acks) are walked here instead of frame by frame in
-Python. ``_scan.c`` implements them in C; the pure-Python versions below have the same contract and
-are used when the extension is not built. Neither raises on bad input: they stop, and the caller's
-full path re-reads the frame at the stop position and answers it.
+frame on a channel has passed the full checks, the frames after it that need no decision
+(content, Basic.Deliver, in-order confirms, whole Basic.Publish messages, acks) are walked here
+instead of frame by frame in Python, and copied with the client's channel id and confirm tags
+when those differ upstream.
+``_scan.c`` implements them in C; the pure-Python versions below have the same contract and are
+used when the extension is not built (or when AMQPROXY_PURE_PYTHON_SCANNER=1). Neither raises
+on bad input: they stop, and the caller's full path re-reads the frame at the stop position and
+answers it.
 """
 
 from __future__ import annotations
