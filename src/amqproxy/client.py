@@ -19,7 +19,6 @@ from amqproxy.amqp import auth, frames, handshake
 from amqproxy.amqp import constants as c
 from amqproxy.amqp.frames import Buffer, FrameError, add_piece, add_pieces
 from amqproxy.amqp.scan import client_run as run_scan
-from amqproxy.amqp.scan import client_run_to as run_scan_to
 from amqproxy.channel import ChannelState, Lease, LeaseState
 from amqproxy.heartbeat import HeartbeatMixin
 from amqproxy.upstream import UpstreamRefused
@@ -330,9 +329,10 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         Walks frame headers only. Frames that go upstream unchanged are coalesced into runs, one
         slice of the read buffer per stretch, and a message goes upstream only once its last body
         byte has arrived: a message still incomplete when the read ends waits in its lease.
-        Anything else (id rewrite, methods the proxy acts on) takes ``_frame``. After a frame
-        passes the full checks, ``run_scan`` walks the whole messages that follow it on its
-        channel (compiled when the extension is built).
+        Anything else (id rewrite, methods the proxy acts on) takes ``_frame``. At a message
+        boundary, ``run_scan`` walks the whole plain messages and acks from there in one call
+        (compiled when the extension is built), copied with the upstream channel's id when the
+        client's differs.
         """
         view = memoryview(data)
         length = len(data)
@@ -374,18 +374,39 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                     if open_msg is not None and open_msg is not lease:
                         open_msg.pub_frames.append(view[open_msg.pub_start : pos])
                         open_msg = None
-                    if lease is not None and (not lease.verbatim or lease.state is not lease_open):
-                        if lease.state is lease_open and ftype == 1 and not lease.pub_stage:
-                            # Served by an upstream channel of another number: the whole plain
-                            # messages and acks from here are moved to it in one call.
+                    if lease is not None and lease.state is not lease_open:
+                        lease = None
+                if lease is not None and ftype == 1 and not lease.pub_stage:
+                    # At a message boundary: the whole plain messages and acks from here go up
+                    # in one call, copied with the upstream channel's id when it differs.
+                    up = lease.up
+                    assert up is not None
+                    stop, published, moved = run_scan(
+                        data,
+                        pos,
+                        channel_id,
+                        min(limit, up.conn.frame_max - c.FRAME_OVERHEAD),
+                        not lease.tag_offset,
+                        up.id,
+                    )
+                    if stop > pos:
+                        if up.confirm_mode:
+                            up.published += published
+                        conn = up.conn
+                        if moved is None and run_conn is conn and run_end == pos:
+                            run_end = stop
+                        else:
                             if run_conn is not None:
                                 add_piece(outs, run_conn, view[run_start:run_end])
+                            if moved is None:
+                                run_conn, run_start, run_end = conn, pos, stop
+                            else:
+                                add_piece(outs, conn, moved)
                                 run_conn = None
-                            stop = self._moved_run(lease, data, pos, outs)
-                            if stop > pos:
-                                pos = stop
-                                continue
-                        lease = None
+                        pos = stop
+                        continue
+                if lease is not None and not lease.verbatim:
+                    lease = None  # another upstream channel id: frame by frame, rewritten
                 if lease is not None and ftype == 1:
                     if lease.pub_stage:
                         raise frames.content_expected()
@@ -457,19 +478,14 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                     start_of_run = lease.pub_start
                 else:
                     raise frames.bad_frame_type(ftype, channel_id)
-                # At a message boundary: whole plain messages and acks that follow on this
-                # channel join the same run, walked in one call.
-                stop, published = run_scan(data, nxt, channel_id, limit, not lease.tag_offset)
-                if up.confirm_mode:
-                    up.published += published
                 conn = up.conn
                 if run_conn is conn and run_end == start_of_run:
-                    run_end = stop
+                    run_end = nxt
                 else:
                     if run_conn is not None:
                         add_piece(outs, run_conn, view[run_start:run_end])
-                    run_conn, run_start, run_end = conn, start_of_run, stop
-                pos = stop
+                    run_conn, run_start, run_end = conn, start_of_run, nxt
+                pos = nxt
         except FrameError as exc:
             error = exc
         if open_msg is not None:
@@ -481,32 +497,6 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         self._flush(outs)
         if error is not None:
             self.close_with(error.code, error.text)
-
-    def _moved_run(
-        self,
-        lease: Lease,
-        data: bytes,
-        pos: int,
-        outs: dict[UpstreamConnection, list[Buffer]],
-    ) -> int:
-        """Whole plain messages and acks at `pos` for a lease whose upstream channel id differs,
-        queued with the id rewritten; returns where they end (`pos` when there are none).
-        Bodies above the upstream's frame_max stop the run: the slow path re-splits them."""
-        up = lease.up
-        assert up is not None
-        stop, published, moved = run_scan_to(
-            data,
-            pos,
-            lease.channel_id,
-            min(self.max_body, up.conn.frame_max - c.FRAME_OVERHEAD),
-            not lease.tag_offset,
-            up.id,
-        )
-        if stop > pos:
-            add_piece(outs, up.conn, moved)
-            if up.confirm_mode:
-                up.published += published
-        return stop
 
     def _flush(self, outs: dict[UpstreamConnection, list[Buffer]]) -> None:
         """Write what this read produced, one write per upstream; pause if one is full."""

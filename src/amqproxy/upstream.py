@@ -384,10 +384,9 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
 
         Walks frame headers only; frames that reach a client unchanged are coalesced into runs,
         one slice of the read buffer per stretch, and each client gets one write per read.
-        After a frame passes the full checks, ``run_scan`` walks the plain frames that follow it
-        on its channel (compiled when the extension is built); for a client whose channel has
-        another number, or whose confirm tags are translated, it returns them copied with the
-        client's numbers.
+        For a leased channel, ``run_scan`` walks the plain frames from there in one call
+        (compiled when the extension is built); for a client whose channel has another number,
+        or whose confirm tags are translated, it returns them copied with the client's numbers.
         """
         view = memoryview(data)
         length = len(data)
@@ -398,7 +397,6 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
         run_client: ClientConnection | None = None
         run_start = run_end = 0
         lease_open = LeaseState.OPEN
-        deliver = c.BASIC_DELIVER
         ack = c.BASIC_ACK
         watched = _WATCHED
         pos = 0
@@ -416,43 +414,43 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
             up = channels.get(channel_id) if channel_id else None
             lease = up.lease if up is not None else None
             if lease is not None and lease.state is lease_open and size <= lease.client.max_body:
-                if not lease.verbatim or lease.confirm_offset:
-                    # Other channel id or confirm tags to translate: the plain frames from here
-                    # are copied with the client's numbers, in one call.
-                    assert up is not None
-                    stop, delivered, confirmed, moved = run_scan(
-                        data,
-                        pos,
-                        channel_id,
-                        min(limit, lease.client.max_body),
-                        not lease.tag_offset,
-                        up.confirmed if lease.client_confirm and not up.confirmed_ahead else -1,
-                        lease.confirm_offset,
-                        lease.channel_id,
-                    )
-                    if stop > pos:
+                # The plain frames from here on this channel (content, Deliver with untranslated
+                # tags, in-order confirms) in one call; copied with the client's numbers when its
+                # channel id or confirm tags differ from the broker's.
+                assert up is not None
+                client = lease.client
+                stop, delivered, confirmed, moved = run_scan(
+                    data,
+                    pos,
+                    channel_id,
+                    min(limit, client.max_body),
+                    not lease.tag_offset,
+                    up.confirmed if lease.client_confirm and not up.confirmed_ahead else -1,
+                    lease.confirm_offset,
+                    lease.channel_id,
+                )
+                if stop > pos:
+                    up.delivered += delivered
+                    if confirmed >= 0:
+                        up.confirmed = confirmed
+                    if moved is not None:
                         if run_client is not None:
                             add_piece(outs, run_client, view[run_start:run_end])
                             run_client = None
-                        add_piece(outs, lease.client, view[pos:stop] if moved is None else moved)
-                        up.delivered += delivered
-                        up.confirmed = confirmed if confirmed >= 0 else up.confirmed
+                        add_piece(outs, client, moved)
                         pos = stop
                         continue
-                elif ftype != 1:
-                    client = lease.client
-                else:
+                    nxt = stop
+                elif not lease.verbatim or lease.confirm_offset:
+                    client = None  # to translate, one frame at a time
+                elif ftype == 1:
                     mid = _U32.unpack_from(data, pos + 7)[0]
-                    if mid == deliver and not lease.tag_offset:
-                        up.delivered += 1  # type: ignore[union-attr]
-                        client = lease.client
-                    elif mid == ack and lease.client_confirm:
-                        # A confirm for this client, tags untranslated: record and pass.
+                    if mid == ack and lease.client_confirm:
+                        # A confirm out of order, tags untranslated: record and pass.
                         tag, bits = _TAG_AND_BITS.unpack_from(data, pos + 11)
-                        up.confirm(tag, bool(bits & 1))  # type: ignore[union-attr]
-                        client = lease.client
-                    elif mid not in watched:
-                        client = lease.client
+                        up.confirm(tag, bool(bits & 1))
+                    elif mid in watched:
+                        client = None  # the proxy acts on it
             if client is None:
                 if run_client is not None:
                     add_piece(outs, run_client, view[run_start:run_end])
@@ -463,29 +461,13 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
                     self._frame(up, ftype, channel_id, data, view, pos, end, outs)
                 pos = nxt
                 continue
-            # The frames after it on this channel that need no decision (a consumer's stream,
-            # a publisher's confirms) go in the same run, in one call.
-            assert up is not None and lease is not None
-            stop, delivered, confirmed, _ = run_scan(
-                data,
-                nxt,
-                channel_id,
-                min(limit, client.max_body),
-                not lease.tag_offset,
-                up.confirmed if lease.client_confirm and not up.confirmed_ahead else -1,
-                0,
-                channel_id,
-            )
-            up.delivered += delivered
-            if confirmed >= 0:
-                up.confirmed = confirmed
             if run_client is client and run_end == pos:
-                run_end = stop
+                run_end = nxt
             else:
                 if run_client is not None:
                     add_piece(outs, run_client, view[run_start:run_end])
-                run_client, run_start, run_end = client, pos, stop
-            pos = stop
+                run_client, run_start, run_end = client, pos, nxt
+            pos = nxt
         if run_client is not None:
             add_piece(outs, run_client, view[run_start:run_end])
         if pos < length:

@@ -5,6 +5,7 @@ installed); the fuzz test throws truncated, corrupted and mixed streams at both.
 """
 
 import random
+from collections.abc import Callable
 
 import pytest
 from pamqp import commands, frame
@@ -14,11 +15,22 @@ from pamqp.header import ContentHeader
 from amqproxy.amqp import scan
 
 BOTH = {"python": (scan.broker_run_py, scan.client_run_py)}
-MOVE = {"python": scan.client_run_to_py}
 if scan.COMPILED:
     BOTH["c"] = (scan.broker_run, scan.client_run)
-    MOVE["c"] = scan.client_run_to
 MAX = 131072 - 8
+
+
+def same_channel(
+    client_run: scan.ClientScanner,
+) -> Callable[[bytes, int, int, int, bool], tuple[int, int]]:
+    """The client scanner for a channel with the same upstream id: (stop, publishes)."""
+
+    def run(data: bytes, pos: int, ch: int, limit: int, acks_ok: bool) -> tuple[int, int]:
+        stop, n, moved = client_run(data, pos, ch, limit, acks_ok, ch)
+        assert moved is None  # same id: the frames go up as they are
+        return stop, n
+
+    return run
 
 
 def test_the_compiled_scanner_is_built() -> None:
@@ -56,7 +68,7 @@ def ack(channel: int, tag: int) -> bytes:
 
 @pytest.mark.parametrize("impl", sorted(BOTH))
 def test_client_run_takes_whole_plain_messages_and_stops_before_the_rest(impl: str) -> None:
-    _, client_run = BOTH[impl]
+    client_run = same_channel(BOTH[impl][1])
     a = message(1, b"a" * 100)
     b = message(1, b"b" * 1000, frame_body=300)  # 4 body frames
     empty = message(1, b"")  # header only
@@ -73,7 +85,7 @@ def test_client_run_takes_whole_plain_messages_and_stops_before_the_rest(impl: s
 
 @pytest.mark.parametrize("impl", sorted(BOTH))
 def test_client_run_leaves_an_incomplete_message_whole(impl: str) -> None:
-    _, client_run = BOTH[impl]
+    client_run = same_channel(BOTH[impl][1])
     a = message(1, b"a" * 100)
     b = message(1, b"b" * 1000, frame_body=300)
     for cut in range(1, len(b)):
@@ -92,22 +104,22 @@ def test_client_run_leaves_an_incomplete_message_whole(impl: str) -> None:
     assert client_run(bytes(bad_end), 0, 1, MAX, True) == (0, 0)
 
 
-@pytest.mark.parametrize("impl", sorted(MOVE))
-def test_client_run_to_moves_the_walked_frames_to_another_channel(impl: str) -> None:
-    client_run_to = MOVE[impl]
+@pytest.mark.parametrize("impl", sorted(BOTH))
+def test_client_run_copies_the_walked_frames_to_another_channel(impl: str) -> None:
+    client_run = BOTH[impl][1]
     a, b = message(1, b"a" * 100), message(1, b"b" * 1000, frame_body=300)
     data = a + b + ack(1, 3) + message(1, b"m", mandatory=True)
-    stop, n, moved = client_run_to(data, 0, 1, MAX, True, 517)
+    stop, n, moved = client_run(data, 0, 1, MAX, True, 517)
     assert (stop, n) == (len(a + b + ack(1, 3)), 2)
     assert moved == message(517, b"a" * 100) + message(517, b"b" * 1000, frame_body=300) + ack(
         517, 3
     )
-    assert client_run_to(data, len(a), 1, MAX, False, 2) == (
+    assert client_run(data, len(a), 1, MAX, False, 2) == (
         len(a + b),
         1,
         message(2, b"b" * 1000, frame_body=300),
     )
-    assert client_run_to(b"\x01\x00", 0, 1, MAX, True, 2) == (0, 0, b"")
+    assert client_run(b"\x01\x00", 0, 1, MAX, True, 2) == (0, 0, None)
 
 
 @pytest.mark.parametrize("impl", sorted(BOTH))
@@ -201,10 +213,9 @@ def test_c_and_python_agree_on_random_streams() -> None:
                 broker = scan.broker_run(*broker_args)
                 assert broker == scan.broker_run_py(*broker_args), broker_args
                 stop = broker[0]
-                result = scan.client_run(*args)
-                assert result == scan.client_run_py(*args), args
-                to = rng.randrange(65536)
-                assert scan.client_run_to(*args, to) == scan.client_run_to_py(*args, to), args
+                client_args = (*args, rng.choice([ch, rng.randrange(65536)]))
+                result = scan.client_run(*client_args)
+                assert result == scan.client_run_py(*client_args), client_args
                 checked += 1
                 advanced += (stop > pos) + (result[0] > pos)
     assert checked == 12000

@@ -183,22 +183,10 @@ static Py_ssize_t walk_client(const unsigned char *b, Py_ssize_t n, Py_ssize_t p
     return pos;
 }
 
-/* client_run(data, pos, channel, max_size, acks_ok) -> (stop, publishes) */
+/* client_run(data, pos, channel, max_size, acks_ok, to_channel) -> (stop, publishes, moved)
+ * `moved` is None when to_channel is the channel (the frames go up as they are), else a copy of
+ * data[pos:stop] with every channel id set to to_channel. */
 static PyObject *client_run(PyObject *self, PyObject *args) {
-    Py_buffer buf;
-    Py_ssize_t pos, publishes;
-    unsigned int channel, max_size;
-    int acks_ok;
-    if (!PyArg_ParseTuple(args, "y*nIIp", &buf, &pos, &channel, &max_size, &acks_ok))
-        return NULL;
-    Py_ssize_t stop = walk_client(buf.buf, buf.len, pos, channel, max_size, acks_ok, &publishes);
-    PyBuffer_Release(&buf);
-    return Py_BuildValue("nn", stop, publishes);
-}
-
-/* client_run_to(data, pos, channel, max_size, acks_ok, to_channel)
- *   -> (stop, publishes, the frames of data[pos:stop] moved to channel to_channel) */
-static PyObject *client_run_to(PyObject *self, PyObject *args) {
     Py_buffer buf;
     Py_ssize_t pos, publishes;
     unsigned int channel, max_size, to_channel;
@@ -207,13 +195,20 @@ static PyObject *client_run_to(PyObject *self, PyObject *args) {
                           &to_channel))
         return NULL;
     const unsigned char *b = buf.buf;
-    if (pos < 0) /* not a position the proxy passes; keep the copy inside the buffer */
+    if (pos < 0) /* not a position the proxy passes; keep any copy inside the buffer */
         pos = buf.len;
     Py_ssize_t stop = walk_client(b, buf.len, pos, channel, max_size, acks_ok, &publishes);
-    PyObject *moved = moved_copy(b, pos, stop, to_channel, 0);
+    PyObject *moved = Py_None;
+    if (stop > pos && to_channel != channel) {
+        moved = moved_copy(b, pos, stop, to_channel, 0);
+        if (moved == NULL) {
+            PyBuffer_Release(&buf);
+            return NULL;
+        }
+    } else {
+        Py_INCREF(moved);
+    }
     PyBuffer_Release(&buf);
-    if (moved == NULL)
-        return NULL;
     return Py_BuildValue("nnN", stop, publishes, moved);
 }
 
@@ -222,10 +217,8 @@ static PyMethodDef methods[] = {
      "broker_run(data, pos, channel, max_size, deliver_ok, confirmed, offset, to_channel) -> "
      "(stop, deliveries, confirmed, moved or None)"},
     {"client_run", client_run, METH_VARARGS,
-     "client_run(data, pos, channel, max_size, acks_ok) -> (stop, publishes)"},
-    {"client_run_to", client_run_to, METH_VARARGS,
-     "client_run_to(data, pos, channel, max_size, acks_ok, to_channel) -> "
-     "(stop, publishes, frames moved to to_channel)"},
+     "client_run(data, pos, channel, max_size, acks_ok, to_channel) -> "
+     "(stop, publishes, moved or None)"},
     {NULL, NULL, 0, NULL},
 };
 

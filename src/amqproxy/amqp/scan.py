@@ -24,7 +24,7 @@ _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _ACKS = (c.BASIC_ACK, c.BASIC_NACK, c.BASIC_REJECT)
 
-RunScanner = Callable[[bytes, int, int, int, bool], tuple[int, int]]
+ClientScanner = Callable[[bytes, int, int, int, bool, int], tuple[int, int, bytes | None]]
 BrokerScanner = Callable[
     [bytes, int, int, int, bool, int, int, int], tuple[int, int, int, bytes | None]
 ]
@@ -82,20 +82,22 @@ def broker_run_py(
         pos += size + 8
     if pos == start or (to_channel == channel and not offset):
         return pos, deliveries, confirmed, None
-    moved = bytearray(data[start:pos])
+    return pos, deliveries, confirmed, _moved_copy(data, start, pos, to_channel, offset)
+
+
+def _moved_copy(data: bytes, start: int, stop: int, to_channel: int, offset: int) -> bytes:
+    """The complete frames data[start:stop] with every channel id set to `to_channel` and, when
+    `offset` is not 0, every Basic.Ack tag lowered by `offset`."""
+    moved = bytearray(data[start:stop])
     to = to_channel.to_bytes(2, "big")
     at = 0
     while at < len(moved):
         moved[at + 1 : at + 3] = to
-        if (
-            offset
-            and moved[at] == c.FRAME_METHOD
-            and _U32.unpack_from(moved, at + 7)[0] == (c.BASIC_ACK)
-        ):
-            tag = _U64.unpack_from(moved, at + 11)[0]
-            _U64.pack_into(moved, at + 11, tag - offset)
+        if offset and moved[at] == c.FRAME_METHOD:
+            if _U32.unpack_from(moved, at + 7)[0] == c.BASIC_ACK:
+                _U64.pack_into(moved, at + 11, _U64.unpack_from(moved, at + 11)[0] - offset)
         at += _U32.unpack_from(moved, at + 3)[0] + 8
-    return pos, deliveries, confirmed, bytes(moved)
+    return bytes(moved)
 
 
 def _publish_flags_at(data: bytes, start: int, end: int) -> int:
@@ -110,12 +112,15 @@ def _publish_flags_at(data: bytes, start: int, end: int) -> int:
 
 
 def client_run_py(
-    data: bytes, pos: int, channel: int, max_size: int, acks_ok: bool
-) -> tuple[int, int]:
+    data: bytes, pos: int, channel: int, max_size: int, acks_ok: bool, to_channel: int
+) -> tuple[int, int, bytes | None]:
     """Client to broker, from a message boundary: whole Basic.Publish messages without the
     mandatory/immediate flags, and Basic.Ack/Nack/Reject when `acks_ok`.
 
-    Returns (stop position, messages walked); stops before a message not complete here."""
+    Returns (stop position, messages walked, moved); stops before a message not complete here.
+    `moved` is None when `to_channel` is `channel` (the frames go up as they are), else a copy
+    of data[pos:stop] with every channel id set to `to_channel`."""
+    start = pos
     publishes = 0
     while True:
         ftype, size = _frame_at(data, pos, channel, max_size)
@@ -148,38 +153,20 @@ def client_run_py(
             break
         publishes += 1
         pos = nxt
-    return pos, publishes
-
-
-def client_run_to_py(
-    data: bytes, pos: int, channel: int, max_size: int, acks_ok: bool, to_channel: int
-) -> tuple[int, int, bytes]:
-    """``client_run``, and the frames walked with their channel id set to `to_channel`
-    (a client's channel served by an upstream channel of another number)."""
-    stop, publishes = client_run_py(data, pos, channel, max_size, acks_ok)
-    moved = bytearray(data[pos:stop])
-    to = to_channel.to_bytes(2, "big")
-    at = 0
-    while at < len(moved):
-        moved[at + 1 : at + 3] = to
-        at += _U32.unpack_from(moved, at + 3)[0] + 8
-    return stop, publishes, bytes(moved)
+    if pos == start or to_channel == channel:
+        return pos, publishes, None
+    return pos, publishes, _moved_copy(data, start, pos, to_channel, 0)
 
 
 broker_run: BrokerScanner
-client_run: RunScanner
-client_run_to: Callable[[bytes, int, int, int, bool, int], tuple[int, int, bytes]]
+client_run: ClientScanner
 try:
     # AMQPROXY_PURE_PYTHON_SCANNER=1 runs the pure-Python twin (tests, diagnosis).
     if os.environ.get("AMQPROXY_PURE_PYTHON_SCANNER", "") not in ("", "0"):
         raise ImportError("pure-Python scanner requested")
-    from amqproxy.amqp._scan import (  # type: ignore[no-redef]
-        broker_run,
-        client_run,
-        client_run_to,
-    )
+    from amqproxy.amqp._scan import broker_run, client_run  # type: ignore[no-redef]
 
     COMPILED = True
 except ImportError:  # no compiler where it was installed: same results, more CPU per frame
-    broker_run, client_run, client_run_to = broker_run_py, client_run_py, client_run_to_py
+    broker_run, client_run = broker_run_py, client_run_py
     COMPILED = False
