@@ -43,10 +43,13 @@ static inline Py_ssize_t frame_at(const unsigned char *b, Py_ssize_t n, Py_ssize
     return (Py_ssize_t)size;
 }
 
-/* A copy of the complete frames b[from:to] with every channel id set to to_channel and, when
- * offset is not 0, every Basic.Ack tag lowered by offset; NULL with an exception set. */
-static PyObject *moved_copy(const unsigned char *b, Py_ssize_t from, Py_ssize_t to,
-                            unsigned to_channel, long long offset) {
+/* The "moved" result of a run: None (a new reference) when the frames b[from:to] go out as
+ * they are, else a copy with every channel id set to to_channel and, when offset is not 0,
+ * every Basic.Ack tag lowered by offset; NULL with an exception set. */
+static PyObject *moved_run(const unsigned char *b, Py_ssize_t from, Py_ssize_t to,
+                           unsigned channel, unsigned to_channel, long long offset) {
+    if (to <= from || (to_channel == channel && offset == 0))
+        Py_RETURN_NONE;
     PyObject *moved = PyBytes_FromStringAndSize((const char *)b + from, to - from);
     if (moved == NULL)
         return NULL;
@@ -108,17 +111,10 @@ static PyObject *broker_run(PyObject *self, PyObject *args) {
         }
         pos += size + 8;
     }
-    PyObject *moved = Py_None;
-    if (pos > start && (to_channel != channel || offset != 0)) {
-        moved = moved_copy(b, start, pos, to_channel, offset);
-        if (moved == NULL) {
-            PyBuffer_Release(&buf);
-            return NULL;
-        }
-    } else {
-        Py_INCREF(moved);
-    }
+    PyObject *moved = moved_run(b, start, pos, channel, to_channel, offset);
     PyBuffer_Release(&buf);
+    if (moved == NULL)
+        return NULL;
     return Py_BuildValue("nnLN", pos, deliveries, confirmed, moved);
 }
 
@@ -198,17 +194,10 @@ static PyObject *client_run(PyObject *self, PyObject *args) {
     if (pos < 0) /* not a position the proxy passes; keep any copy inside the buffer */
         pos = buf.len;
     Py_ssize_t stop = walk_client(b, buf.len, pos, channel, max_size, acks_ok, &publishes);
-    PyObject *moved = Py_None;
-    if (stop > pos && to_channel != channel) {
-        moved = moved_copy(b, pos, stop, to_channel, 0);
-        if (moved == NULL) {
-            PyBuffer_Release(&buf);
-            return NULL;
-        }
-    } else {
-        Py_INCREF(moved);
-    }
+    PyObject *moved = moved_run(b, pos, stop, channel, to_channel, 0);
     PyBuffer_Release(&buf);
+    if (moved == NULL)
+        return NULL;
     return Py_BuildValue("nnN", stop, publishes, moved);
 }
 
