@@ -49,15 +49,37 @@ class PoolCollector:
                 labels=labels,
             ),
         }
-        totals: dict[tuple[str, str], dict[str, int]] = {}
+        gauges["outbox_messages"] = GaugeMetricFamily(
+            "amqproxy_outbox_messages",
+            "Messages the proxy answered for that the broker has not confirmed yet",
+            labels=labels,
+        )
+        gauges["outbox_bytes"] = GaugeMetricFamily(
+            "amqproxy_outbox_bytes", "Bytes of the messages in the outbox", labels=labels
+        )
+        oldest = GaugeMetricFamily(
+            "amqproxy_outbox_oldest_seconds",
+            "Age of the oldest unconfirmed message in the outbox (0 when empty)",
+            labels=labels,
+        )
+        now = asyncio.get_running_loop().time()
+        totals: dict[tuple[str, str], dict[str, float]] = {}
         for pool in self.proxy.registry.pools.values():
             row = totals.setdefault((pool.user, pool.vhost), dict.fromkeys(gauges, 0))
+            row["oldest"] = row.get("oldest", 0.0)
             for name, value in pool.counts().items():
                 row[name] += value
+            messages, size, since = pool.outbox_counts()
+            row["outbox_messages"] += messages
+            row["outbox_bytes"] += size
+            if since is not None:
+                row["oldest"] = max(row["oldest"], now - since)
         for key, row in totals.items():
             for name, family in gauges.items():
                 family.add_metric(list(key), row[name])
+            oldest.add_metric(list(key), row["oldest"])
         yield from gauges.values()
+        yield oldest
         counters: dict[str, CounterMetricFamily] = {
             "connects": CounterMetricFamily(
                 "amqproxy_upstream_connects", "Upstream connections opened", labels=labels
@@ -80,6 +102,16 @@ class PoolCollector:
                 "Channel errors that arrived after their client had left",
                 labels=labels,
             ),
+            "replayed": CounterMetricFamily(
+                "amqproxy_messages_replayed",
+                "Messages published again after their upstream channel or connection died",
+                labels=labels,
+            ),
+            "refused": CounterMetricFamily(
+                "amqproxy_messages_refused",
+                "Messages the proxy answered for that the broker refused (nack or channel error)",
+                labels=labels,
+            ),
         }
         for key, stats in self.proxy.registry.stats.items():
             for name, counter in counters.items():
@@ -90,6 +122,12 @@ class PoolCollector:
         )
         connecting.add_metric([], len(self.proxy.clients))
         yield connecting
+        full = CounterMetricFamily(
+            "amqproxy_outbox_full_seconds",
+            "Seconds the outbox spent at its limit (publishers held back)",
+        )
+        full.add_metric([], self.proxy.registry.outbox.full_seconds)
+        yield full
 
 
 class AdminServer:
@@ -124,6 +162,20 @@ class AdminServer:
             "upstream_connections": registry.upstream_count,
             "upstream": proxy.settings.upstream_address,
         }
+        outbox = registry.outbox
+        body["outbox"] = {
+            "messages": outbox.messages,
+            "bytes": outbox.bytes,
+            "max_bytes": outbox.max_bytes,
+        }
+        warnings = []
+        if outbox.bytes > outbox.max_bytes / 2:
+            warnings.append("outbox over half full")
+        held = registry.holding()
+        if held:
+            warnings.append(f"broker outage held for {held} pool(s)")
+        if warnings:
+            body["warnings"] = warnings
         if proxy.draining:
             body["status"] = "draining"
             return 503, body

@@ -114,6 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="bytes buffered toward a slow client before it is disconnected (default 64 MiB)",
     )
+    add(
+        "--outbox-hold",
+        dest="outbox_hold",
+        metavar="SECONDS",
+        help="while the broker is unreachable, keep admitting clients it accepted recently and "
+        "keep what they publish for this long (default 30; 0: refuse them at once)",
+    )
+    add(
+        "--outbox-max-bytes",
+        dest="outbox_max_bytes",
+        metavar="BYTES",
+        help="unconfirmed messages the proxy holds before it stops reading publishers "
+        "(default 256 MiB)",
+    )
     add("-d", "--debug", dest="debug", action="store_true", help="log at DEBUG level")
     add("-c", "--config", dest="config", metavar="FILE", help="INI file with [main] and [listen]")
     add("--print-config", action="store_true", help="print the effective settings and exit")
@@ -142,6 +156,8 @@ def settings_from(argv: Sequence[str] | None) -> tuple[Settings, bool]:
             "upstream_ca",
             "credential_ttl",
             "max_client_buffer",
+            "outbox_hold",
+            "outbox_max_bytes",
         )
     }
     if args.debug:

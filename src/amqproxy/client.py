@@ -21,9 +21,11 @@ from amqproxy.amqp.frames import Buffer, FrameError, add_piece, add_pieces
 from amqproxy.amqp.scan import client_run as run_scan
 from amqproxy.channel import ChannelState, Lease, LeaseState
 from amqproxy.heartbeat import HeartbeatMixin
+from amqproxy.outbox import publishes_in
 from amqproxy.upstream import UpstreamRefused
 
 if TYPE_CHECKING:
+    from amqproxy.channel import UpstreamChannel
     from amqproxy.pool import Pool
     from amqproxy.server import Proxy
     from amqproxy.upstream import UpstreamConnection
@@ -158,7 +160,9 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         self.heartbeat = 0
         self._rest = b""
         self._write_paused = False
-        self._reading_paused = False
+        self._held: set[str] = set()  # why reading is paused: "upstream", "outbox", "backlog"
+        self._sent_blocked = False  # we told the client Connection.Blocked (outbox full)
+        self.identity = "?"  # describe() once admitted: outbox messages carry it for logs
         self._close_reason = ""
         self._timer: asyncio.TimerHandle | None = None
         self._init_heartbeat()
@@ -185,6 +189,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         self._release_all("client left")
+        self.registry.outbox.waiters.discard(self)
         if self.pool is not None:
             self.pool.client_gone(self)
         self.proxy.client_disconnected(self)
@@ -272,15 +277,42 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
     def resume_writing(self) -> None:
         self._write_paused = False
 
-    def pause_reading(self) -> None:
-        if not self._reading_paused and self.transport is not None:
-            self._reading_paused = True
+    def hold_reading(self, reason: str) -> None:
+        """Stop reading from the client until every reason to hold it is gone."""
+        if not self._held and self.transport is not None:
             self.transport.pause_reading()
+        self._held.add(reason)
+
+    def release_reading(self, reason: str) -> None:
+        if reason not in self._held:
+            return
+        self._held.discard(reason)
+        if not self._held and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def pause_reading(self) -> None:
+        """An upstream this client writes to is full."""
+        self.hold_reading("upstream")
 
     def resume_reading(self) -> None:
-        if self._reading_paused and self.transport is not None and not self.transport.is_closing():
-            self._reading_paused = False
-            self.transport.resume_reading()
+        self.release_reading("upstream")
+
+    def _hold_for_outbox(self) -> None:
+        """The outbox is full and this client adds to it: stop reading it (and tell it, if it
+        understands Connection.Blocked) until the broker has taken enough."""
+        self.hold_reading("outbox")
+        self.registry.outbox.waiters.add(self)
+        if self.wants_blocked and not self._sent_blocked:
+            self._sent_blocked = True
+            self._write(
+                frames.encode_method(0, commands.Connection.Blocked("amqproxy outbox full"))
+            )
+
+    def outbox_ready(self) -> None:
+        if self._sent_blocked:
+            self._sent_blocked = False
+            self._write(frames.method_frame(0, frames.CONNECTION_UNBLOCKED))
+        self.release_reading("outbox")
 
     # ---- reading ----------------------------------------------------------------------------
 
@@ -350,6 +382,8 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         fast_lease: Lease = None  # type: ignore[assignment]  # set before first use
         basic_publish = c.BASIC_PUBLISH
         watched = _WATCHED
+        outbox = self.registry.outbox
+        kept_before = outbox.messages
         try:
             while length - pos >= 7:
                 ftype, channel_id, size = unpack(data, pos)
@@ -392,6 +426,14 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                     if stop > pos:
                         if up.confirm_mode:
                             up.published += published
+                            if published and not lease.client_confirm:
+                                up.outbox.add(
+                                    up.published,
+                                    published,
+                                    (view[pos:stop] if moved is None else moved,),
+                                    self.identity,
+                                    self.loop.time(),
+                                )
                         conn = up.conn
                         if moved is None and run_conn is conn and run_end == pos:
                             run_end = stop
@@ -464,17 +506,17 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                     # The message is complete: it joins the bytes bound upstream.
                     open_msg = None
                     lease.pub_stage = Lease.PUB_NONE
-                    if up.confirm_mode:
-                        up.published += 1
                     if lease.pub_frames:
                         if run_conn is not None:
                             add_piece(outs, run_conn, view[run_start:run_end])
                             run_conn = None
                         lease.pub_frames.append(view[lease.pub_start : nxt])
+                        self._published(lease, up, lease.pub_frames)
                         add_pieces(outs, up.conn, lease.pub_frames)
                         lease.pub_frames = []
                         pos = nxt
                         continue
+                    self._published(lease, up, [view[lease.pub_start : nxt]])
                     start_of_run = lease.pub_start
                 else:
                     raise frames.bad_frame_type(ftype, channel_id)
@@ -495,6 +537,8 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         if error is None and pos < length and self.state is State.OPEN:
             self._rest = data[pos:]
         self._flush(outs)
+        if outbox.full and outbox.messages > kept_before:
+            self._hold_for_outbox()
         if error is not None:
             self.close_with(error.code, error.text)
 
@@ -608,11 +652,18 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             lease.pub_stage = Lease.PUB_BODY
             lease.pub_remaining = remaining
             return
+        self._published(lease, up, lease.pub_frames)
         add_pieces(outs, up.conn, lease.pub_frames)
         lease.pub_frames = []
         lease.pub_stage = Lease.PUB_NONE
+
+    def _published(self, lease: Lease, up: UpstreamChannel, message: list[Buffer]) -> None:
+        """One whole message goes upstream: count its confirm tag, keep it in the outbox
+        unless its client takes the confirms itself."""
         if up.confirm_mode:
             up.published += 1
+            if not lease.client_confirm:
+                up.outbox.add(up.published, 1, tuple(message), self.identity, self.loop.time())
 
     def _on_method(
         self, lease: Lease, mid: int, data: bytes, start: int, end: int
@@ -675,7 +726,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                 return None
             up.confirm_mode = True
             if not method.nowait:
-                up.pending_replies += 1
+                up.request_sent()
             return _KEEP
         if mid == c.BASIC_QOS:
             assert isinstance(method, commands.Basic.Qos)
@@ -697,7 +748,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         if mid in _ALWAYS_REPLIED or (
             mid in _NOWAIT_METHODS and not getattr(method, "nowait", False)
         ):
-            up.pending_replies += 1
+            up.request_sent()
         return _KEEP
 
     def own_exclusive_queue(self, name: str, conn: UpstreamConnection) -> None:
@@ -720,12 +771,15 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         )
 
     def _swap_upstream(self, lease: Lease, pending_frame: bytes) -> None:
-        """Give back the lease's upstream channel and continue on a new one."""
+        """Give back the lease's upstream channel and continue on a new one without confirm
+        mode (``pending_frame``, the client's Tx.Select, goes first on it)."""
         assert lease.up is not None
         lease.up.conn.pool.release(lease, "client needs a channel without confirm mode")
         lease.state = LeaseState.OPENING
-        lease.backlog = [pending_frame]
-        self._spawn(self._open_upstream_channel(lease, announce=False))
+        lease.announced = True
+        lease.backlog = []
+        lease.queue_frame(pending_frame)
+        self._spawn(self._open_upstream_channel(lease, confirm=False))
 
     def _on_frame_not_open(
         self, lease: Lease, ftype: int, data: bytes, start: int, end: int
@@ -733,12 +787,10 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         """Frames on a channel that is opening or closing."""
         state = lease.state
         if state is LeaseState.OPENING:
-            assert lease.backlog is not None
-            lease.backlog.append(data[start - 7 : end + 1])
-            if sum(len(b) for b in lease.backlog) > MAX_BACKLOG:
-                raise FrameError(
-                    c.RESOURCE_ERROR, "RESOURCE_ERROR - too much data on a channel not yet open"
-                )
+            if lease.announced and self._closed_while_waiting(lease, ftype, data, start):
+                return
+            if lease.queue_frame(data[start - 7 : end + 1]) > MAX_BACKLOG:
+                self.hold_reading("backlog")  # resumed once the channel is bound
             return
         if ftype != c.FRAME_METHOD:
             return
@@ -753,8 +805,22 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                 self._late_close_ok.add(lease.channel_id)
                 self._write(frames.method_frame(lease.channel_id, frames.CHANNEL_CLOSE_OK))
 
+    def _closed_while_waiting(self, lease: Lease, ftype: int, data: bytes, start: int) -> bool:
+        """Channel.Close on a channel still waiting for its upstream (an outage is held): when
+        the client sent nothing but whole publishes, the proxy answers for them now."""
+        if ftype != c.FRAME_METHOD or frames.method_id_at(data, start) != c.CHANNEL_CLOSE:
+            return False
+        if lease.backlog and not publishes_in(b"".join(lease.backlog))[1]:
+            return False  # it waits for replies: the Close waits its turn behind them
+        assert self.pool is not None
+        del self.leases[lease.channel_id]
+        self.pool.release(lease, "channel closed")
+        self._write(frames.method_frame(lease.channel_id, frames.CHANNEL_CLOSE_OK))
+        return True
+
     def _channel_open(self, ftype: int, channel_id: int, data: bytes, start: int, end: int) -> None:
-        """Channel.Open on a new id: a parked channel at once, or a new one upstream."""
+        """Channel.Open on a new id: a parked channel or a new upstream one at once; while an
+        outage is held, OpenOk at once and the channel waits for the broker."""
         mid = frames.method_id_at(data, start) if ftype == c.FRAME_METHOD else 0
         if channel_id in self._late_close_ok:
             self._late_close_ok.discard(channel_id)
@@ -773,23 +839,28 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                 f"NOT_ALLOWED - channel {channel_id} is above the negotiated channel_max "
                 f"{self.channel_max}",
             )
-        assert self.pool is not None
-        lease = Lease(self, channel_id)
+        pool = self.pool
+        assert pool is not None
+        lease = Lease(self, channel_id, self.registry.outbox)
         self.leases[channel_id] = lease
-        up = self.pool.take_parked(channel_id)
+        up = pool.take_parked(channel_id) or pool.open_now(channel_id)
         if up is not None:
             lease.backlog = None
-            self.pool.bind(lease, up)
+            pool.bind(lease, up)
             self._write(frames.method_frame(channel_id, frames.CHANNEL_OPEN_OK))
             return
+        if pool.holding():
+            lease.announced = True
+            self._write(frames.method_frame(channel_id, frames.CHANNEL_OPEN_OK))
         self._spawn(self._open_upstream_channel(lease))
 
-    async def _open_upstream_channel(self, lease: Lease, announce: bool = True) -> None:
-        """Bind ``lease`` to a new upstream channel; ``announce`` sends the client's OpenOk."""
+    async def _open_upstream_channel(self, lease: Lease, confirm: bool = True) -> None:
+        """Bind ``lease`` to a new upstream channel, announce it if the client still waits for
+        its OpenOk, and pass on what the client sent meanwhile."""
         pool = self.pool
         assert pool is not None
         try:
-            up = await pool.new_channel(lease.channel_id)
+            up = await pool.new_channel(lease.channel_id, confirm)
         except (UpstreamRefused, TimeoutError) as exc:
             if self.leases.get(lease.channel_id) is lease:
                 code = getattr(exc, "code", c.CONNECTION_FORCED)
@@ -800,11 +871,24 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             pool.release_unleased(up)
             return
         pool.bind(lease, up)
-        if announce:
+        if not lease.announced:
+            lease.announced = True
             self._write(frames.method_frame(lease.channel_id, frames.CHANNEL_OPEN_OK))
-        backlog, lease.backlog = lease.backlog, None
+        backlog = lease.take_backlog()
         if backlog:
-            self._process(b"".join(backlog))
+            self._process(backlog)
+        self.release_reading("backlog")
+
+    def upstream_lost(self, leases: list[Lease], code: int, text: str, hold: bool) -> None:
+        """The upstream connection under ``leases`` died. A client that only publishes without
+        confirms does not notice: its channels wait for a new upstream channel (the outage hold)
+        and the proxy replays what the broker did not confirm. Anyone else gets the close."""
+        if not hold or not all(lease.detachable for lease in leases):
+            self.close_with(code, text)
+            return
+        for lease in leases:
+            lease.detach()
+            self._spawn(self._open_upstream_channel(lease))
 
     def channel_closed_by_broker(self, lease: Lease, close_payload: bytes) -> None:
         """The broker closed this lease's channel: tell the client, discard until CloseOk."""
@@ -1033,6 +1117,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         log.info("client %s updated its secret (%s)", self.describe(), reason or "no reason given")
 
     def _admitted(self, pool: Pool) -> None:
+        self.identity = self.describe()
         self.pool = pool
         pool.client_added(self)
         self.state = State.OPEN

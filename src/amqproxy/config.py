@@ -91,6 +91,8 @@ class Settings:
     credential_ttl: float = 60.0  # how long a broker's "yes" to a password is trusted
     channel_max: int = 2047  # offered to clients
     max_client_buffer: int = 64 * 1024 * 1024
+    outbox_hold: float = 30.0  # how long an unreachable broker is hidden from admitted clients
+    outbox_max_bytes: int = 256 * 1024 * 1024  # unconfirmed messages held, at most
     upstream_ca: str = ""
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -142,6 +144,8 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "credential_ttl": _seconds,
     "channel_max": _non_negative_int,
     "max_client_buffer": _non_negative_int,
+    "outbox_hold": _seconds,
+    "outbox_max_bytes": _non_negative_int,
     "upstream_ca": str,
 }
 
@@ -160,6 +164,8 @@ FILE_KEYS: dict[tuple[str, str], str] = {
     ("main", "park_channels"): "park_channels",
     ("main", "credential_ttl"): "credential_ttl",
     ("main", "max_client_buffer"): "max_client_buffer",
+    ("main", "outbox_hold"): "outbox_hold",
+    ("main", "outbox_max_bytes"): "outbox_max_bytes",
     ("main", "upstream_ca"): "upstream_ca",
     ("listen", "address"): "listen_address",
     ("listen", "bind"): "listen_address",

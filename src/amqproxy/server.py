@@ -218,13 +218,31 @@ class Proxy:
             for client in list(self.clients):
                 if client.transport is not None:
                     client.transport.abort()
+        await self._deliver_outbox(settings.term_timeout)
+        self.registry.stopped = True
         self.registry.close_all()
         deadline = asyncio.get_running_loop().time() + min(settings.term_timeout, 5.0)
         while self.registry.upstream_count and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
+        undelivered = self.registry.undelivered()
+        if undelivered:
+            log.error(
+                "%d message(s) the proxy answered for could not be delivered: %s",
+                sum(undelivered.values()),
+                ", ".join(f"{pool}: {count}" for pool, count in sorted(undelivered.items())),
+            )
         if self._admin is not None:
             await self._admin.stop()
         log.info("amqproxy stopped")
+
+    async def _deliver_outbox(self, timeout: float) -> None:
+        """Keep trying to deliver what the outbox holds, for ``timeout`` seconds at most."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self.registry.outbox.messages:
+            log.info("delivering %d message(s) from the outbox", self.registry.outbox.messages)
+        while self.registry.outbox.messages and loop.time() < deadline:
+            await asyncio.sleep(0.05)
 
     async def _wait_clients_gone(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()

@@ -19,7 +19,7 @@ from amqproxy.amqp import frames
 from amqproxy.amqp.auth import plain_response
 from amqproxy.amqp.frames import Buffer, FrameError, add_piece, add_pieces
 from amqproxy.amqp.scan import broker_run as run_scan
-from amqproxy.channel import ChannelState, LeaseState, UpstreamChannel
+from amqproxy.channel import ChannelState, Lease, LeaseState, UpstreamChannel
 from amqproxy.heartbeat import HeartbeatMixin
 
 if TYPE_CHECKING:
@@ -95,7 +95,6 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
         self.blocked_reason: str | None = None
         self.paused = False  # our write buffer toward the broker is full
         self.waiting_clients: set[ClientConnection] = set()  # paused until we drain
-        self._opening: dict[int, asyncio.Future[UpstreamChannel]] = {}
         self._next_id = 1
         self._rest = b""
         self._outbox: list[Buffer] = []  # client frames queued for the end of this loop turn
@@ -124,8 +123,13 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
                 text += f": {exc}"
         self._shutdown(code, text, expected=self._close_reason is not None)
 
-    def _shutdown(self, code: int, text: str, *, expected: bool) -> None:
-        """Tear down: fail waiters, close affected clients, leave the pool."""
+    def _shutdown(self, code: int, text: str, *, expected: bool, processed: bool = False) -> None:
+        """Tear down: hand unconfirmed messages back to the pool, tell affected clients (or let
+        their leases wait for another channel), leave the pool.
+
+        ``processed``: the broker answered our Connection.Close, so it handled every frame sent
+        before it; otherwise what it did not confirm is published again.
+        """
         if self.closed:
             return
         was_open = self.open
@@ -136,13 +140,17 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
             self._close_timer.cancel()
         if not self.ready.done():
             self.ready.set_exception(UpstreamRefused(code, text))
-        for fut in self._opening.values():
-            if not fut.done():
-                fut.set_exception(UpstreamRefused(code, text))
-        self._opening.clear()
-        clients = {ch.lease.client for ch in self.channels.values() if ch.lease is not None}
-        for client in clients:
-            client.close_with(code, text)
+        leases: dict[ClientConnection, list[Lease]] = {}
+        for up in self.channels.values():
+            if up.lease is not None:
+                leases.setdefault(up.lease.client, []).append(up.lease)
+            if processed:
+                up.outbox.take()
+            else:
+                self.pool.upstream_lost(up)
+        hold = code == c.CONNECTION_FORCED and self.settings.outbox_hold > 0
+        for client, client_leases in leases.items():
+            client.upstream_lost(client_leases, code, text, hold)
         for client in self.waiting_clients:
             client.resume_reading()
         self.waiting_clients.clear()
@@ -151,7 +159,7 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
         if was_open:
             level = logging.INFO if expected else logging.WARNING
             log.log(level, "upstream %s closed (%s): %d %s", self.name, self.peer, code, text)
-        self.pool.upstream_closed(self)
+        self.pool.upstream_closed(self, expected)
         if self.transport is not None:
             self._flush_outbox()
             self.transport.close()
@@ -250,7 +258,7 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
         except UpstreamRefused:
             log.warning("cannot delete queue %r on %s: no free channel", name, self.name)
             return
-        up = UpstreamChannel(self, channel_id)
+        up = UpstreamChannel(self, channel_id, self.pool.registry.outbox)
         up.state = ChannelState.CLOSING  # its CloseOk frees the id; nothing else matters
         self.channels[channel_id] = up
         self._write(
@@ -267,16 +275,21 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
             )
         )
 
-    def open_channel(self, preferred: int = 0) -> asyncio.Future[UpstreamChannel]:
-        """Send Channel.Open on a free id; the future resolves at the broker's OpenOk."""
+    def open_channel(self, preferred: int = 0, confirm: bool = True) -> UpstreamChannel:
+        """Send Channel.Open on a free id (and Confirm.Select: the outbox relies on confirms).
+
+        The channel is usable at once: the broker handles a channel's frames in order, and the
+        proxy chose the id, so frames sent behind the Open need not wait for OpenOk.
+        """
         channel_id = self._allocate_id(preferred)
-        up = UpstreamChannel(self, channel_id)
+        up = UpstreamChannel(self, channel_id, self.pool.registry.outbox)
         self.channels[channel_id] = up
-        fut: asyncio.Future[UpstreamChannel] = self.loop.create_future()
-        self._opening[channel_id] = fut
-        self._write(frames.encode_method(channel_id, commands.Channel.Open()))
-        self.pool.stats.channel_opens += 1
-        return fut
+        frame = frames.method_frame(channel_id, frames.CHANNEL_OPEN)
+        if confirm:
+            up.confirm_mode = True
+            frame += frames.method_frame(channel_id, frames.CONFIRM_SELECT_NOWAIT)
+        self._write(frame)
+        return up
 
     def close_channel(self, up: UpstreamChannel, text: str) -> None:
         """Close an upstream channel the proxy no longer wants (CloseOk frees its id)."""
@@ -433,6 +446,8 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
                     up.delivered += delivered
                     if confirmed >= 0:
                         up.confirmed = confirmed
+                        if up.outbox:
+                            up.outbox.confirmed_through(confirmed)
                     if moved is not None:
                         if run_client is not None:
                             add_piece(outs, run_client, view[run_start:run_end])
@@ -530,8 +545,8 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
         Returns None to drop the frame, _KEEP to forward it unchanged, or a new payload.
         """
         lease = up.lease
-        if mid in c.SYNC_REPLIES and up.pending_replies > 0:
-            up.pending_replies -= 1
+        if mid in c.SYNC_REPLIES:
+            up.reply_received()
         if mid == c.QUEUE_DECLARE_OK and lease is not None and lease.declares:
             if lease.declares.popleft():  # an exclusive queue: it dies with this client
                 declared = frames.decode_method(data[start:end])
@@ -546,6 +561,8 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
         elif mid == c.BASIC_ACK or mid == c.BASIC_NACK:
             if up.confirm_mode:
                 tag, multiple = frames.tag_and_flags(data, start)
+                if mid == c.BASIC_NACK and up.outbox:
+                    self.pool.nacked(up, tag, multiple)
                 up.confirm(tag, multiple)
                 if lease is None:
                     self.pool.maybe_settled(up)
@@ -557,16 +574,14 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
         elif mid == c.CHANNEL_OPEN_OK:
             if up.state is ChannelState.OPENING:
                 up.state = ChannelState.OPEN
-            fut = self._opening.pop(up.id, None)
-            if fut is not None and not fut.done():
-                fut.set_result(up)
-            elif fut is not None:  # the waiter gave up: nobody wants this channel now
-                self.pool.release_unleased(up)
+            if lease is None:
+                self.pool.maybe_settled(up)
             return None
         elif mid == c.CHANNEL_CLOSE:
             self._on_broker_channel_close(up, data, start, end)
             return None
         elif mid == c.CHANNEL_CLOSE_OK:
+            up.outbox.take()  # the broker handled everything sent before the Close
             self.forget_channel(up)
             if lease is not None and lease.state is LeaseState.CLOSING:
                 lease.client.channel_closed_upstream(lease)
@@ -580,14 +595,13 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
         self, up: UpstreamChannel, data: bytes, start: int, end: int
     ) -> None:
         """The broker closed a channel: answer it, free the id, tell the lease's client."""
-        self._write(frames.encode_method(up.id, commands.Channel.CloseOk()))
-        fut = self._opening.pop(up.id, None)
+        self._write(frames.method_frame(up.id, frames.CHANNEL_CLOSE_OK))
         method = frames.decode_method(data[start:end])
         assert isinstance(method, commands.Channel.Close)
-        if fut is not None and not fut.done():
-            fut.set_exception(UpstreamRefused(method.reply_code or 0, method.reply_text))
         lease = up.lease
         self.forget_channel(up)
+        failed = c.method_id(method.class_id or 0, method.method_id or 0)
+        self.pool.channel_closed_by_broker(up, method.reply_code or 0, method.reply_text, failed)
         if lease is not None:
             lease.client.channel_closed_by_broker(lease, data[start:end])
         elif up.state is not ChannelState.CLOSING:
@@ -605,7 +619,8 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
             self._close_reason = (method.reply_code or c.CONNECTION_FORCED, method.reply_text)
             self._shutdown(*self._close_reason, expected=False)
         elif mid == c.CONNECTION_CLOSE_OK:
-            self._shutdown(*(self._close_reason or (c.REPLY_SUCCESS, "closed")), expected=True)
+            reason = self._close_reason or (c.REPLY_SUCCESS, "closed")
+            self._shutdown(*reason, expected=True, processed=True)
         elif mid in (c.CONNECTION_BLOCKED, c.CONNECTION_UNBLOCKED):
             payload = data[start:end]
             if mid == c.CONNECTION_BLOCKED:

@@ -167,6 +167,8 @@ PARKED_CHANNELS = "amqproxy_parked_channels"
 LEASED_CHANNELS = "amqproxy_leased_channels"
 UPSTREAM_CONNECTS = "amqproxy_upstream_connects_total"
 UPSTREAM_CHANNEL_OPENS = "amqproxy_upstream_channel_opens_total"
+CHANNEL_REUSES = "amqproxy_channel_reuses_total"
+OUTBOX_MESSAGES = "amqproxy_outbox_messages"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -778,6 +780,7 @@ class _RelayPair:
         self.down: _RelaySide | None = None
         self.up: _RelaySide | None = None
         self.pending: list[bytes] = []
+        self.held: list[bytes] = []  # broker -> proxy data held back by hold_replies()
         self.closed = False
 
     def on_downstream(self, side: _RelaySide) -> None:
@@ -819,8 +822,16 @@ class _RelayPair:
                 self.pending.append(data)
             else:
                 self.up.transport.write(data)
+        elif self.relay.replies_held:
+            self.held.append(data)
         elif self.down is not None and self.down.transport is not None:
             self.down.transport.write(data)
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        if self.down is not None and self.down.transport is not None and not self.closed:
+            for chunk in held:
+                self.down.transport.write(chunk)
 
     def close(self, abort: bool = False) -> None:
         if self.closed:
@@ -841,12 +852,15 @@ class FaultRelay:
     mode: "forward" (default), "blackhole" (accept, never answer; drops client->broker data of
     open connections too), "refuse" (accept and close), "freeze" (open connections go silent in
     both directions and the broker's closing is not passed on: a dead network path).
-    ``cut()`` closes every relayed connection at once (both legs).
+    ``cut()`` closes every relayed connection at once (both legs). ``hold_replies()`` keeps
+    what the broker sends from reaching the proxy until ``release_replies()`` (in order): the
+    way to make a race between a broker reply and a client's next step happen on purpose.
     """
 
     def __init__(self, target: tuple[str, int] = (BROKER_HOST, BROKER_PORT)) -> None:
         self.target = target
         self.mode = "forward"
+        self.replies_held = False
         self.accepted_total = 0
         self._pairs: dict[_RelayPair, None] = {}  # insertion (accept) order
         self.loop = asyncio.new_event_loop()
@@ -896,6 +910,17 @@ class FaultRelay:
             return len(pairs)
 
         return int(self._call(do))
+
+    def hold_replies(self) -> None:
+        self._call(lambda: setattr(self, "replies_held", True))
+
+    def release_replies(self) -> None:
+        def do() -> None:
+            self.replies_held = False
+            for p in list(self._pairs):
+                p.release()
+
+        self._call(do)
 
     def close(self) -> None:
         def do() -> None:

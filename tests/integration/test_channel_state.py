@@ -366,6 +366,8 @@ def test_channel_numbers_reused_within_one_connection_share_one_upstream_channel
             ch = conn.channel()  # pika reuses the freed channel number
             ch.basic_publish("", q, f"msg-{i}".encode())
             ch.close()
+            # parked once the broker confirmed the publish (settled), then leased again
+            proxy.wait_metric(PARKED_CHANNELS, 1, **tenant.labels)
     finally:
         conn.close()
     wait_for(lambda: queue_counts(tenant, q)[0] == 20, 5)

@@ -1,4 +1,4 @@
-"""Pooling: short-lived clients reuse one upstream connection and one parked upstream channel;
+"""Pooling: short-lived clients reuse one upstream connection and its parked upstream channels;
 the proxy stays transparent (large bodies, properties, returns, broker channel errors)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import aio_pika
 import pika
 import pytest
 from conftest import (
+    CHANNEL_REUSES,
     CLIENT_CONNECTIONS,
     LEASED_CHANNELS,
     PARKED_CHANNELS,
@@ -27,36 +28,41 @@ from raw_amqp import RawAMQP, RawConnectionClose
 N = 50
 
 
-def _assert_one_upstream_one_channel(proxy, tenant) -> None:
+def _assert_one_upstream_few_channels(proxy, tenant) -> None:
+    """Sequential clients share one upstream connection and reuse its channels: a channel is
+    parked once the broker confirmed its publish, and every one of them ends up parked."""
     m = proxy.metrics()
     lbl = tenant.labels
     assert m.get(UPSTREAM_CONNECTS, **lbl) == 1, (
         f"expected exactly one upstream connection opened for the pool, got "
         f"{m.get(UPSTREAM_CONNECTS, **lbl)}"
     )
-    assert m.get(UPSTREAM_CHANNEL_OPENS, **lbl) == 1, (
-        f"expected exactly one upstream Channel.Open (parked channel reused), got "
-        f"{m.get(UPSTREAM_CHANNEL_OPENS, **lbl)}"
-    )
-    # once the last client is gone: nothing leased, the single channel parked, one upstream
+    opens = m.get(UPSTREAM_CHANNEL_OPENS, **lbl)
+    # How many channels are in rotation depends on the broker's confirm latency against the
+    # client's cycle time (test_outbox.py forces both cases); every client got one of them.
+    assert opens + m.get(CHANNEL_REUSES, **lbl) == N
+    # once the last client is gone: nothing leased, every channel parked, one upstream
     proxy.wait_metric(CLIENT_CONNECTIONS, 0, timeout=3, **lbl)
     proxy.wait_metric(LEASED_CHANNELS, 0, timeout=3, **lbl)
-    proxy.wait_metric(PARKED_CHANNELS, 1, timeout=3, **lbl)
+    proxy.wait_metric(PARKED_CHANNELS, opens, timeout=3, **lbl)
     proxy.wait_metric(UPSTREAM_CONNECTIONS, 1, timeout=3, **lbl)
 
 
-def _assert_in_order(tenant, queue: str, n: int = N) -> None:
+def _assert_each_once(tenant, queue: str, n: int = N) -> None:
+    """Every message arrived, exactly once. Sequential clients may publish on different
+    upstream channels (a channel is handed on only once the broker confirmed its publishes),
+    and the broker does not order messages across channels: compare as sets."""
     wait_for(
         lambda: queue_counts(tenant, queue)[0] >= n,
         5,
         message=lambda: f"expected {n} messages in {queue}, have {queue_counts(tenant, queue)}",
     )
-    bodies = [b for b, _, _ in drain(tenant, queue)]
-    assert bodies == [f"msg-{i}".encode() for i in range(n)]
+    bodies = sorted(b for b, _, _ in drain(tenant, queue))
+    assert bodies == sorted(f"msg-{i}".encode() for i in range(n))
 
 
 @pytest.mark.timeout(60)
-def test_pika_50_short_lived_publishers_share_one_upstream_connection_and_channel(
+def test_pika_50_short_lived_publishers_share_one_upstream_connection_and_its_channels(
     proxy, tenant, queues
 ):
     q = queues.declare(tenant)
@@ -67,13 +73,13 @@ def test_pika_50_short_lived_publishers_share_one_upstream_connection_and_channe
         if i % 2:
             ch.close()  # explicit Channel.Close (answered locally) half of the time
         conn.close()
-    _assert_in_order(tenant, q)
-    _assert_one_upstream_one_channel(proxy, tenant)
+    _assert_each_once(tenant, q)
+    _assert_one_upstream_few_channels(proxy, tenant)
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("confirms", [True, False], ids=["confirms", "no-confirms"])
-def test_aio_pika_50_short_lived_publishers_share_one_upstream_connection_and_channel(
+def test_aio_pika_50_short_lived_publishers_share_one_upstream_connection_and_its_channels(
     proxy, tenant, queues, confirms
 ):
     """With confirms aio-pika publishes mandatory (returns arrive before the acks, so the
@@ -94,8 +100,8 @@ def test_aio_pika_50_short_lived_publishers_share_one_upstream_connection_and_ch
             await conn.close()
 
     asyncio.run(run())
-    _assert_in_order(tenant, q)
-    _assert_one_upstream_one_channel(proxy, tenant)
+    _assert_each_once(tenant, q)
+    _assert_one_upstream_few_channels(proxy, tenant)
 
 
 @pytest.mark.timeout(60)
@@ -115,7 +121,7 @@ def test_aio_pika_mandatory_publishes_without_confirms_all_arrive(proxy, tenant,
             await conn.close()
 
     asyncio.run(run())
-    _assert_in_order(tenant, q)
+    _assert_each_once(tenant, q)
     assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) == 1
 
 
@@ -177,9 +183,19 @@ def test_large_message_and_properties_round_trip(proxy, tenant, queues):
         assert method is not None, "message not in queue"
         assert got == body
         for field in (
-            "content_type", "content_encoding", "headers", "delivery_mode", "priority",
-            "correlation_id", "reply_to", "expiration", "message_id", "timestamp", "type",
-            "user_id", "app_id",
+            "content_type",
+            "content_encoding",
+            "headers",
+            "delivery_mode",
+            "priority",
+            "correlation_id",
+            "reply_to",
+            "expiration",
+            "message_id",
+            "timestamp",
+            "type",
+            "user_id",
+            "app_id",
         ):
             assert getattr(got_props, field) == getattr(props, field), field
         ch.basic_ack(method.delivery_tag)
@@ -230,9 +246,7 @@ def test_mandatory_unroutable_publish_is_returned(proxy, tenant):
 
 
 @pytest.mark.timeout(30)
-def test_broker_channel_error_reaches_client_and_spares_the_shared_upstream(
-    proxy, tenant, queues
-):
+def test_broker_channel_error_reaches_client_and_spares_the_shared_upstream(proxy, tenant, queues):
     """404 on a publish to a missing exchange closes only that channel; frames the client sends
     after the broker's Channel.Close must not reach the broker (that would be a connection
     error on the shared upstream). A bystander on the same pool keeps working."""
@@ -292,8 +306,9 @@ def test_channel_closed_by_broker_is_not_parked(proxy, tenant, queues):
 
 
 @pytest.mark.timeout(30)
-def test_max_upstream_channels_opens_more_upstream_connections(module_proxy_factory, tenant,
-                                                                queues):
+def test_max_upstream_channels_opens_more_upstream_connections(
+    module_proxy_factory, tenant, queues
+):
     p = module_proxy_factory("-t", "60", "--max-upstream-channels", "2")
     q = queues.declare(tenant)
     conns = [p.connect(tenant) for _ in range(3)]
@@ -406,7 +421,7 @@ def test_no_park_channels_opens_a_channel_per_client_but_keeps_the_connection(
         c = p.connect(tenant)
         c.channel().basic_publish("", q, f"msg-{i}".encode())
         c.close()
-    _assert_in_order(tenant, q, 10)
+    _assert_each_once(tenant, q, 10)
     assert p.metric(UPSTREAM_CONNECTS, **tenant.labels) == 1
     assert p.metric(UPSTREAM_CHANNEL_OPENS, **tenant.labels) == 10
     p.wait_metric(PARKED_CHANNELS, 0, **tenant.labels)
@@ -439,16 +454,14 @@ def test_async_channel_error_after_client_left_is_logged_and_channel_not_reused(
         c = proxy.connect(tenant)
         c.channel().basic_publish("", q, f"msg-{i}".encode())
         c.close()
-    _assert_in_order(tenant, q, 3)
+    _assert_each_once(tenant, q, 3)
     assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) == 1
-    # first channel died with the 404; one new channel serves the next three clients
-    assert proxy.metric(UPSTREAM_CHANNEL_OPENS, **tenant.labels) == 2
+    # the first channel died with the 404 and was never handed on: new ones serve the rest
+    assert 2 <= proxy.metric(UPSTREAM_CHANNEL_OPENS, **tenant.labels) <= 4
 
 
 @pytest.mark.timeout(40)
-def test_pika_close_racing_a_broker_channel_error_does_not_kill_the_connection(
-    proxy, tenant
-):
+def test_pika_close_racing_a_broker_channel_error_does_not_kill_the_connection(proxy, tenant):
     """pika closes its channels on connection.close(); when the broker's asynchronous 404
     crosses that Channel.Close, a broker answers CloseOk and carries on. Against RabbitMQ
     directly this never raises; through the proxy it must not either."""
@@ -473,8 +486,11 @@ def test_crossing_channel_close_is_answered_like_the_broker(proxy, tenant):
         raw.send(1, commands.Channel.Close(200, "bye", 0, 0))
         raw.send(1, commands.Channel.CloseOk())
         raw.open_channel(1)
-        raw.rpc(1, commands.Exchange.Declare(exchange="amq.direct", exchange_type="direct",
-                                             passive=True), commands.Exchange.DeclareOk)
+        raw.rpc(
+            1,
+            commands.Exchange.Declare(exchange="amq.direct", exchange_type="direct", passive=True),
+            commands.Exchange.DeclareOk,
+        )
     finally:
         raw.close()
 

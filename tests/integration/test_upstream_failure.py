@@ -12,6 +12,7 @@ import uuid
 import pika
 import pytest
 from conftest import (
+    OUTBOX_MESSAGES,
     UPSTREAM_CONNECTIONS,
     UPSTREAM_CONNECTS,
     drain,
@@ -52,9 +53,12 @@ def _check_closed(results, n, code=320, within=1.0, text=None):
 
 
 @pytest.mark.timeout(40)
-def test_relay_cut_closes_clients_within_a_second_and_next_client_works(
+def test_relay_cut_closes_confirm_clients_within_a_second_and_plain_publishers_carry_on(
     proxy_factory, fault_relay, tenant, queues
 ):
+    """A client that selected confirms learns of the lost upstream at once (its unconfirmed
+    messages are its own); publishers without confirms, whose messages the proxy answers
+    for, carry on unaware on a new upstream connection (the outbox replays what was lost)."""
     p = proxy_factory("-t", "60", upstream=fault_relay.url)
     q = queues.declare(tenant)
     clients = [p.connect(tenant) for _ in range(3)]
@@ -63,21 +67,25 @@ def test_relay_cut_closes_clients_within_a_second_and_next_client_works(
     for ch in chans:
         ch.basic_publish("", q, b"before")
     assert fault_relay.connections == 1, "expected one shared upstream connection"
+    p.wait_metric(OUTBOX_MESSAGES, 0, **tenant.labels)  # all confirmed: nothing to replay
 
     t0 = time.monotonic()
     assert fault_relay.cut() == 1
-    results = _wait_closed(clients, t0)
-    _check_closed(results, 3)
-    p.wait_metric(UPSTREAM_CONNECTIONS, 0, **tenant.labels)
+    _check_closed(_wait_closed([clients[2]], t0), 1)
+    for i, ch in enumerate(chans[:2]):
+        ch.basic_publish("", q, f"after-{i}".encode())
+        clients[i].close()  # no error: the proxy kept their channels
+    p.wait_metric(UPSTREAM_CONNECTIONS, 1, **tenant.labels)
+    assert p.metric(UPSTREAM_CONNECTS, **tenant.labels) == 2
 
     nxt = p.connect(tenant)
     ch = nxt.channel()
     ch.confirm_delivery()
-    ch.basic_publish("", q, b"after")
+    ch.basic_publish("", q, b"next")
     nxt.close()
-    assert p.metric(UPSTREAM_CONNECTS, **tenant.labels) == 2
-    bodies = [b for b, _, _ in drain(tenant, q)]
-    assert bodies.count(b"before") == 3 and bodies[-1] == b"after"
+    wait_for(lambda: queue_counts(tenant, q)[0] == 6, 5)
+    bodies = sorted(b for b, _, _ in drain(tenant, q))
+    assert bodies == [b"after-0", b"after-1", b"before", b"before", b"before", b"next"]
 
 
 @pytest.mark.timeout(40)
@@ -113,28 +121,41 @@ def test_relay_cut_releases_client_blocked_in_a_synchronous_call(
 
 @pytest.mark.timeout(40)
 def test_broker_close_connection_forwards_code_and_text(proxy, tenant, queues):
+    """Clients that selected confirms get the broker's own Connection.Close; a publisher
+    without confirms carries on (its channel moves to a new upstream connection)."""
     q = queues.declare(tenant)
-    clients = [proxy.connect(tenant, client_properties={"connection_name": f"victim-{i}"})
-               for i in range(2)]
+    clients = [
+        proxy.connect(tenant, client_properties={"connection_name": f"victim-{i}"})
+        for i in range(3)
+    ]
     chans = [c.channel() for c in clients]
+    for ch in chans[:2]:
+        ch.confirm_delivery()
     for ch in chans:
         ch.basic_publish("", q, b"x")
+    proxy.wait_metric(OUTBOX_MESSAGES, 0, **tenant.labels)
 
     def upstreams():
         rows = list_connections("pid", "vhost", "user", "client_properties")
         return [
-            r for r in rows
+            r
+            for r in rows
             if r.get("vhost") == tenant.vhost
             and "itest-direct" not in r.get("client_properties", "")
         ]
 
-    ups = wait_for(lambda: upstreams() if len(upstreams()) == 1 else None, 5,
-                   message="expected exactly one upstream connection for the tenant")
+    ups = wait_for(
+        lambda: upstreams() if len(upstreams()) == 1 else None,
+        5,
+        message="expected exactly one upstream connection for the tenant",
+    )
     reason = f"itest-forced-{uuid.uuid4().hex[:6]}"
     rabbitmqctl("close_connection", ups[0]["pid"], reason)
     t0 = time.monotonic()
-    results = _wait_closed(clients, t0)
+    results = _wait_closed(clients[:2], t0)
     _check_closed(results, 2, code=320, within=1.0, text=reason)
+    chans[2].basic_publish("", q, b"plain-after")
+    clients[2].close()
 
     nxt = proxy.connect(tenant)
     ch = nxt.channel()
@@ -142,14 +163,22 @@ def test_broker_close_connection_forwards_code_and_text(proxy, tenant, queues):
     ch.basic_publish("", q, b"after")
     nxt.close()
     assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) == 2
-    wait_for(lambda: queue_counts(tenant, q)[0] == 3, 5)
+    wait_for(lambda: queue_counts(tenant, q)[0] == 5, 5)
 
 
 @pytest.mark.timeout(40)
 def test_broker_down_gives_clean_close_not_hang(proxy_factory, tenant):
     dead = f"amqp://127.0.0.1:{free_port()}"
-    p = proxy_factory("-t", "60", "--connect-timeout", "2", "--handshake-timeout", "2",
-                      upstream=dead, healthz=False)
+    p = proxy_factory(
+        "-t",
+        "60",
+        "--connect-timeout",
+        "2",
+        "--handshake-timeout",
+        "2",
+        upstream=dead,
+        healthz=False,
+    )
     for _ in range(2):
         t0 = time.monotonic()
         with pytest.raises(pika.exceptions.AMQPConnectionError) as ei:
@@ -163,8 +192,9 @@ def test_broker_down_gives_clean_close_not_hang(proxy_factory, tenant):
 @pytest.mark.timeout(40)
 def test_blackholed_broker_gives_clean_close_within_timeouts(proxy_factory, fault_relay, tenant):
     """Broker accepts TCP but never speaks: the upstream handshake times out, the client is told."""
-    p = proxy_factory("-t", "60", "--connect-timeout", "2", "--handshake-timeout", "2",
-                      upstream=fault_relay.url)
+    p = proxy_factory(
+        "-t", "60", "--connect-timeout", "2", "--handshake-timeout", "2", upstream=fault_relay.url
+    )
     fault_relay.mode = "blackhole"
     t0 = time.monotonic()
     with pytest.raises(pika.exceptions.AMQPConnectionError) as ei:
@@ -177,8 +207,12 @@ def test_blackholed_broker_gives_clean_close_within_timeouts(proxy_factory, faul
 
 @pytest.mark.timeout(40)
 def test_broker_back_after_outage_serves_next_client(proxy_factory, fault_relay, tenant, queues):
+    """Without the outage hold, a client that connects while the broker is unreachable gets a
+    clean 320 (test_outbox.py covers the hold)."""
     q = queues.declare(tenant)
-    p = proxy_factory("-t", "60", "--connect-timeout", "2", upstream=fault_relay.url)
+    p = proxy_factory(
+        "-t", "60", "--connect-timeout", "2", "--outbox-hold", "0", upstream=fault_relay.url
+    )
     c = p.connect(tenant)
     first = c.channel()
     first.confirm_delivery()  # "one" is at the broker before the relay is cut
@@ -240,9 +274,7 @@ def test_aio_pika_client_told_when_upstream_dies(proxy_factory, fault_relay, ten
     async def run() -> tuple[float, BaseException | None]:
         conn = await aio_pika.connect(p.url(tenant), timeout=10)
         closed: asyncio.Future = asyncio.get_running_loop().create_future()
-        conn.close_callbacks.add(
-            lambda _sender, exc: closed.done() or closed.set_result(exc)
-        )
+        conn.close_callbacks.add(lambda _sender, exc: closed.done() or closed.set_result(exc))
         ch = await conn.channel()
         await ch.default_exchange.publish(aio_pika.Message(b"x"), q)
         t0 = time.monotonic()

@@ -1,10 +1,12 @@
 """Confirm bookkeeping that decides when a released channel may be parked."""
 
-from amqproxy.channel import UpstreamChannel
+from amqproxy.channel import ChannelState, UpstreamChannel
+from amqproxy.outbox import Totals
 
 
 def channel() -> UpstreamChannel:
-    up = UpstreamChannel(conn=None, channel_id=1)  # type: ignore[arg-type]
+    up = UpstreamChannel(conn=None, channel_id=1, totals=Totals(1 << 20))  # type: ignore[arg-type]
+    up.state = ChannelState.OPEN
     up.confirm_mode = True
     return up
 
@@ -42,7 +44,13 @@ def test_multiple_ack_covers_everything_below() -> None:
 
 def test_pending_replies_block_settling() -> None:
     up = channel()
-    up.pending_replies = 1
+    up.request_sent()
     assert not up.settled
-    up.pending_replies = 0
+    up.reply_received()
     assert up.settled
+
+
+def test_a_channel_is_not_settled_before_its_open_ok() -> None:
+    up = channel()
+    up.state = ChannelState.OPENING
+    assert not up.settled

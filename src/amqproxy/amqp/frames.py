@@ -31,12 +31,15 @@ def _payload(method: Method) -> bytes:
     return frame.marshal(method, 0)[7:-1]
 
 
-# Payloads of the argument-less replies the proxy sends itself, encoded once.
+# Payloads of the argument-less methods the proxy sends itself, encoded once.
+CHANNEL_OPEN = _payload(commands.Channel.Open())
+CONFIRM_SELECT_NOWAIT = _payload(commands.Confirm.Select(nowait=True))
 CONNECTION_OPEN_OK = _payload(commands.Connection.OpenOk())
 CONNECTION_CLOSE_OK = _payload(commands.Connection.CloseOk())
 CHANNEL_OPEN_OK = _payload(commands.Channel.OpenOk())
 CHANNEL_CLOSE_OK = _payload(commands.Channel.CloseOk())
 CONFIRM_SELECT_OK = _payload(commands.Confirm.SelectOk())
+CONNECTION_UNBLOCKED = _payload(commands.Connection.Unblocked())
 CONNECTION_UPDATE_SECRET_OK = _payload(commands.Connection.UpdateSecretOk())
 
 
