@@ -209,13 +209,13 @@ class Lease:
         self.totals.add(len(frame), 0)
         return self.backlog_size
 
-    def take_backlog(self) -> bytes:
-        """The frames kept so far, at once; the lease keeps no backlog afterwards."""
+    def take_backlog(self) -> tuple[bytes, int]:
+        """The frames kept so far, joined, and the bytes they counted toward the outbox limit:
+        the caller uncounts them once it has passed them on (so that the limit never sees them
+        leave before they arrive where they go)."""
         backlog, self.backlog = self.backlog, None
-        if self.backlog_size:
-            self.totals.remove(self.backlog_size, 0)
-            self.backlog_size = 0
-        return b"".join(backlog) if backlog else b""
+        size, self.backlog_size = self.backlog_size, 0
+        return (b"".join(backlog) if backlog else b""), size
 
     def drop_partial_publish(self) -> None:
         """Forget a message the client did not complete: it never goes upstream."""

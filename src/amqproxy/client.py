@@ -383,7 +383,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         basic_publish = c.BASIC_PUBLISH
         watched = _WATCHED
         outbox = self.registry.outbox
-        kept_before = outbox.messages
+        kept_before = outbox.bytes
         try:
             while length - pos >= 7:
                 ftype, channel_id, size = unpack(data, pos)
@@ -537,7 +537,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         if error is None and pos < length and self.state is State.OPEN:
             self._rest = data[pos:]
         self._flush(outs)
-        if outbox.full and outbox.messages > kept_before:
+        if outbox.full and outbox.bytes > kept_before:
             self._hold_for_outbox()
         if error is not None:
             self.close_with(error.code, error.text)
@@ -874,9 +874,10 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         if not lease.announced:
             lease.announced = True
             self._write(frames.method_frame(lease.channel_id, frames.CHANNEL_OPEN_OK))
-        backlog = lease.take_backlog()
+        backlog, counted = lease.take_backlog()
         if backlog:
             self._process(backlog)
+        self.registry.outbox.remove(counted, 0)
         self.release_reading("backlog")
 
     def upstream_lost(self, leases: list[Lease], code: int, text: str, hold: bool) -> None:

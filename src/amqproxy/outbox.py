@@ -200,8 +200,9 @@ class ChannelOutbox:
         frames: tuple[Buffer, ...],
         origin: str,
         since: float,
-        attempts: int = 0,
+        attempts: int = 1,
     ) -> None:
+        """Keep frames sent upstream; ``attempts``: how often these messages were sent."""
         size = sum(len(frame) for frame in frames)
         self.entries.append(Entry(last_tag, count, frames, size, origin, since, attempts))
         self.size += size

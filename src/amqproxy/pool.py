@@ -20,7 +20,7 @@ from amqproxy.amqp.frames import Buffer
 from amqproxy.channel import ChannelState, Lease, UpstreamChannel
 from amqproxy.config import Settings
 from amqproxy.outbox import MAX_ATTEMPTS, Message, Totals, publishes_in, refused_index, unconfirmed
-from amqproxy.upstream import DEFAULT_FRAME_MAX, UpstreamConnection, UpstreamRefused
+from amqproxy.upstream import DEFAULT_FRAME_MAX, UpstreamConnection, UpstreamRefused, _retrieve
 
 if TYPE_CHECKING:
     from amqproxy.client import ClientConnection
@@ -127,6 +127,7 @@ class Pool:
         """Open one more upstream connection; concurrent callers share one attempt."""
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._connect())
+            self._connecting.add_done_callback(_retrieve)
         attempt = self._connecting
         try:
             return await asyncio.shield(attempt)
@@ -324,9 +325,7 @@ class Pool:
     def _adopt_backlog(self, lease: Lease) -> None:
         """A client left a channel that never got its upstream (an outage was held): its whole
         publishes are the proxy's now, the rest of what it sent is dropped."""
-        data = lease.take_backlog()
-        if not data:
-            return
+        data, counted = lease.take_backlog()
         now = asyncio.get_running_loop().time()
         origin = lease.client.identity
         messages = [
@@ -336,6 +335,7 @@ class Pool:
         if messages:
             log.debug("%d message(s) of %s wait for the broker", len(messages), origin)
             self.enqueue(messages)
+        self.registry.outbox.remove(counted, 0)
 
     def enqueue(self, messages: list[Message]) -> None:
         """Messages to publish on a channel of this pool as soon as there is one, in order."""
@@ -467,6 +467,9 @@ class Pool:
         """(messages, bytes, oldest acceptance time) of this pool's outbox."""
         messages = len(self.pending)
         size = sum(message.size for message in self.pending)
+        size += sum(
+            lease.backlog_size for client in self.clients for lease in client.leases.values()
+        )
         oldest = self.pending[0].since if self.pending else None
         for conn in self.upstreams:
             for up in conn.channels.values():
@@ -481,12 +484,14 @@ class Pool:
 
     # ---- housekeeping -----------------------------------------------------------------------
 
-    def upstream_closed(self, conn: UpstreamConnection, expected: bool) -> None:
+    def upstream_closed(self, conn: UpstreamConnection, lost: bool) -> None:
+        """``conn`` is gone; ``lost``: it was open and we did not close it (an outage starts
+        unless another connection of the pool is live)."""
         if conn in self.upstreams:
             self.upstreams.remove(conn)
         self.parked = [up for up in self.parked if up.conn is not conn]
         self.settling = {up for up in self.settling if up.conn is not conn}
-        if not expected:
+        if lost:
             self._enter_outage()
         if self.pending:
             self._ensure_recovery()

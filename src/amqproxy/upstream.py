@@ -63,6 +63,12 @@ _U32 = struct.Struct(">I")
 _TAG_AND_BITS = struct.Struct(">QB")
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a future's exception as seen: its waiter may have timed out and gone."""
+    if not future.cancelled():
+        future.exception()
+
+
 class UpstreamRefused(Exception):
     """The broker refused or dropped the connection; ``code``/``text`` go to the client."""
 
@@ -82,6 +88,7 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.loop = loop
         self.ready: asyncio.Future[None] = loop.create_future()
+        self.ready.add_done_callback(_retrieve)  # a failed handshake nobody waits for any more
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self.open = False  # handshake done and not closing
@@ -121,7 +128,9 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
             code, text = c.CONNECTION_FORCED, "CONNECTION_FORCED - upstream connection lost"
             if exc is not None:
                 text += f": {exc}"
-        self._shutdown(code, text, expected=self._close_reason is not None)
+        # Only our own polite close (200) is expected; heartbeats, resets and bad frames are not.
+        expected = self._close_reason is not None and self._close_reason[0] == c.REPLY_SUCCESS
+        self._shutdown(code, text, expected=expected)
 
     def _shutdown(self, code: int, text: str, *, expected: bool, processed: bool = False) -> None:
         """Tear down: hand unconfirmed messages back to the pool, tell affected clients (or let
@@ -159,7 +168,7 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
         if was_open:
             level = logging.INFO if expected else logging.WARNING
             log.log(level, "upstream %s closed (%s): %d %s", self.name, self.peer, code, text)
-        self.pool.upstream_closed(self, expected)
+        self.pool.upstream_closed(self, lost=was_open and not expected)
         if self.transport is not None:
             self._flush_outbox()
             self.transport.close()

@@ -769,7 +769,7 @@ class _RelaySide(asyncio.Protocol):
         self.pair.forward(self, data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.relay.mode == "freeze" and self.name == "up":
+        if self.pair.frozen and self.name == "up":
             return  # a frozen network: the proxy side must notice the silence by itself
         self.pair.close()
 
@@ -781,6 +781,7 @@ class _RelayPair:
         self.up: _RelaySide | None = None
         self.pending: list[bytes] = []
         self.held: list[bytes] = []  # broker -> proxy data held back by hold_replies()
+        self.frozen = False
         self.closed = False
 
     def on_downstream(self, side: _RelaySide) -> None:
@@ -813,7 +814,9 @@ class _RelayPair:
         self.pending.clear()
 
     def forward(self, src: _RelaySide, data: bytes) -> None:
-        if self.closed or self.relay.mode == "freeze":
+        if self.relay.mode == "freeze":
+            self.frozen = True  # a dead path stays dead: TCP never resumes after lost bytes
+        if self.closed or self.frozen:
             return
         if src is self.down:
             if self.relay.mode == "blackhole":
@@ -851,7 +854,8 @@ class FaultRelay:
 
     mode: "forward" (default), "blackhole" (accept, never answer; drops client->broker data of
     open connections too), "refuse" (accept and close), "freeze" (open connections go silent in
-    both directions and the broker's closing is not passed on: a dead network path).
+    both directions for good and the broker's closing is not passed on: a dead network path;
+    connections made after the mode changes back work).
     ``cut()`` closes every relayed connection at once (both legs). ``hold_replies()`` keeps
     what the broker sends from reaching the proxy until ``release_replies()`` (in order): the
     way to make a race between a broker reply and a client's next step happen on purpose.
@@ -859,7 +863,7 @@ class FaultRelay:
 
     def __init__(self, target: tuple[str, int] = (BROKER_HOST, BROKER_PORT)) -> None:
         self.target = target
-        self.mode = "forward"
+        self._mode = "forward"
         self.replies_held = False
         self.accepted_total = 0
         self._pairs: dict[_RelayPair, None] = {}  # insertion (accept) order
@@ -910,6 +914,21 @@ class FaultRelay:
             return len(pairs)
 
         return int(self._call(do))
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        self._mode = mode
+        if mode == "freeze" and self.thread.is_alive():
+
+            def freeze_all() -> None:
+                for p in self._pairs:
+                    p.frozen = True
+
+            self._call(freeze_all)
 
     def hold_replies(self) -> None:
         self._call(lambda: setattr(self, "replies_held", True))

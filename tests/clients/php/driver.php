@@ -110,6 +110,29 @@ $commands['publish_one'] = function (array $a): array {
     return ['ok' => true];
 };
 
+// Publish-and-close cycles for `seconds` (no confirms, as a PHP-FPM worker does): which
+// bodies were handed over (Connection.CloseOk received) and which cycles failed, and how.
+$commands['publish_loop'] = function (array $a): array {
+    $ok = [];
+    $errors = [];
+    $deadline = microtime(true) + (float)$a['seconds'];
+    for ($i = 0; microtime(true) < $deadline; $i++) {
+        $body = $a['prefix'] . '-' . $i;
+        try {
+            $conn = connect($a);
+            $ch = $conn->channel();
+            $ch->basic_publish(new AMQPMessage($body), '', $a['q']);
+            $ch->close();
+            $conn->close();
+            $ok[] = $body;
+        } catch (Throwable $e) {
+            $errors[] = [$body, get_class($e) . ': ' . $e->getMessage()];
+            usleep(10000);
+        }
+    }
+    return ['ok' => $ok, 'errors' => $errors];
+};
+
 $commands['props'] = function (array $a): array {
     $conn = connect($a);
     $ch = $conn->channel();
