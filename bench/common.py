@@ -136,10 +136,14 @@ class Proxy:
 
     module = "amqproxy"  # the runner's --proxy-module changes it (e.g. to test the skip path)
 
-    def __init__(self, upstream: str, ca: str | None = None, idle: float | None = None) -> None:
+    def __init__(
+        self, upstream: str, ca: str | None = None, idle: float | None = None,
+        src: str | None = None,
+    ) -> None:
         self.upstream = upstream
         self.ca = ca
         self.idle = idle
+        self.src = src  # another checkout's src/ (A/B against a baseline), else this repo's
         self.port = 0
         self.http_port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -178,7 +182,7 @@ class Proxy:
         if self.idle is not None:
             cmd += ["-t", str(self.idle)]
         cmd.append(self.upstream)
-        env = proxy_env()
+        env = proxy_env(self.src)
         if self.ca:
             env["AMQPROXY_UPSTREAM_CA"] = self.ca
         os.makedirs(RESULTS_DIR, exist_ok=True)
@@ -250,11 +254,28 @@ class Proxy:
         self.proc = None
 
 
-def proxy_env() -> dict[str, str]:
+def proxy_env(src: str | None = None) -> dict[str, str]:
+    """The environment to run `python -m amqproxy` from `src` (this repo's src/ by default)."""
     env = dict(os.environ)
-    src = os.path.join(REPO_DIR, "src")
+    src = src or os.path.join(REPO_DIR, "src")
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
+
+
+def baseline_src(ref: str) -> str:
+    """src/ of a checkout of `ref` (a git worktree under bench/results, C scanner built in
+    place), for A/B runs of this proxy against an earlier version of itself."""
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short", ref], cwd=REPO_DIR, capture_output=True, text=True,
+        check=True,
+    ).stdout.strip()
+    tree = os.path.join(RESULTS_DIR, f"baseline-{sha}")
+    if not os.path.isdir(tree):
+        subprocess.run(["git", "worktree", "add", "--detach", tree, sha], cwd=REPO_DIR,
+                       check=True, capture_output=True)
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tree,
+                   capture_output=True)
+    return os.path.join(tree, "src")
 
 
 class Socat:

@@ -152,6 +152,7 @@ class Bench:
         self.broker_pid = pid_listening_on(BROKER_PORT)
         self.s3_procs = 1
         self.scanner = "unknown"  # the proxy's frame scanner, from its startup line
+        self.baseline: str | None = None  # src/ of an earlier version measured beside (--baseline)
         self.t0 = time.monotonic()
 
     # -- resources -------------------------------------------------------------------------
@@ -175,12 +176,20 @@ class Bench:
                 log(f"delay relay RTT {rtt} ms: basic.qos {cal['median_ms']:.2f} ms median")
         return self.relays[key].port
 
-    def proxy(self, upstream_port: int, tls: bool = False) -> Proxy | None:
-        """The proxy in front of `upstream_port` (started once, kept for the session)."""
+    @property
+    def proxy_modes(self) -> list[str]:
+        """The proxies measured beside direct: ours, and the baseline version with --baseline."""
+        return ["proxy", "baseline"] if self.baseline else ["proxy"]
+
+    def proxy(self, upstream_port: int, tls: bool = False, kind: str = "proxy") -> Proxy | None:
+        """The proxy (``kind`` "baseline": the --baseline version) in front of `upstream_port`
+        (started once, kept for the session)."""
         if not self.proxy_ok:
             return None
         scheme = "amqps" if tls else "amqp"
         url = f"{scheme}://127.0.0.1:{upstream_port}"
+        if kind == "baseline":
+            url += "#baseline"
         p = self.proxies.get(url)
         if p is not None and p.alive():
             return p
@@ -190,7 +199,8 @@ class Bench:
         if url in self.proxy_failed:
             return None
         try:
-            p = Proxy(url, ca=self.tls.ca if tls else None).start()
+            src = self.baseline if kind == "baseline" else None
+            p = Proxy(url.split("#")[0], ca=self.tls.ca if tls else None, src=src).start()
         except ProxyUnavailable as e:
             self.proxy_failed[url] = str(e)
             self.notes.append(str(e))
@@ -262,7 +272,7 @@ class Bench:
         for rep in range(m.repeats):
             for client, tls, rtt in cases:
                 case = {"client": client, "tls": tls, "rtt_ms": rtt}
-                for mode in self.order(rep, ["direct", "proxy"]):
+                for mode in self.order(rep, ["direct", *self.proxy_modes]):
                     self.s1_run(case, mode, rep)
 
     def s1_run(self, case: dict[str, Any], mode: str, rep: int) -> None:
@@ -274,7 +284,7 @@ class Bench:
         if mode == "direct":
             target = Target(up_port, tls_ca=self.tls.ca if tls else None)
         else:
-            p = self.proxy(up_port, tls)
+            p = self.proxy(up_port, tls, kind=mode)
             if p is None:
                 run.skipped = self.proxy_reason or "proxy unavailable"
                 self.add(run)
@@ -302,7 +312,7 @@ class Bench:
         tests = ["publish", "confirm", "consume_noack", "consume_ack"]
         for rep in range(self.mode.repeats):
             for test in tests:
-                for mode in self.order(rep, ["direct", "socat", "proxy"]):
+                for mode in self.order(rep, ["direct", "socat", *self.proxy_modes]):
                     self.s2_run(test, mode, rep)
 
     def s2_run(self, test: str, mode: str, rep: int) -> None:
@@ -316,7 +326,7 @@ class Bench:
             assert self.socat is not None
             port, pid, children = self.socat.port, self.socat.pid, True
         else:
-            p = self.proxy(BROKER_PORT)
+            p = self.proxy(BROKER_PORT, kind=mode)
             if p is None:
                 run.skipped = self.proxy_reason or "proxy unavailable"
                 self.add(run)
@@ -370,7 +380,7 @@ class Bench:
         for rep in range(m.repeats):
             for rtt in m.s3_rtts:
                 for loops in m.s3_loops:
-                    for mode in self.order(rep, ["direct", "proxy"]):
+                    for mode in self.order(rep, ["direct", *self.proxy_modes]):
                         self.s3_run({"loops": loops, "rtt_ms": rtt}, mode, rep)
 
     def s3_run(self, case: dict[str, Any], mode: str, rep: int) -> None:
@@ -385,7 +395,7 @@ class Bench:
                 return
             port = up_port
         else:
-            proxy = self.proxy(up_port)
+            proxy = self.proxy(up_port, kind=mode)
             if proxy is None:
                 run.skipped = self.proxy_reason or "proxy unavailable"
                 self.add(run)
@@ -395,6 +405,7 @@ class Bench:
         queue = admin.new_queue("s3")
         sampler = _MetricSampler(proxy) if proxy else None
         connects0 = proxy.metric("amqproxy_upstream_connects_total") if proxy else None
+        opens0 = proxy.metric("amqproxy_upstream_channel_opens_total") if proxy else None
         bcpu0 = _cpu(self.broker_pid, False)
         pcpu0 = _cpu(proxy.pid, True) if proxy else None
         try:
@@ -421,6 +432,9 @@ class Bench:
                 if pcpu0 is not None and pcpu1 is not None and n:
                     run.metrics["proxy_cpu_us_per_pub"] = (pcpu1 - pcpu0) / n * 1e6
                     run.metrics["proxy_cpu_frac"] = (pcpu1 - pcpu0) / res["elapsed_s"]
+                opens1 = proxy.metric("amqproxy_upstream_channel_opens_total")
+                if opens0 is not None and opens1 is not None:
+                    run.metrics["upstream_channel_opens"] = opens1 - opens0
                 connects1 = proxy.metric("amqproxy_upstream_connects_total")
                 if connects0 is not None and connects1 is not None:
                     run.metrics["upstream_connects"] = connects1 - connects0
@@ -830,6 +844,9 @@ def summarize(bench: Bench) -> tuple[str, dict[str, Any]]:
         }
         lines.append("")
 
+    if bench.baseline:
+        lines += _ab_lines(groups, vals, summary)
+
     verdicts = _target_lines(summary)
     if verdicts:
         lines.append("Targets (BENCHMARKS.md) beyond S1:")
@@ -859,6 +876,37 @@ def summarize(bench: Bench) -> tuple[str, dict[str, Any]]:
     for n in bench.notes[:10]:
         lines.append(f"  note: {n[:400]}")
     return "\n".join(lines), summary
+
+
+_AB_METRICS = {
+    "S1": [("mean_ms", "ms/cycle")],
+    "S2": [("msg_s", "msg/s"), ("cpu_us_per_msg", "proxy µs/msg"),
+           ("broker_cpu_us_per_msg", "broker µs/msg")],
+    "S3": [("pub_s", "pub/s"), ("proxy_cpu_us_per_pub", "proxy µs/cycle"),
+           ("broker_cpu_us_per_pub", "broker µs/pub")],
+}
+
+
+def _ab_lines(
+    groups: dict[tuple[str, str], dict[str, list[Run]]],
+    vals: Any,
+    summary: dict[str, Any],
+) -> list[str]:
+    """This proxy beside the --baseline version, run by run interleaved: medians and ratio."""
+    lines = ["A/B: this proxy / the baseline version (medians of the interleaved repeats)"]
+    for (scenario, key), g in sorted(groups.items()):
+        if "baseline" not in g:
+            continue
+        case = ", ".join(f"{k}={v}" for k, v in json.loads(key).items())
+        for metric, label in _AB_METRICS.get(scenario, []):
+            a, b = _med(vals(g.get("proxy", []), metric)), _med(vals(g["baseline"], metric))
+            if math.isnan(a) and math.isnan(b):
+                continue
+            lines.append(f"  {scenario} {case:38} {label:15} {a:10.2f} / {b:10.2f} = "
+                         f"{_ratio(a, b):>5}")
+            summary[f"A/B {scenario} {case} {metric}"] = {"proxy": a, "baseline": b}
+    lines.append("")
+    return lines
 
 
 def _target_lines(summary: dict[str, Any]) -> list[str]:
@@ -913,6 +961,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tls", action="store_true", help="quick mode: add the TLS S1 cases")
     ap.add_argument("--proxy-module", default="amqproxy", help="python -m MODULE to start")
     ap.add_argument("--s3-procs", type=int, default=1, help="client processes for S3 loops")
+    ap.add_argument(
+        "--baseline",
+        metavar="GIT_REF",
+        help="also measure this proxy as of GIT_REF (a worktree under bench/results), "
+        "interleaved with the current one: an A/B table per scenario",
+    )
     args = ap.parse_args(argv)
 
     mode = FULL if args.full else QUICK
@@ -936,6 +990,11 @@ def main(argv: list[str] | None = None) -> int:
     Proxy.module = args.proxy_module
     bench = Bench(mode, scenarios, proxy_wanted=not args.no_proxy)
     bench.s3_procs = args.s3_procs
+    if args.baseline:
+        from common import baseline_src
+
+        bench.baseline = baseline_src(args.baseline)
+        log(f"baseline: {args.baseline} from {bench.baseline}")
 
     def on_signal(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -969,6 +1028,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "s3_client_procs": bench.s3_procs,
         "proxy_frame_scanner": bench.scanner,
+        "baseline_src": bench.baseline,
         "proxy_available": bench.proxy_ok,
         "proxy_skip_reason": bench.proxy_reason,
         "relay_calibration": bench.calibration,
