@@ -8,11 +8,10 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from amqproxy import __version__
+from amqproxy import __version__, logsetup
 from amqproxy.config import ConfigError, Settings, load, warn_ignored_url_parts
 
 
@@ -165,61 +164,6 @@ def settings_from(argv: Sequence[str] | None) -> tuple[Settings, bool]:
     return load(args.config, os.environ, overrides), args.print_config
 
 
-class LogFormatter(logging.Formatter):
-    """The standard format, with the date-time string rendered once per second: a proxy
-    that logs every client connect and disconnect formats thousands of records a second."""
-
-    _second = -1
-    _stamp = ""
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second = int(record.created)
-        if second != self._second:
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        return f"{self._stamp},{int(record.msecs):03d}"
-
-
-class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes the lines logged during one event-loop turn with one system call.
-
-    Every client logs a line when it connects and one when it leaves: with short-lived clients
-    that is thousands of lines a second, and a write per line. Records at ERROR and above,
-    and records logged outside the event loop, are written at once; ``flush`` (called by
-    ``logging.shutdown``) writes whatever is pending.
-    """
-
-    def __init__(self, stream: Any) -> None:
-        super().__init__(stream)
-        self._pending: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            line = self.format(record)
-        except Exception:  # the logging module's own policy for bad records
-            self.handleError(record)
-            return
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        self._pending.append(line)
-        if loop is None or record.levelno >= logging.ERROR:
-            self.flush()
-        elif len(self._pending) == 1:
-            loop.call_soon(self.flush)
-
-    def flush(self) -> None:
-        with self.lock:  # type: ignore[union-attr]
-            lines, self._pending = self._pending, []
-            if lines:
-                try:
-                    self.stream.write("\n".join(lines) + "\n")
-                except Exception:  # a closed or broken log stream must not stop the proxy
-                    return
-            super().flush()
-
-
 def _run(main: Coroutine[Any, Any, None]) -> None:
     """Run on uvloop when it is installed; the standard loop works too, more slowly."""
     try:
@@ -239,14 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if print_only:
         print(json.dumps(settings.public(), indent=2, sort_keys=True))
         return 0
-    # No caller, thread or process lookups per record: clients come and go by the thousand.
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    handler = TurnBufferedHandler(sys.stderr)
-    handler.setFormatter(LogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
+    logsetup.configure(settings.log_level, sys.stderr)
     warn_ignored_url_parts(settings)
     from amqproxy.server import Proxy
 

@@ -21,6 +21,7 @@ from amqproxy.amqp.frames import Buffer, FrameError, add_piece, add_pieces
 from amqproxy.amqp.scan import client_run as run_scan
 from amqproxy.channel import ChannelState, Lease, LeaseState
 from amqproxy.heartbeat import HeartbeatMixin
+from amqproxy.logsetup import hot_info
 from amqproxy.outbox import publishes_in
 from amqproxy.upstream import UpstreamRefused
 
@@ -195,7 +196,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         self.proxy.client_disconnected(self)
         if was_open:
             reason = self._close_reason or (f"connection lost: {exc}" if exc else "connection lost")
-            log.info("client %s disconnected: %s", self.describe(), reason)
+            hot_info(log, f"client {self.identity} disconnected: {reason}")
 
     def _handshake_expired(self) -> None:
         if self.state in (State.OPEN, State.CLOSING, State.CLOSED, State.AUTHENTICATING):
@@ -1123,7 +1124,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         pool.client_added(self)
         self.state = State.OPEN
         self._write(frames.method_frame(0, frames.CONNECTION_OPEN_OK))
-        log.info("client %s connected", self.describe())
+        hot_info(log, f"client {self.identity} connected")
         if self._rest:
             data, self._rest = self._rest, b""
             self._process(data)

@@ -438,18 +438,21 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
             if lease is not None and lease.state is lease_open and size <= lease.client.max_body:
                 # The plain frames from here on this channel (content, Deliver with untranslated
                 # tags, in-order confirms) in one call; copied with the client's numbers when its
-                # channel id or confirm tags differ from the broker's.
+                # channel id or confirm tags differ from the broker's, and without the confirms
+                # when the client did not select them (they are the outbox's).
                 assert up is not None
                 client = lease.client
+                own = lease.client_confirm
                 stop, delivered, confirmed, moved = run_scan(
                     data,
                     pos,
                     channel_id,
                     min(limit, client.max_body),
                     not lease.tag_offset,
-                    up.confirmed if lease.client_confirm and not up.confirmed_ahead else -1,
-                    lease.confirm_offset,
+                    -1 if up.confirmed_ahead or not up.confirm_mode else up.confirmed,
+                    lease.confirm_offset if own else 0,
                     lease.channel_id,
+                    not own,
                 )
                 if stop > pos:
                     up.delivered += delivered
@@ -461,7 +464,8 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
                         if run_client is not None:
                             add_piece(outs, run_client, view[run_start:run_end])
                             run_client = None
-                        add_piece(outs, client, moved)
+                        if moved:
+                            add_piece(outs, client, moved)
                         pos = stop
                         continue
                     nxt = stop

@@ -4,7 +4,7 @@ import asyncio
 import io
 import logging
 
-from amqproxy.cli import LogFormatter, TurnBufferedHandler
+from amqproxy.logsetup import LogFormatter, TurnBufferedHandler
 
 
 class CountingStream(io.StringIO):
@@ -68,3 +68,28 @@ def test_flush_writes_what_is_pending() -> None:
         assert stream.getvalue() == "WARNING last words\n"
 
     asyncio.run(main())
+
+
+def test_hot_info_writes_the_line_logger_info_would(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from amqproxy import logsetup
+
+    stream = CountingStream()
+    handler = TurnBufferedHandler(stream)
+    handler.setFormatter(LogFormatter(logsetup.FORMAT))
+    logger = logging.getLogger("amqproxy.test-hot")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    monkeypatch.setattr(logsetup, "_handler", handler)
+
+    async def main() -> None:
+        logger.info("%s", "client a@/ from 127.0.0.1:1 connected")
+        logsetup.hot_info(logger, "client a@/ from 127.0.0.1:1 connected")
+        logger.setLevel(logging.WARNING)
+        logsetup.hot_info(logger, "not written at WARNING")
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    one, two = stream.getvalue().splitlines()
+    assert one[23:] == two[23:] == " INFO amqproxy.test-hot: client a@/ from 127.0.0.1:1 connected"
+    assert one[:19] == two[:19] and one[19] == two[19] == ","  # the same date-time format

@@ -127,7 +127,7 @@ def test_broker_run_takes_content_and_deliveries(impl: str) -> None:
     scan_run, _ = BOTH[impl]
 
     def broker_run(data: bytes, pos: int, ch: int, limit: int, deliver_ok: bool) -> object:
-        stop, n, confirmed, moved = scan_run(data, pos, ch, limit, deliver_ok, -1, 0, ch)
+        stop, n, confirmed, moved = scan_run(data, pos, ch, limit, deliver_ok, -1, 0, ch, True)
         assert (confirmed, moved) == (-1, None)  # no acks taken, nothing to rewrite
         return stop, n
 
@@ -163,17 +163,44 @@ def test_broker_run_takes_in_order_confirms_and_renumbers(impl: str) -> None:
     broker_run, _ = BOTH[impl]
     acks = confirm(3, 11) + confirm(3, 12) + confirm(3, 20, multiple=True)
     # in order from 10: all taken, `confirmed` follows; same channel, no offset: sent as they are
-    assert broker_run(acks, 0, 3, MAX, False, 10, 0, 3) == (len(acks), 0, 20, None)
+    assert broker_run(acks, 0, 3, MAX, False, 10, 0, 3, False) == (len(acks), 0, 20, None)
     # a gap (11 is missing, 12 is not multiple): the caller's bookkeeping takes over
-    assert broker_run(confirm(3, 12), 0, 3, MAX, False, 10, 0, 3) == (0, 0, 10, None)
+    assert broker_run(confirm(3, 12), 0, 3, MAX, False, 10, 0, 3, False) == (0, 0, 10, None)
     # the client's channel 1 and numbering: tags lowered by the offset, ids rewritten
     d = delivery(3, 5, b"abc")
-    stop, n, confirmed, moved = broker_run(d + acks, 0, 3, MAX, True, 10, 8, 1)
+    stop, n, confirmed, moved = broker_run(d + acks, 0, 3, MAX, True, 10, 8, 1, False)
     assert (stop, n, confirmed) == (len(d + acks), 1, 20)
     expected = delivery(1, 5, b"abc") + confirm(1, 3) + confirm(1, 4) + confirm(1, 12, True)
     assert moved == expected
     # confirms of publishes made before this client selected confirms (tag <= offset): stop
-    assert broker_run(confirm(3, 8, True), 0, 3, MAX, True, 7, 8, 1) == (0, 0, 7, None)
+    assert broker_run(confirm(3, 8, True), 0, 3, MAX, True, 7, 8, 1, False) == (0, 0, 7, None)
+
+
+@pytest.mark.parametrize("impl", sorted(BOTH))
+def test_broker_run_drops_the_confirms_the_proxy_takes_for_itself(impl: str) -> None:
+    broker_run, _ = BOTH[impl]
+    acks = confirm(3, 11) + confirm(3, 15, True)
+    d = delivery(3, 5, b"abc")
+    # only confirms: all consumed, nothing left to forward (an empty copy, not None)
+    assert broker_run(acks, 0, 3, MAX, True, 10, 0, 3, True) == (len(acks), 0, 15, b"")
+    # between deliveries: the deliveries go on, renumbered or not, the confirms stay here
+    assert broker_run(d + acks + d, 0, 3, MAX, True, 10, 0, 3, True) == (
+        len(d + acks + d),
+        2,
+        15,
+        d + d,
+    )
+    stop, n, confirmed, moved = broker_run(acks + d, 0, 3, MAX, True, 10, 0, 9, True)
+    assert (stop, n, confirmed, moved) == (len(acks + d), 1, 15, delivery(9, 5, b"abc"))
+    # no confirm in the run: the frames go out as they are
+    assert broker_run(d, 0, 3, MAX, True, 10, 0, 3, True) == (len(d), 1, 10, None)
+    # out of order: stop there, the caller records it
+    assert broker_run(d + confirm(3, 13), 0, 3, MAX, True, 10, 0, 3, True) == (
+        len(d),
+        1,
+        10,
+        None,
+    )
 
 
 def test_c_and_python_agree_on_random_streams() -> None:
@@ -209,7 +236,7 @@ def test_c_and_python_agree_on_random_streams() -> None:
                 confirmed = rng.choice([-1, 0, rng.randrange(0, 99)])
                 offset = rng.choice([0, 0, rng.randrange(0, 50)])
                 to = rng.choice([ch, rng.randrange(65536)])
-                broker_args = (*args, confirmed, offset, to)
+                broker_args = (*args, confirmed, offset, to, rng.random() < 0.5)
                 broker = scan.broker_run(*broker_args)
                 assert broker == scan.broker_run_py(*broker_args), broker_args
                 stop = broker[0]

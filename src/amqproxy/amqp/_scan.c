@@ -9,6 +9,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
 
 #define FRAME_METHOD 1
 #define FRAME_HEADER 2
@@ -45,46 +46,58 @@ static inline Py_ssize_t frame_at(const unsigned char *b, Py_ssize_t n, Py_ssize
 
 /* The "moved" result of a run: None (a new reference) when the frames b[from:to] go out as
  * they are, else a copy with every channel id set to to_channel and, when offset is not 0,
- * every Basic.Ack tag lowered by offset; NULL with an exception set. */
+ * every Basic.Ack tag lowered by offset, and without the Basic.Ack frames when drop_acks;
+ * NULL with an exception set. */
 static PyObject *moved_run(const unsigned char *b, Py_ssize_t from, Py_ssize_t to,
-                           unsigned channel, unsigned to_channel, long long offset) {
-    if (to <= from || (to_channel == channel && offset == 0))
+                           unsigned channel, unsigned to_channel, long long offset,
+                           Py_ssize_t dropped) {
+    if (to <= from || (to_channel == channel && offset == 0 && dropped == 0))
         Py_RETURN_NONE;
-    PyObject *moved = PyBytes_FromStringAndSize((const char *)b + from, to - from);
+    PyObject *moved = PyBytes_FromStringAndSize(NULL, to - from - dropped);
     if (moved == NULL)
         return NULL;
     unsigned char *m = (unsigned char *)PyBytes_AS_STRING(moved);
-    Py_ssize_t len = PyBytes_GET_SIZE(moved);
-    for (Py_ssize_t p = 0; p < len; p += (Py_ssize_t)be32(m + p + 3) + 8) {
-        m[p + 1] = (unsigned char)(to_channel >> 8);
-        m[p + 2] = (unsigned char)to_channel;
-        if (offset && m[p] == FRAME_METHOD && be32(m + p + 7) == BASIC_ACK) {
-            uint64_t tag = be64(m + p + 11) - (uint64_t)offset;
-            for (int k = 7; k >= 0; k--, tag >>= 8)
-                m[p + 11 + k] = (unsigned char)tag;
+    Py_ssize_t out = 0;
+    for (Py_ssize_t p = from; p < to;) {
+        Py_ssize_t len = (Py_ssize_t)be32(b + p + 3) + 8;
+        int is_ack = b[p] == FRAME_METHOD && be32(b + p + 7) == BASIC_ACK;
+        if (is_ack && dropped) {
+            p += len;
+            continue;
         }
+        memcpy(m + out, b + p, (size_t)len);
+        m[out + 1] = (unsigned char)(to_channel >> 8);
+        m[out + 2] = (unsigned char)to_channel;
+        if (offset && is_ack) {
+            uint64_t tag = be64(m + out + 11) - (uint64_t)offset;
+            for (int k = 7; k >= 0; k--, tag >>= 8)
+                m[out + 11 + k] = (unsigned char)tag;
+        }
+        out += len;
+        p += len;
     }
     return moved;
 }
 
-/* broker_run(data, pos, channel, max_size, deliver_ok, confirmed, offset, to_channel)
- *   -> (stop, deliveries, confirmed, moved)
+/* broker_run(data, pos, channel, max_size, deliver_ok, confirmed, offset, to_channel,
+ *            drop_acks) -> (stop, deliveries, confirmed, moved)
  * Broker to client: content frames; Basic.Deliver when deliver_ok; Basic.Ack (publisher
  * confirms) when confirmed >= 0, in order only (multiple, or the tag right after `confirmed`)
  * and above `offset`, `confirmed` following the acks. `moved` is None when the frames go out
  * as they are, else a copy of data[pos:stop] with every channel id set to to_channel and every
- * ack tag lowered by offset (the client's numbering). */
+ * ack tag lowered by offset (the client's numbering); with drop_acks the acks are counted but
+ * left out of the copy (confirms the proxy takes for itself: the client did not ask). */
 static PyObject *broker_run(PyObject *self, PyObject *args) {
     Py_buffer buf;
     Py_ssize_t pos;
     unsigned int channel, max_size, to_channel;
-    int deliver_ok;
+    int deliver_ok, drop_acks;
     long long confirmed, offset;
-    if (!PyArg_ParseTuple(args, "y*nIIpLLI", &buf, &pos, &channel, &max_size, &deliver_ok,
-                          &confirmed, &offset, &to_channel))
+    if (!PyArg_ParseTuple(args, "y*nIIpLLIp", &buf, &pos, &channel, &max_size, &deliver_ok,
+                          &confirmed, &offset, &to_channel, &drop_acks))
         return NULL;
     const unsigned char *b = buf.buf;
-    Py_ssize_t n = buf.len, deliveries = 0, start = pos;
+    Py_ssize_t n = buf.len, deliveries = 0, start = pos, dropped = 0;
     if (pos < 0)
         pos = start = n;
     while (1) {
@@ -103,6 +116,8 @@ static PyObject *broker_run(PyObject *self, PyObject *args) {
                     break;
                 if (tag > confirmed)
                     confirmed = tag;
+                if (drop_acks)
+                    dropped += size + 8;
             } else {
                 break;
             }
@@ -111,7 +126,7 @@ static PyObject *broker_run(PyObject *self, PyObject *args) {
         }
         pos += size + 8;
     }
-    PyObject *moved = moved_run(b, start, pos, channel, to_channel, offset);
+    PyObject *moved = moved_run(b, start, pos, channel, to_channel, offset, dropped);
     PyBuffer_Release(&buf);
     if (moved == NULL)
         return NULL;
@@ -194,7 +209,7 @@ static PyObject *client_run(PyObject *self, PyObject *args) {
     if (pos < 0) /* not a position the proxy passes; keep any copy inside the buffer */
         pos = buf.len;
     Py_ssize_t stop = walk_client(b, buf.len, pos, channel, max_size, acks_ok, &publishes);
-    PyObject *moved = moved_run(b, pos, stop, channel, to_channel, 0);
+    PyObject *moved = moved_run(b, pos, stop, channel, to_channel, 0, 0);
     PyBuffer_Release(&buf);
     if (moved == NULL)
         return NULL;
@@ -203,8 +218,8 @@ static PyObject *client_run(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"broker_run", broker_run, METH_VARARGS,
-     "broker_run(data, pos, channel, max_size, deliver_ok, confirmed, offset, to_channel) -> "
-     "(stop, deliveries, confirmed, moved or None)"},
+     "broker_run(data, pos, channel, max_size, deliver_ok, confirmed, offset, to_channel, "
+     "drop_acks) -> (stop, deliveries, confirmed, moved or None)"},
     {"client_run", client_run, METH_VARARGS,
      "client_run(data, pos, channel, max_size, acks_ok, to_channel) -> "
      "(stop, publishes, moved or None)"},

@@ -26,7 +26,7 @@ _ACKS = (c.BASIC_ACK, c.BASIC_NACK, c.BASIC_REJECT)
 
 ClientScanner = Callable[[bytes, int, int, int, bool, int], tuple[int, int, bytes | None]]
 BrokerScanner = Callable[
-    [bytes, int, int, int, bool, int, int, int], tuple[int, int, int, bytes | None]
+    [bytes, int, int, int, bool, int, int, int, bool], tuple[int, int, int, bytes | None]
 ]
 
 
@@ -51,6 +51,7 @@ def broker_run_py(
     confirmed: int,
     offset: int,
     to_channel: int,
+    drop_acks: bool,
 ) -> tuple[int, int, int, bytes | None]:
     """Broker to client: content frames; Basic.Deliver when `deliver_ok`; Basic.Ack (publisher
     confirms) when `confirmed` >= 0, in order only (multiple, or the tag right after
@@ -58,9 +59,12 @@ def broker_run_py(
 
     Returns (stop position, deliveries walked, confirmed, moved): `moved` is None when the
     frames go out as they are, else a copy of data[pos:stop] with every channel id set to
-    `to_channel` and every ack tag lowered by `offset` (the client's numbering)."""
+    `to_channel` and every ack tag lowered by `offset` (the client's numbering); with
+    `drop_acks` the acks are counted but left out of the copy (confirms the proxy takes for
+    itself: the client did not ask for them)."""
     start = pos
     deliveries = 0
+    dropped = False
     while True:
         ftype, size = _frame_at(data, pos, channel, max_size)
         if size < 0:
@@ -75,29 +79,36 @@ def broker_run_py(
                 if tag <= offset or tag >= 1 << 63 or not (multiple or tag == confirmed + 1):
                     break
                 confirmed = max(confirmed, tag)
+                dropped = dropped or drop_acks
             else:
                 break
         elif ftype != c.FRAME_HEADER and ftype != c.FRAME_BODY:
             break
         pos += size + 8
-    if pos == start or (to_channel == channel and not offset):
+    if pos == start or (to_channel == channel and not offset and not dropped):
         return pos, deliveries, confirmed, None
-    return pos, deliveries, confirmed, _moved_copy(data, start, pos, to_channel, offset)
+    return pos, deliveries, confirmed, _moved_copy(data, start, pos, to_channel, offset, dropped)
 
 
-def _moved_copy(data: bytes, start: int, stop: int, to_channel: int, offset: int) -> bytes:
-    """The complete frames data[start:stop] with every channel id set to `to_channel` and, when
-    `offset` is not 0, every Basic.Ack tag lowered by `offset`."""
-    moved = bytearray(data[start:stop])
+def _moved_copy(
+    data: bytes, start: int, stop: int, to_channel: int, offset: int, drop_acks: bool = False
+) -> bytes:
+    """The complete frames data[start:stop] with every channel id set to `to_channel`, every
+    Basic.Ack tag lowered by `offset` when it is not 0, and no Basic.Ack when `drop_acks`."""
+    out = bytearray()
     to = to_channel.to_bytes(2, "big")
-    at = 0
-    while at < len(moved):
-        moved[at + 1 : at + 3] = to
-        if offset and moved[at] == c.FRAME_METHOD:
-            if _U32.unpack_from(moved, at + 7)[0] == c.BASIC_ACK:
-                _U64.pack_into(moved, at + 11, _U64.unpack_from(moved, at + 11)[0] - offset)
-        at += _U32.unpack_from(moved, at + 3)[0] + 8
-    return bytes(moved)
+    at = start
+    while at < stop:
+        end = at + _U32.unpack_from(data, at + 3)[0] + 8
+        is_ack = data[at] == c.FRAME_METHOD and _U32.unpack_from(data, at + 7)[0] == c.BASIC_ACK
+        if not (is_ack and drop_acks):
+            frame = bytearray(data[at:end])
+            frame[1:3] = to
+            if offset and is_ack:
+                _U64.pack_into(frame, 11, _U64.unpack_from(frame, 11)[0] - offset)
+            out += frame
+        at = end
+    return bytes(out)
 
 
 def _publish_flags_at(data: bytes, start: int, end: int) -> int:

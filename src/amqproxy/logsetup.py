@@ -1,0 +1,110 @@
+"""Logging for a proxy whose clients come and go by the thousand.
+
+One line per client connect and one per disconnect is what an operator wants, and at thousands
+of clients a second it must cost little: lines logged during one event-loop turn are written
+with one system call (``TurnBufferedHandler``), the date-time string is rendered once a second
+(``LogFormatter``), and ``hot_info`` writes those per-client lines without building a
+``LogRecord`` when the proxy's own handler is installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, TextIO
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_handler: TurnBufferedHandler | None = None  # the proxy's handler, once configure() ran
+
+
+def configure(level: str, stream: TextIO) -> None:
+    """The proxy's logging: ``level`` and up, to ``stream``, buffered per loop turn."""
+    global _handler
+    # No caller, thread or process lookups per record.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    handler = TurnBufferedHandler(stream)
+    handler.setFormatter(LogFormatter(FORMAT))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    _handler = handler
+
+
+def hot_info(logger: logging.Logger, message: str) -> None:
+    """An INFO line on a hot path (a client came or went): the same line as ``logger.info``
+    would write, without the record machinery when the proxy's handler is the one in use."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    if _handler is None:
+        logger.info("%s", message)
+    else:
+        _handler.emit_line("INFO", logger.name, message)
+
+
+class LogFormatter(logging.Formatter):
+    """The standard format, with the date-time string rendered once per second: a proxy
+    that logs every client connect and disconnect formats thousands of records a second."""
+
+    _second = -1
+    _stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return self.stamp(record.created)
+
+    def stamp(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return f"{self._stamp},{int((created - second) * 1000):03d}"
+
+
+class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes the lines logged during one event-loop turn with one system call.
+
+    Every client logs a line when it connects and one when it leaves: with short-lived clients
+    that is thousands of lines a second, and a write per line. Records at ERROR and above,
+    and records logged outside the event loop, are written at once; ``flush`` (called by
+    ``logging.shutdown``) writes whatever is pending.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # the logging module's own policy for bad records
+            self.handleError(record)
+            return
+        self._queue(line, urgent=record.levelno >= logging.ERROR)
+
+    def emit_line(self, level: str, name: str, message: str) -> None:
+        """A line in the handler's format from its parts (``hot_info``)."""
+        formatter = self.formatter
+        stamp = formatter.stamp(time.time()) if isinstance(formatter, LogFormatter) else ""
+        self._queue(f"{stamp} {level} {name}: {message}", urgent=False)
+
+    def _queue(self, line: str, urgent: bool) -> None:
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        self._pending.append(line)
+        if loop is None or urgent:
+            self.flush()
+        elif len(self._pending) == 1:
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            lines, self._pending = self._pending, []
+            if lines:
+                try:
+                    self.stream.write("\n".join(lines) + "\n")
+                except Exception:  # a closed or broken log stream must not stop the proxy
+                    return
+            super().flush()
