@@ -506,6 +506,7 @@ def test_empty_bodies_both_ways_and_on_a_reused_channel(proxy, tenant, queues):
         ch.basic_publish("", q, b"", pika.BasicProperties(message_id=f"empty-{round_}"))
         ch.basic_publish("", q, f"full-{round_}".encode())
         c.close()
+        proxy.wait_metric(PARKED_CHANNELS, 1, **tenant.labels)  # settled: the next round reuses it
     assert proxy.metric(UPSTREAM_CHANNEL_OPENS, **tenant.labels) == 1
     wait_for(lambda: queue_counts(tenant, q)[0] == 6, 5)
     c = proxy.connect(tenant)
