@@ -308,18 +308,6 @@ class Pool:
         if up in self.parked:
             self.parked.remove(up)
 
-    def orphan_channel_error(self, up: UpstreamChannel, code: int, text: str) -> None:
-        """An asynchronous channel error arrived after the client that caused it had left."""
-        self.stats.orphan_channel_errors += 1
-        log.warning(
-            "channel error after its client left (client %s, upstream %s channel %d): %d %s",
-            up.last_client or "?",
-            up.conn.name,
-            up.id,
-            code,
-            text,
-        )
-
     # ---- the outbox --------------------------------------------------------------------------
 
     def _adopt_backlog(self, lease: Lease) -> None:
@@ -413,31 +401,51 @@ class Pool:
             self.enqueue(self._messages(unconfirmed(entries, up.confirmed, up.confirmed_ahead)))
 
     def channel_closed_by_broker(
-        self, up: UpstreamChannel, reply_code: int, reply_text: str, failed_method: int
+        self,
+        up: UpstreamChannel,
+        reply_code: int,
+        reply_text: str,
+        failed_method: int,
+        *,
+        orphan: bool,
     ) -> None:
-        """The broker closed ``up``: settle its outbox.
+        """The broker closed ``up``: settle its outbox, and say so once in the log when the
+        client that caused it has left (``orphan``).
 
         The broker handles a channel's frames in order and discards those after the failing
         one, so: publishes before it were processed, the failing publish is refused (logged,
         counted), those after it are published again. When the failing method cannot be
         placed among the publishes, every unconfirmed one is published again.
         """
+        if orphan:
+            self.stats.orphan_channel_errors += 1
         entries = up.outbox.take()
-        if not entries:
-            return
-        messages = unconfirmed(entries, up.confirmed, up.confirmed_ahead)
+        messages = unconfirmed(entries, up.confirmed, up.confirmed_ahead) if entries else []
+        refused: Message | None = None
         if not messages:
-            return
-        if failed_method == c.BASIC_PUBLISH:
+            again = messages
+        elif failed_method == c.BASIC_PUBLISH:
             index = refused_index(messages, reply_text)
-            self._refused(messages[index][1], reply_code, reply_text)
+            refused = messages[index][1]
             again = messages[index + 1 :]
         elif up.requests:  # the oldest unanswered request failed: what came before it is done
             boundary = up.requests[0]
             again = [(tag, message) for tag, message in messages if tag > boundary]
         else:
             again = messages
-        self.enqueue(self._messages(again))
+        if refused is not None:
+            self._refused(refused, reply_code, reply_text, after_left=orphan)
+        elif orphan:
+            log.warning(
+                "channel error after its client left (client %s, upstream %s channel %d): %d %s",
+                up.last_client or "?",
+                up.conn.name,
+                up.id,
+                reply_code,
+                reply_text,
+            )
+        if again:
+            self.enqueue(self._messages(again))
 
     def nacked(self, up: UpstreamChannel, tag: int, multiple: bool) -> None:
         """The broker nacked publishes of ``up``: those the proxy answered for are refused."""
@@ -453,12 +461,13 @@ class Pool:
     def _messages(tagged: list[tuple[int, Message]]) -> list[Message]:
         return [message for _tag, message in tagged]
 
-    def _refused(self, message: Message, code: int, text: str) -> None:
+    def _refused(self, message: Message, code: int, text: str, after_left: bool = True) -> None:
         self.stats.refused += 1
         log.warning(
-            "message of client %s to exchange %r refused by the broker: %s%s",
+            "message of client %s to exchange %r refused by the broker%s: %s%s",
             message.origin,
             message.exchange,
+            " after the client left" if after_left else "",
             f"{code} " if code else "",
             text,
         )

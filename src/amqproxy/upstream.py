@@ -614,11 +614,11 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
         lease = up.lease
         self.forget_channel(up)
         failed = c.method_id(method.class_id or 0, method.method_id or 0)
-        self.pool.channel_closed_by_broker(up, method.reply_code or 0, method.reply_text, failed)
+        orphan = lease is None and up.state is not ChannelState.CLOSING
+        code, text = method.reply_code or 0, method.reply_text
+        self.pool.channel_closed_by_broker(up, code, text, failed, orphan=orphan)
         if lease is not None:
             lease.client.channel_closed_by_broker(lease, data[start:end])
-        elif up.state is not ChannelState.CLOSING:
-            self.pool.orphan_channel_error(up, method.reply_code or 0, method.reply_text)
 
     def _on_connection_frame(self, ftype: int, data: bytes, start: int, end: int) -> None:
         if ftype != c.FRAME_METHOD:
