@@ -145,9 +145,10 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.state = State.HEADER
-        self.user = ""
+        self.user = ""  # for logs: the credentials stay bytes
         self.vhost = ""
-        self._password = ""
+        self._credentials = auth.Credentials(b"", b"")
+        self._vhost = b""
         self.connection_name = ""
         self.client_properties: dict[str, Any] = {}
         self.wants_blocked = False
@@ -931,9 +932,9 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         elif mid == c.CONNECTION_UPDATE_SECRET:
             method = frames.decode_method(data[start:end])
             assert isinstance(method, commands.Connection.UpdateSecret)
-            secret = method.new_secret or ""
-            if isinstance(secret, bytes):
-                secret = secret.decode("utf-8", "replace")
+            secret = method.new_secret or b""  # pamqp gives text when it decodes as UTF-8:
+            if isinstance(secret, str):  # its bytes are the client's again
+                secret = secret.encode("utf-8")
             self._spawn(self._update_secret(secret, method.reason or ""))
         else:
             raise FrameError(
@@ -1041,7 +1042,8 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             capabilities = self.client_properties.get("capabilities") or {}
             if isinstance(capabilities, dict):
                 self.wants_blocked = bool(capabilities.get("connection.blocked"))
-            self.user, self._password = auth.credentials(method.mechanism, method.response)
+            self._credentials = auth.credentials(method.mechanism, method.response)
+            self.user = auth.display(self._credentials.user)
             self.state = State.TUNE
             self._write(self.proxy.tune_frame())
         elif self.state is State.TUNE and mid == c.CONNECTION_TUNE_OK:
@@ -1061,11 +1063,12 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             self._start_heartbeat(self.heartbeat)
             self.state = State.OPEN_WAIT
         elif self.state is State.OPEN_WAIT and mid == c.CONNECTION_OPEN:
-            self.vhost = handshake.open_vhost(payload)
+            self._vhost = handshake.open_vhost(payload)
+            self.vhost = auth.display(self._vhost)
             self.state = State.AUTHENTICATING
             if self._timer is not None:
                 self._timer.cancel()
-            pool = self.registry.pool(self.user, self._password, self.vhost)
+            pool = self.registry.pool(self._credentials, self._vhost)
             if pool.trusted():
                 self._admitted(pool)  # proven recently: no task, no wait
             else:
@@ -1096,10 +1099,11 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             return
         self._admitted(pool)
 
-    async def _update_secret(self, secret: str, reason: str) -> None:
+    async def _update_secret(self, secret: bytes, reason: str) -> None:
         """Connection.UpdateSecret (OAuth 2 refresh): prove the new secret upstream; later
         channels use a pool authenticated with it. Channels already open stay where they are."""
-        pool = self.registry.pool(self.user, secret, self.vhost)
+        credentials = self._credentials._replace(password=secret)
+        pool = self.registry.pool(credentials, self._vhost)
         try:
             await pool.authenticate()
         except UpstreamRefused as exc:
@@ -1110,7 +1114,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         if self.state is not State.OPEN or old is None:
             self.registry.maybe_drop(pool)
             return
-        self._password = secret
+        self._credentials = credentials
         self.pool = pool
         pool.client_added(self)
         if old is not pool:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from amqproxy.amqp import constants as c
+from amqproxy.amqp.auth import Credentials, display
 from amqproxy.amqp.frames import Buffer
 from amqproxy.channel import ChannelState, Lease, UpstreamChannel
 from amqproxy.config import Settings
@@ -47,7 +48,7 @@ class PoolStats:
     #                   did not select confirms: logged, never retried
 
 
-PoolKey = tuple[str, str, str]  # user, password, vhost
+PoolKey = tuple[bytes, bytes, bytes]  # user, password, vhost: the client's bytes
 
 
 class Pool:
@@ -57,7 +58,9 @@ class Pool:
         self.registry = registry
         self.settings = registry.settings
         self.key = key
-        self.user, self.password, self.vhost = key
+        self.credentials = Credentials(key[0], key[1])
+        self.vhost_bytes = key[2]
+        self.user, self.vhost = display(key[0]), display(key[2])  # for logs and metrics
         self.stats = registry.stats[(self.user, self.vhost)]
         self.upstreams: list[UpstreamConnection] = []
         self.parked: list[UpstreamChannel] = []
@@ -579,8 +582,8 @@ class PoolRegistry:
         self._serial += 1
         return self._serial
 
-    def pool(self, user: str, password: str, vhost: str) -> Pool:
-        key = (user, password, vhost)
+    def pool(self, credentials: Credentials, vhost: bytes) -> Pool:
+        key = (credentials.user, credentials.password, vhost)
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = Pool(self, key)

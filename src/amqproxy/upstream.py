@@ -15,8 +15,7 @@ from pamqp import commands
 
 from amqproxy import __version__
 from amqproxy.amqp import constants as c
-from amqproxy.amqp import frames
-from amqproxy.amqp.auth import plain_response
+from amqproxy.amqp import frames, handshake
 from amqproxy.amqp.frames import Buffer, FrameError, add_piece, add_pieces
 from amqproxy.amqp.scan import broker_run as run_scan
 from amqproxy.channel import ChannelState, Lease, LeaseState, UpstreamChannel
@@ -346,16 +345,9 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
             method = frames.decode_method(data[start:end])
             if isinstance(method, commands.Connection.Start):
                 self.pool.registry.learn_server_properties(method.server_properties or {})
+                mechanism, response = self.pool.credentials.login()
                 self._write(
-                    frames.encode_method(
-                        0,
-                        commands.Connection.StartOk(
-                            client_properties=self._client_properties(),
-                            mechanism="PLAIN",
-                            response=plain_response(self.pool.user, self.pool.password),
-                            locale="en_US",
-                        ),
-                    )
+                    handshake.encode_start_ok(self._client_properties(), mechanism, response)
                 )
             elif isinstance(method, commands.Connection.Tune):
                 self.channel_max = method.channel_max or 65535
@@ -370,7 +362,7 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
                         ),
                     )
                 )
-                self._write(frames.encode_method(0, commands.Connection.Open(self.pool.vhost)))
+                self._write(handshake.encode_open(self.pool.vhost_bytes))
                 self._start_heartbeat(self.heartbeat)
             elif isinstance(method, commands.Connection.OpenOk):
                 self.open = True

@@ -144,8 +144,13 @@ class RawAMQP:
         connection_name: str | None = None,
         mechanism: str = "PLAIN",
         timeout: float = 10.0,
+        response: bytes | None = None,
+        vhost_bytes: bytes | None = None,
     ) -> None:
-        """Full connection handshake. Raises RawConnectionClose if the server refuses."""
+        """Full connection handshake. Raises RawConnectionClose if the server refuses.
+
+        ``response`` sends these exact bytes as the SASL response (default: built from
+        ``user`` and ``password`` for ``mechanism``); ``vhost_bytes`` likewise for the vhost."""
         self.send_raw(PROTOCOL_HEADER)
         start = self.expect(commands.Connection.Start, 0, timeout)
         self.server_properties = start.server_properties
@@ -162,26 +167,32 @@ class RawAMQP:
         }
         if connection_name:
             props["connection_name"] = connection_name
-        if mechanism == "PLAIN":
-            response = f"\0{user}\0{password}"
-        else:  # AMQPLAIN: a field table without its length prefix
-            from pamqp import encode
+        if response is None and mechanism == "PLAIN":
+            response = b"\0" + user.encode() + b"\0" + password.encode()
+        elif response is None:  # AMQPLAIN: a field table without its length prefix
+            response = b"".join(
+                bytes([len(k)]) + k + b"S" + struct.pack(">I", len(v)) + v
+                for k, v in ((b"LOGIN", user.encode()), (b"PASSWORD", password.encode()))
+            )
+        from pamqp import encode
 
-            response = (
-                encode.short_string("LOGIN")
-                + b"S"
-                + encode.long_string(user)
-                + encode.short_string("PASSWORD")
-                + b"S"
-                + encode.long_string(password)
-            ).decode("latin-1")
-        self.send(0, commands.Connection.StartOk(props, mechanism, response, "en_US"))
+        arguments = (
+            encode.field_table(props)
+            + encode.short_string(mechanism)
+            + struct.pack(">I", len(response))
+            + response
+            + encode.short_string("en_US")
+        )
+        payload = struct.pack(">HH", 10, 11) + arguments
+        self.send_raw(struct.pack(">BHI", 1, 0, len(payload)) + payload + b"\xce")
         tune = self.expect(commands.Connection.Tune, 0, timeout)
         self.channel_max = min(channel_max, tune.channel_max or channel_max)
         self.frame_max = min(frame_max, tune.frame_max or frame_max)
         self.heartbeat = heartbeat
         self.send(0, commands.Connection.TuneOk(self.channel_max, self.frame_max, heartbeat))
-        self.send(0, commands.Connection.Open(vhost))
+        raw_vhost = vhost.encode() if vhost_bytes is None else vhost_bytes
+        payload = struct.pack(">HHB", 10, 40, len(raw_vhost)) + raw_vhost + b"\x00\x00"
+        self.send_raw(struct.pack(">BHI", 1, 0, len(payload)) + payload + b"\xce")
         self.expect(commands.Connection.OpenOk, 0, timeout)
 
     def open_channel(self, channel: int = 1, timeout: float = 5.0) -> None:

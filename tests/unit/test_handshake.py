@@ -39,7 +39,8 @@ def test_client_properties_are_decoded_once_per_distinct_table() -> None:
 
 def test_tune_ok_and_open() -> None:
     assert handshake.tune_ok(payload(commands.Connection.TuneOk(7, 4096, 3))) == (7, 4096, 3)
-    assert handshake.open_vhost(payload(commands.Connection.Open("/vh\u00e9"))) == "/vh\u00e9"
+    vhost = handshake.open_vhost(payload(commands.Connection.Open("/vh\u00e9")))
+    assert vhost == "/vh\u00e9".encode()
 
 
 @pytest.mark.parametrize("cut", [5, 12, 30])

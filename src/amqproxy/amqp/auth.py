@@ -1,48 +1,61 @@
-"""Credentials from a client's Connection.StartOk (PLAIN and AMQPLAIN)."""
+"""Credentials from a client's Connection.StartOk (PLAIN and AMQPLAIN), kept as bytes.
+
+The broker compares the bytes a client sends; so does the proxy. A user name or password is
+never decoded (a replacement character would turn two different passwords into one), and a
+response the broker would refuse as malformed is refused here too, with the same rules:
+RabbitMQ's PLAIN takes exactly ``NUL user NUL password`` (no authorization identity, no NUL
+inside either field), its AMQPLAIN a table whose LOGIN and PASSWORD are long strings.
+"""
 
 from __future__ import annotations
 
-import struct
-
-from pamqp import decode
+from typing import NamedTuple
 
 from amqproxy.amqp import constants as c
 from amqproxy.amqp.frames import FrameError
+from amqproxy.amqp.table import LONG_STRING, TableError, encode_long_strings, items, long_string
 
 MECHANISMS = "PLAIN AMQPLAIN"
 
 
-def _as_bytes(value: str | bytes) -> bytes:
-    return value.encode("utf-8") if isinstance(value, str) else value
+class Credentials(NamedTuple):
+    user: bytes
+    password: bytes
+
+    def login(self) -> tuple[str, bytes]:
+        """(mechanism, response) that presents exactly these bytes to the broker: PLAIN,
+        unless a NUL inside a field needs AMQPLAIN's length-prefixed strings."""
+        if b"\x00" in self.user or b"\x00" in self.password:
+            table = encode_long_strings({b"LOGIN": self.user, b"PASSWORD": self.password})
+            return "AMQPLAIN", table
+        return "PLAIN", b"\x00" + self.user + b"\x00" + self.password
 
 
-def credentials(mechanism: str, response: str | bytes) -> tuple[str, str]:
-    """(user, password) from a SASL response; FrameError 403 when it cannot be read."""
-    raw = _as_bytes(response)
+def _refused(what: str) -> FrameError:
+    return FrameError(c.ACCESS_REFUSED, f"ACCESS_REFUSED - {what}")
+
+
+def credentials(mechanism: str, response: bytes) -> Credentials:
+    """The client's credentials; FrameError 403 when the broker would refuse the response."""
     if mechanism == "PLAIN":
-        parts = raw.split(b"\x00")
-        if len(parts) != 3:
-            raise FrameError(c.ACCESS_REFUSED, "ACCESS_REFUSED - malformed PLAIN response")
-        return parts[1].decode("utf-8", "replace"), parts[2].decode("utf-8", "replace")
+        parts = response.split(b"\x00")
+        if len(parts) != 3 or parts[0]:
+            raise _refused("PLAIN response must be NUL user NUL password")
+        return Credentials(parts[1], parts[2])
     if mechanism == "AMQPLAIN":
-        # A field table without its length prefix.
+        found: dict[bytes, bytes] = {}
         try:
-            _, table = decode.field_table(struct.pack(">I", len(raw)) + raw)
-        except Exception:
-            raise FrameError(
-                c.ACCESS_REFUSED, "ACCESS_REFUSED - malformed AMQPLAIN response"
-            ) from None
-        user, password = table.get("LOGIN"), table.get("PASSWORD")
-        if not isinstance(user, str | bytes) or not isinstance(password, str | bytes):
-            raise FrameError(c.ACCESS_REFUSED, "ACCESS_REFUSED - AMQPLAIN without LOGIN/PASSWORD")
-        return _as_bytes(user).decode("utf-8", "replace"), _as_bytes(password).decode(
-            "utf-8", "replace"
-        )
-    raise FrameError(
-        c.ACCESS_REFUSED, f"ACCESS_REFUSED - unsupported authentication mechanism {mechanism!r}"
-    )
+            for name, kind, value in items(response):
+                if name in (b"LOGIN", b"PASSWORD") and kind == LONG_STRING:
+                    found.setdefault(name, long_string(value))
+        except TableError:
+            raise _refused("malformed AMQPLAIN response") from None
+        if b"LOGIN" not in found or b"PASSWORD" not in found:
+            raise _refused("AMQPLAIN without LOGIN/PASSWORD")
+        return Credentials(found[b"LOGIN"], found[b"PASSWORD"])
+    raise _refused(f"unsupported authentication mechanism {mechanism!r}")
 
 
-def plain_response(user: str, password: str) -> str:
-    """The PLAIN response the proxy sends upstream."""
-    return f"\x00{user}\x00{password}"
+def display(value: bytes) -> str:
+    """A name for logs, metrics and reply texts (never for authentication)."""
+    return value.decode("utf-8", "replace")

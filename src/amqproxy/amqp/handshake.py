@@ -10,12 +10,13 @@ from __future__ import annotations
 import struct
 from typing import Any, NamedTuple
 
-from pamqp import decode
+from pamqp import decode, encode
 
 from amqproxy.amqp import constants as c
 from amqproxy.amqp.frames import Buffer, FrameError
 
 _TUNE_OK = struct.Struct(">HIH")
+_FRAME_HEADER = struct.Struct(">BHI")
 _U32 = struct.Struct(">I")
 
 # Decoded client-properties tables by their raw bytes; shared by clients, so read-only.
@@ -71,10 +72,36 @@ def tune_ok(payload: Buffer) -> tuple[int, int, int]:
     return channel_max, frame_max, heartbeat
 
 
-def open_vhost(payload: Buffer) -> str:
-    """Connection.Open: the virtual host."""
-    try:
-        vhost, _ = _short_str(payload, 4)
-    except IndexError:
-        raise FrameError(c.SYNTAX_ERROR, "SYNTAX_ERROR - malformed connection.open") from None
-    return vhost
+def open_vhost(payload: Buffer) -> bytes:
+    """Connection.Open: the virtual host, as the client's bytes."""
+    length = payload[4] if len(payload) > 4 else -1
+    if length < 0 or 5 + length > len(payload):
+        raise FrameError(c.SYNTAX_ERROR, "SYNTAX_ERROR - malformed connection.open")
+    return bytes(payload[5 : 5 + length])
+
+
+def _method_frame(method_id: int, arguments: bytes) -> bytes:
+    payload = _U32.pack(method_id) + arguments
+    return _FRAME_HEADER.pack(c.FRAME_METHOD, 0, len(payload)) + payload + b"\xce"
+
+
+def encode_start_ok(properties: dict[str, Any], mechanism: str, response: bytes) -> bytes:
+    """The proxy's Connection.StartOk, with the SASL response as exact bytes (pamqp would only
+    take text)."""
+    arguments = (
+        encode.field_table(properties)
+        + _short_bytes(mechanism.encode())
+        + _U32.pack(len(response))
+        + response
+        + _short_bytes(b"en_US")
+    )
+    return _method_frame(c.CONNECTION_START_OK, arguments)
+
+
+def encode_open(vhost: bytes) -> bytes:
+    """Connection.Open for ``vhost``, as the client's bytes."""
+    return _method_frame(c.CONNECTION_OPEN, _short_bytes(vhost) + b"\x00\x00")
+
+
+def _short_bytes(value: bytes) -> bytes:
+    return bytes([len(value)]) + value
