@@ -118,6 +118,8 @@ class LeaseState(enum.Enum):
     OPEN = "open"
     CLOSING = "closing"  # the client's Channel.Close went upstream; waiting for CloseOk
     BROKER_CLOSED = "broker-closed"  # broker closed it; discard until the client's CloseOk
+    CROSSED = "crossed"  # both closed at once: the broker's CloseOk answers the client's Close,
+    #                      the client's CloseOk the broker's; the lease ends when both came
 
 
 class Lease:
@@ -141,6 +143,7 @@ class Lease:
         "announced",
         "backlog_size",
         "totals",
+        "client_close_ok_due",
     )
 
     PUB_NONE = 0
@@ -165,12 +168,14 @@ class Lease:
         self.announced = False  # the client has its OpenOk although ``up`` is not bound yet
         self.backlog_size = 0
         self.totals = totals  # the backlog counts toward the outbox limit
+        self.client_close_ok_due = False  # CROSSED: the client still owes its CloseOk
 
     def bind(self, up: UpstreamChannel) -> None:
         """Take ``up`` for this lease; later tags are translated relative to its counters."""
         self.up = up
         up.lease = self
-        up.last_client = self.client.describe()
+        up.conn.on_lease_change(+1)
+        up.last_client = self.client.identity
         self.tag_offset = up.delivered
         self.state = LeaseState.OPEN
         # Client frames fit upstream as they are (broker bodies are checked frame by frame).
@@ -193,6 +198,15 @@ class Lease:
             and up.dirty is None
             and not up.requests
         )
+
+    def unbind(self) -> None:
+        """Let go of the upstream channel (which stays, parks or closes: the caller decides)."""
+        up = self.up
+        self.up = None
+        if up is not None and up.lease is self:
+            up.lease = None
+            if not up.conn.closed:
+                up.conn.on_lease_change(-1)
 
     def detach(self) -> None:
         """Forget the dead upstream channel; frames wait in the backlog for the next one."""

@@ -797,6 +797,12 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         if ftype != c.FRAME_METHOD:
             return
         mid = frames.method_id_at(data, start)
+        if state is LeaseState.CROSSED:
+            if mid == c.CHANNEL_CLOSE_OK:  # for the broker's Close, answered upstream already
+                lease.client_close_ok_due = False
+                if lease.up is None:  # the broker's CloseOk came first
+                    del self.leases[lease.channel_id]
+            return
         if state is LeaseState.BROKER_CLOSED:
             # Like a broker: everything is discarded until the client's CloseOk.
             if mid == c.CHANNEL_CLOSE_OK:
@@ -848,7 +854,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         up = pool.take_parked(channel_id) or pool.open_now(channel_id)
         if up is not None:
             lease.backlog = None
-            pool.bind(lease, up)
+            lease.bind(up)
             self._write(frames.method_frame(channel_id, frames.CHANNEL_OPEN_OK))
             return
         if pool.holding():
@@ -872,7 +878,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         if self.state is not State.OPEN or self.leases.get(lease.channel_id) is not lease:
             pool.release_unleased(up)
             return
-        pool.bind(lease, up)
+        lease.bind(up)
         if not lease.announced:
             lease.announced = True
             self._write(frames.method_frame(lease.channel_id, frames.CHANNEL_OPEN_OK))
@@ -894,25 +900,29 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             self._spawn(self._open_upstream_channel(lease))
 
     def channel_closed_by_broker(self, lease: Lease, close_payload: bytes) -> None:
-        """The broker closed this lease's channel: tell the client, discard until CloseOk."""
-        if self.pool is not None and lease.up is not None:
-            lease.up.conn.on_lease_change(-1)
-            lease.up.lease = None
-        lease.up = None
+        """The broker closed this lease's channel: tell the client, discard until CloseOk.
+
+        When the client's own Close is on its way upstream, the two crossed: as RabbitMQ does,
+        the client gets the broker's Close now and the CloseOk for its Close when the broker
+        sends it (the lease stays bound until then)."""
         lease.declares.clear()
         lease.drop_partial_publish()
-        lease.state = LeaseState.BROKER_CLOSED
+        if lease.state is LeaseState.CLOSING:
+            lease.state = LeaseState.CROSSED
+            lease.client_close_ok_due = True
+        else:
+            lease.unbind()
+            lease.state = LeaseState.BROKER_CLOSED
         self._write(frames.encode(c.FRAME_METHOD, lease.channel_id, close_payload))
 
     def channel_closed_upstream(self, lease: Lease) -> None:
         """The broker answered the client's own Channel.Close."""
-        if lease.up is not None:
-            lease.up.conn.on_lease_change(-1)
-            lease.up.lease = None
-        lease.up = None
+        lease.unbind()
+        self._write(frames.method_frame(lease.channel_id, frames.CHANNEL_CLOSE_OK))
+        if lease.client_close_ok_due:
+            return  # crossed: the lease ends with the client's CloseOk
         if self.leases.get(lease.channel_id) is lease:
             del self.leases[lease.channel_id]
-        self._write(frames.method_frame(lease.channel_id, frames.CHANNEL_CLOSE_OK))
 
     def _on_connection_frame(self, ftype: int, data: bytes, start: int, end: int) -> None:
         if ftype == c.FRAME_HEARTBEAT:

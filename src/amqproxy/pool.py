@@ -259,25 +259,17 @@ class Pool:
         finally:
             self._waiters -= 1
 
-    def bind(self, lease: Lease, up: UpstreamChannel) -> None:
-        lease.bind(up)
-        up.conn.on_lease_change(+1)
-
     def release(self, lease: Lease, why: str) -> None:
         """The client is done with this lease: park, settle or close the upstream channel."""
         up = lease.up
         if up is not None and up.conn.pool is not self:  # the client moved (UpdateSecret)
             up.conn.pool.release(lease, why)
             return
-        lease.up = None
         if up is None:
             self._adopt_backlog(lease)
             return
-        up.lease = None
-        if up.conn.closed:
-            return
-        up.conn.on_lease_change(-1)
-        if up.state is ChannelState.CLOSING:
+        lease.unbind()
+        if up.conn.closed or up.state is ChannelState.CLOSING:
             return
         if not self.settings.park_channels:
             up.mark_dirty("parking disabled")

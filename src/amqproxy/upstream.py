@@ -588,7 +588,7 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
         elif mid == c.CHANNEL_CLOSE_OK:
             up.outbox.take()  # the broker handled everything sent before the Close
             self.forget_channel(up)
-            if lease is not None and lease.state is LeaseState.CLOSING:
+            if lease is not None and lease.state in (LeaseState.CLOSING, LeaseState.CROSSED):
                 lease.client.channel_closed_upstream(lease)
             return None
         if lease is None:
@@ -599,14 +599,17 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
     def _on_broker_channel_close(
         self, up: UpstreamChannel, data: bytes, start: int, end: int
     ) -> None:
-        """The broker closed a channel: answer it, free the id, tell the lease's client."""
+        """The broker closed a channel: answer it, free the id (once our own Close, if one
+        crossed it, has its CloseOk too), settle its outbox, tell the lease's client."""
         self._write(frames.method_frame(up.id, frames.CHANNEL_CLOSE_OK))
         method = frames.decode_method(data[start:end])
         assert isinstance(method, commands.Channel.Close)
         lease = up.lease
-        self.forget_channel(up)
+        crossed = up.state is ChannelState.CLOSING  # our Close is on its way: its CloseOk
+        if not crossed:  # will follow, and the id stays taken until then
+            self.forget_channel(up)
         failed = c.method_id(method.class_id or 0, method.method_id or 0)
-        orphan = lease is None and up.state is not ChannelState.CLOSING
+        orphan = lease is None and not crossed
         code, text = method.reply_code or 0, method.reply_text
         self.pool.channel_closed_by_broker(up, code, text, failed, orphan=orphan)
         if lease is not None:

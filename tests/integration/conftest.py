@@ -44,7 +44,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
-SRC = ROOT / "src"
+SRC = Path(os.environ.get("AMQPROXY_TEST_SRC") or ROOT / "src")  # another version: A/B
 BROKER_HOST = "127.0.0.1"
 BROKER_PORT = 5672
 BROKER_URL = f"amqp://{BROKER_HOST}:{BROKER_PORT}"
