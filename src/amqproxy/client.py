@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 from pamqp import commands
 
-from amqproxy.amqp import auth, frames, handshake
+from amqproxy.amqp import auth, frames, handshake, methods
 from amqproxy.amqp import constants as c
 from amqproxy.amqp.frames import Buffer, FrameError, add_piece, add_pieces
+from amqproxy.amqp.methods import content_header_error
 from amqproxy.amqp.scan import client_run as run_scan
 from amqproxy.channel import ChannelState, Lease, LeaseState
 from amqproxy.heartbeat import HeartbeatMixin
@@ -106,6 +107,7 @@ _DIRTYING = {
 }
 _KEEP = memoryview(b"")  # _on_method's verdict "forward unchanged"
 _ACKS = frozenset({c.BASIC_ACK, c.BASIC_NACK, c.BASIC_REJECT})
+ACK_SIZE = 13  # class, method, delivery tag, bits: the only size the broker decodes
 # Methods naming a queue: refused with 405 when another client of the pool owns it exclusively.
 _QUEUE_METHODS = frozenset(
     {
@@ -155,7 +157,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         self.pool: Pool | None = None
         self.leases: dict[int, Lease] = {}
         self._late_close_ok: set[int] = set()  # channels whose Close crossed the broker's
-        self.exclusive_queues: dict[str, UpstreamConnection] = {}  # declared here, die with us
+        self.exclusive_queues: dict[bytes, UpstreamConnection] = {}  # declared here, die with us
         self.frame_max = HANDSHAKE_FRAME_MAX
         self.max_body = HANDSHAKE_FRAME_MAX - c.FRAME_OVERHEAD
         self.channel_max = self.settings.channel_max
@@ -383,7 +385,8 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         fast_channel = -1
         fast_lease: Lease = None  # type: ignore[assignment]  # set before first use
         basic_publish = c.BASIC_PUBLISH
-        watched = _WATCHED
+        acks = _ACKS
+        flags_at = 0
         outbox = self.registry.outbox
         kept_before = outbox.bytes
         try:
@@ -454,9 +457,20 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                 if lease is not None and ftype == 1:
                     if lease.pub_stage:
                         raise frames.content_expected()
-                    mid = _U32.unpack_from(data, pos + 7)[0]
-                    if mid in watched and (mid not in _ACKS or lease.tag_offset):
-                        lease = None  # the proxy acts on it
+                    # Only what is checked here passes as it is: a Basic.Publish whose
+                    # arguments end exactly with its flags octet, an ack of the exact size
+                    # whose tag needs no translation. Anything else the slow path decodes.
+                    mid = _U32.unpack_from(data, pos + 7)[0] if size >= 4 else 0
+                    if mid == basic_publish:
+                        flags_at = pos + 13  # after class, method, reserved ticket
+                        if flags_at < end:
+                            flags_at += 1 + data[flags_at]  # exchange
+                            if flags_at < end:
+                                flags_at += 1 + data[flags_at]  # routing key
+                        if flags_at != end - 1:
+                            lease = None
+                    elif mid not in acks or size != ACK_SIZE or lease.tag_offset:
+                        lease = None
                 if lease is None:  # the slow path: anything the proxy must look at
                     fast_channel = -1
                     if run_conn is not None:
@@ -472,14 +486,8 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                 assert up is not None
                 if ftype == 1:  # a method that passes through
                     if mid == basic_publish:
-                        # flags octet after reserved ticket, exchange and routing key
-                        flags_at = pos + 13
-                        if flags_at < end:
-                            flags_at += 1 + data[flags_at]
-                            if flags_at < end:
-                                flags_at += 1 + data[flags_at]
-                        if flags_at >= end or data[flags_at]:
-                            self._start_publish(lease, data, pos + 7, end)
+                        if data[flags_at]:
+                            self._start_publish(lease, data[flags_at])
                         lease.pub_stage = 1
                         lease.pub_start = pos
                         open_msg = lease
@@ -490,6 +498,9 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                     if ftype == 2:
                         if lease.pub_stage != Lease.PUB_HEADER:
                             raise frames.header_without_publish(channel_id)
+                        problem = content_header_error(data, pos + 7, end)
+                        if problem is not None:
+                            raise FrameError(*problem)
                         remaining = _U64.unpack_from(data, pos + 11)[0]
                     else:
                         if lease.pub_stage != Lease.PUB_BODY:
@@ -553,14 +564,15 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                 self.pause_reading()
         outs.clear()
 
-    def _start_publish(self, lease: Lease, data: bytes, start: int, end: int) -> None:
+    def _start_publish(self, lease: Lease, flags: int) -> None:
+        """A Basic.Publish with mandatory (bit 0) or immediate (bit 1) set: its content
+        follows."""
+        if flags & 2:
+            raise FrameError(c.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - immediate=true")
         up = lease.up
         assert up is not None
-        mandatory, immediate = frames.publish_flags(data, start, end)
-        if immediate:
-            raise FrameError(c.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - immediate=true")
-        if mandatory and not up.confirm_mode:
-            up.mark_dirty("mandatory publish without confirms")
+        if flags & 1 and not up.confirm_mode:
+            up.mark_dirty("mandatory publish without confirms")  # a return could come later
         lease.pub_stage = Lease.PUB_HEADER
 
     def _frame(
@@ -593,15 +605,22 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         if ftype == c.FRAME_METHOD:
             if lease.pub_stage:
                 raise frames.content_expected()
+            if end - start < 4:
+                raise methods.too_short(ftype, data, start, end)
             mid = frames.method_id_at(data, start)
+            if mid not in methods.CLIENT_CHANNEL_METHODS:
+                if mid == c.CHANNEL_OPEN:
+                    raise FrameError(c.CHANNEL_ERROR, "CHANNEL_ERROR - second 'channel.open' seen")
+                raise methods.not_for_clients(mid)
+            args = methods.decode(mid, data, start, end)  # what the broker could not: refused
             if mid == c.BASIC_PUBLISH:
-                self._start_publish(lease, data, start, end)
+                self._start_publish(lease, args["mandatory"] | args["immediate"] << 1)
                 lease.pub_frames = [frames.header(ftype, up.id, end - start), view[start : end + 1]]
                 return
             if mid in _WATCHED:
                 if mid == c.CHANNEL_CLOSE:
                     self._flush(outs)
-                verdict = self._on_method(lease, mid, data, start, end)
+                verdict = self._on_method(lease, mid, args, data, start, end)
                 if verdict is None:
                     return
                 if verdict is not _KEEP:
@@ -668,9 +687,10 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                 up.outbox.add(up.published, 1, tuple(message), self.identity, self.loop.time())
 
     def _on_method(
-        self, lease: Lease, mid: int, data: bytes, start: int, end: int
+        self, lease: Lease, mid: int, args: dict[str, Any], data: bytes, start: int, end: int
     ) -> Buffer | None:
-        """Act on a watched client method: None drops it, _KEEP forwards it, bytes replace it."""
+        """Act on a watched client method (``args``: its decoded arguments): None drops it,
+        _KEEP forwards it, bytes replace it."""
         up = lease.up
         assert up is not None
         if mid == c.BASIC_ACK or mid == c.BASIC_NACK or mid == c.BASIC_REJECT:
@@ -687,73 +707,76 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             lease.state = LeaseState.CLOSING
             up.state = ChannelState.CLOSING
             return _KEEP
-        if mid == c.CHANNEL_OPEN:
-            raise FrameError(c.CHANNEL_ERROR, "CHANNEL_ERROR - second 'channel.open' seen")
         if mid == c.CHANNEL_CLOSE_OK:
             return None  # nothing of ours is waiting for it
-        method = frames.decode_method(data[start:end])
-        queue = getattr(method, "queue", None)
-        if queue and mid in _QUEUE_METHODS:
-            owner = up.conn.pool.exclusive_owners.get(queue)
-            if owner is not None and owner is not self:
-                self._refuse_on_channel(
-                    lease,
-                    c.RESOURCE_LOCKED,
-                    f"RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '{queue}' "
-                    f"in vhost '{self.vhost}'. It could be originally declared on another "
-                    "connection or the exclusive property value does not match that of the "
-                    "original declaration.",
-                    mid,
-                )
-                return None
-            if mid == c.QUEUE_DELETE and owner is self:
-                self.exclusive_queues.pop(queue, None)
-                up.conn.pool.exclusive_owners.pop(queue, None)
+        queue = args.get("queue", b"")
+        if queue and mid in _QUEUE_METHODS and self._locked_out(lease, mid, queue):
+            return None
         if mid == c.TX_SELECT and up.confirm_mode and not lease.client_confirm:
-            # Confirm mode came with a parked channel, and the broker refuses confirm -> tx:
+            # Every upstream channel is in confirm mode, and the broker refuses confirm -> tx:
             # move this client channel to a fresh upstream channel, then select tx there.
             self._swap_upstream(lease, data[start - 7 : end + 1])
             return None
         if mid in _DIRTYING:
             up.mark_dirty(_DIRTYING[mid])
         if mid == c.CONFIRM_SELECT:
-            assert isinstance(method, commands.Confirm.Select)
-            if not lease.client_confirm:
-                # The client's tag 1 is the broker's next one (publishes before Select included).
-                lease.client_confirm = True
-                lease.confirm_offset = up.published
-            if up.confirm_mode:  # inherited from an earlier lease: answer here
-                if not method.nowait:
-                    self._write(frames.method_frame(lease.channel_id, frames.CONFIRM_SELECT_OK))
-                return None
-            up.confirm_mode = True
-            if not method.nowait:
-                up.request_sent()
-            return _KEEP
+            return self._confirm_select(lease, up, args["nowait"])
         if mid == c.BASIC_QOS:
-            assert isinstance(method, commands.Basic.Qos)
-            if method.prefetch_count or method.prefetch_size:
+            if args["prefetch_count"] or args["prefetch_size"]:
                 up.mark_dirty("qos")
         elif mid == c.BASIC_GET:
-            assert isinstance(method, commands.Basic.Get)
-            if not method.no_ack:
+            if not args["no_ack"]:
                 up.mark_dirty("get with ack")
         elif mid == c.QUEUE_DECLARE:
-            assert isinstance(method, commands.Queue.Declare)
-            exclusive = method.exclusive and not method.passive
+            exclusive = args["exclusive"] and not args["passive"]
             if exclusive:
                 up.mark_dirty("exclusive queue")
-            if not method.nowait:
+            if not args["nowait"]:
                 lease.declares.append(exclusive)
-            elif exclusive and method.queue:
-                self.own_exclusive_queue(method.queue, up.conn)
-        if mid in _ALWAYS_REPLIED or (
-            mid in _NOWAIT_METHODS and not getattr(method, "nowait", False)
-        ):
+            elif exclusive and queue:
+                self.own_exclusive_queue(queue, up.conn)
+        if mid in _ALWAYS_REPLIED or (mid in _NOWAIT_METHODS and not args["nowait"]):
             up.request_sent()
         return _KEEP
 
-    def own_exclusive_queue(self, name: str, conn: UpstreamConnection) -> None:
+    def _locked_out(self, lease: Lease, mid: int, queue: bytes) -> bool:
+        """``queue`` is another client's exclusive queue: 405 on this channel, as from the
+        broker. Deleting one's own exclusive queue ends its ownership."""
+        assert lease.up is not None
+        owners = lease.up.conn.pool.exclusive_owners
+        owner = owners.get(queue)
+        if owner is not None and owner is not self:
+            self._refuse_on_channel(
+                lease,
+                c.RESOURCE_LOCKED,
+                f"RESOURCE_LOCKED - cannot obtain exclusive access to locked queue "
+                f"'{auth.display(queue)}' in vhost '{self.vhost}'. It could be originally "
+                "declared on another connection or the exclusive property value does not match "
+                "that of the original declaration.",
+                mid,
+            )
+            return True
+        if mid == c.QUEUE_DELETE and owner is self:
+            self.exclusive_queues.pop(queue, None)
+            owners.pop(queue, None)
+        return False
+
+    def _confirm_select(self, lease: Lease, up: UpstreamChannel, nowait: bool) -> Buffer | None:
+        """The client selects confirms: from now on it sees acks, numbered from its tag 1."""
+        if not lease.client_confirm:
+            # The client's tag 1 is the broker's next one (publishes before Select included).
+            lease.client_confirm = True
+            lease.confirm_offset = up.published
+        if up.confirm_mode:  # the proxy's own confirm mode: answer here
+            if not nowait:
+                self._write(frames.method_frame(lease.channel_id, frames.CONFIRM_SELECT_OK))
+            return None
+        up.confirm_mode = True  # a channel without it (Tx): the broker answers, or refuses
+        if not nowait:
+            up.request_sent()
+        return _KEEP
+
+    def own_exclusive_queue(self, name: bytes, conn: UpstreamConnection) -> None:
         """``name`` is an exclusive queue this client declared: it dies when the client leaves,
         and other clients of the pool get 405 for it, as on a direct connection."""
         self.exclusive_queues[name] = conn
@@ -940,12 +963,8 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         elif mid == c.CONNECTION_CLOSE_OK:
             raise FrameError(c.COMMAND_INVALID, "COMMAND_INVALID - unexpected connection.close-ok")
         elif mid == c.CONNECTION_UPDATE_SECRET:
-            method = frames.decode_method(data[start:end])
-            assert isinstance(method, commands.Connection.UpdateSecret)
-            secret = method.new_secret or b""  # pamqp gives text when it decodes as UTF-8:
-            if isinstance(secret, str):  # its bytes are the client's again
-                secret = secret.encode("utf-8")
-            self._spawn(self._update_secret(secret, method.reason or ""))
+            args = methods.decode(mid, data, start, end)
+            self._spawn(self._update_secret(args["new_secret"], auth.display(args["reason"])))
         else:
             raise FrameError(
                 c.COMMAND_INVALID,

@@ -66,7 +66,7 @@ class Pool:
         self.parked: list[UpstreamChannel] = []
         self.settling: set[UpstreamChannel] = set()
         self.clients: set[ClientConnection] = set()
-        self.exclusive_owners: dict[str, ClientConnection] = {}  # queue -> declaring client
+        self.exclusive_owners: dict[bytes, ClientConnection] = {}  # queue -> declaring client
         self._connecting: asyncio.Future[UpstreamConnection] | None = None
         self.verified_at = float("-inf")  # when the broker last accepted these credentials
         self.pending: deque[Message] = deque()  # outbox messages waiting for a channel

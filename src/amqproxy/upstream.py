@@ -15,7 +15,8 @@ from pamqp import commands
 
 from amqproxy import __version__
 from amqproxy.amqp import constants as c
-from amqproxy.amqp import frames, handshake
+from amqproxy.amqp import frames, handshake, methods
+from amqproxy.amqp.auth import display
 from amqproxy.amqp.frames import Buffer, FrameError, add_piece, add_pieces
 from amqproxy.amqp.scan import broker_run as run_scan
 from amqproxy.channel import ChannelState, Lease, LeaseState, UpstreamChannel
@@ -257,7 +258,7 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
         self._next_id = channel_id + 1
         return channel_id
 
-    def delete_queue(self, name: str, why: str) -> None:
+    def delete_queue(self, name: bytes, why: str) -> None:
         """Delete a queue on a short-lived channel of its own, without waiting for replies."""
         if not self.open:
             return
@@ -269,13 +270,12 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
         up = UpstreamChannel(self, channel_id, self.pool.registry.outbox)
         up.state = ChannelState.CLOSING  # its CloseOk frees the id; nothing else matters
         self.channels[channel_id] = up
+        delete = methods.encode(c.QUEUE_DELETE, queue=name, nowait=True)
         self._write(
             b"".join(
                 (
-                    frames.encode_method(channel_id, commands.Channel.Open()),
-                    frames.encode_method(
-                        channel_id, commands.Queue.Delete(queue=name, nowait=True)
-                    ),
+                    frames.method_frame(channel_id, frames.CHANNEL_OPEN),
+                    frames.method_frame(channel_id, delete),
                     frames.encode_method(
                         channel_id, commands.Channel.Close(c.REPLY_SUCCESS, why, 0, 0)
                     ),
@@ -342,6 +342,9 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
         for ftype, channel, start, end in found:
             if ftype != c.FRAME_METHOD or channel != 0:
                 continue
+            if frames.method_id_at(data, start) == c.CONNECTION_CLOSE:  # its text may not be
+                self._refused_in_handshake(data, start, end)  # UTF-8: decoded as bytes
+                return
             method = frames.decode_method(data[start:end])
             if isinstance(method, commands.Connection.Start):
                 self.pool.registry.learn_server_properties(method.server_properties or {})
@@ -371,17 +374,19 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
                 if end + 1 < len(data):
                     self._forward(data[end + 1 :])
                 return
-            elif isinstance(method, commands.Connection.Close):
-                self._write(frames.encode_method(0, commands.Connection.CloseOk()))
-                code = method.reply_code or c.CONNECTION_FORCED
-                self._close_reason = (code, method.reply_text)
-                if not self.ready.done():
-                    self.ready.set_exception(UpstreamRefused(code, method.reply_text))
-                if self.transport is not None:
-                    self.transport.close()
-                return
         if pos < len(data):
             self._rest = data[pos:]
+
+    def _refused_in_handshake(self, data: bytes, start: int, end: int) -> None:
+        """The broker's Connection.Close before OpenOk: wrong credentials, vhost, limits."""
+        self._write(frames.method_frame(0, frames.CONNECTION_CLOSE_OK))
+        close = methods.decode(c.CONNECTION_CLOSE, data, start, end)
+        code, text = close["reply_code"] or c.CONNECTION_FORCED, display(close["reply_text"])
+        self._close_reason = (code, text)
+        if not self.ready.done():
+            self.ready.set_exception(UpstreamRefused(code, text))
+        if self.transport is not None:
+            self.transport.close()
 
     def _client_properties(self) -> dict[str, Any]:
         return {
@@ -554,9 +559,8 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
             up.reply_received()
         if mid == c.QUEUE_DECLARE_OK and lease is not None and lease.declares:
             if lease.declares.popleft():  # an exclusive queue: it dies with this client
-                declared = frames.decode_method(data[start:end])
-                assert isinstance(declared, commands.Queue.DeclareOk)
-                lease.client.own_exclusive_queue(declared.queue or "", self)
+                declared = methods.decode(mid, data, start, end)
+                lease.client.own_exclusive_queue(declared["queue"], self)
         if mid == c.BASIC_DELIVER or mid == c.BASIC_GET_OK:
             up.delivered += 1
             if lease is not None and lease.tag_offset:
@@ -602,15 +606,14 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
         """The broker closed a channel: answer it, free the id (once our own Close, if one
         crossed it, has its CloseOk too), settle its outbox, tell the lease's client."""
         self._write(frames.method_frame(up.id, frames.CHANNEL_CLOSE_OK))
-        method = frames.decode_method(data[start:end])
-        assert isinstance(method, commands.Channel.Close)
+        close = methods.decode(c.CHANNEL_CLOSE, data, start, end)  # the text: bytes, as sent
         lease = up.lease
         crossed = up.state is ChannelState.CLOSING  # our Close is on its way: its CloseOk
         if not crossed:  # will follow, and the id stays taken until then
             self.forget_channel(up)
-        failed = c.method_id(method.class_id or 0, method.method_id or 0)
+        failed = c.method_id(close["class_id"], close["method_id"])
         orphan = lease is None and not crossed
-        code, text = method.reply_code or 0, method.reply_text
+        code, text = close["reply_code"], display(close["reply_text"])
         self.pool.channel_closed_by_broker(up, code, text, failed, orphan=orphan)
         if lease is not None:
             lease.client.channel_closed_by_broker(lease, data[start:end])
@@ -620,22 +623,21 @@ class UpstreamConnection(HeartbeatMixin, asyncio.Protocol):
             return  # heartbeats only prove liveness, which _read_seen already recorded
         mid = frames.method_id_at(data, start)
         if mid == c.CONNECTION_CLOSE:
-            method = frames.decode_method(data[start:end])
-            assert isinstance(method, commands.Connection.Close)
+            close = methods.decode(mid, data, start, end)
             if self.transport is not None and not self.closed:
-                self._write(frames.encode_method(0, commands.Connection.CloseOk()))
-            self._close_reason = (method.reply_code or c.CONNECTION_FORCED, method.reply_text)
+                self._write(frames.method_frame(0, frames.CONNECTION_CLOSE_OK))
+            text = display(close["reply_text"])
+            self._close_reason = (close["reply_code"] or c.CONNECTION_FORCED, text)
             self._shutdown(*self._close_reason, expected=False)
         elif mid == c.CONNECTION_CLOSE_OK:
-            reason = self._close_reason or (c.REPLY_SUCCESS, "closed")
-            self._shutdown(*reason, expected=True, processed=True)
+            code, text = self._close_reason or (c.REPLY_SUCCESS, "closed")
+            self._shutdown(code, text, expected=True, processed=True)
         elif mid in (c.CONNECTION_BLOCKED, c.CONNECTION_UNBLOCKED):
             payload = data[start:end]
             if mid == c.CONNECTION_BLOCKED:
-                method = frames.decode_method(payload)
-                assert isinstance(method, commands.Connection.Blocked)
-                self.blocked_reason = method.reason or "blocked"
-                log.warning("upstream %s blocked by the broker: %s", self.name, method.reason)
+                why = display(methods.decode(mid, data, start, end)["reason"])
+                self.blocked_reason = why or "blocked"
+                log.warning("upstream %s blocked by the broker: %s", self.name, why)
             else:
                 self.blocked_reason = None
                 log.info("upstream %s unblocked", self.name)

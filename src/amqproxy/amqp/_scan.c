@@ -21,6 +21,7 @@
 #define BASIC_ACK 0x003C0050u
 #define BASIC_REJECT 0x003C005Au
 #define BASIC_NACK 0x003C0078u
+#define ACK_SIZE 13 /* class, method, delivery tag, bits */
 
 static inline uint32_t be32(const unsigned char *p) {
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
@@ -133,7 +134,9 @@ static PyObject *broker_run(PyObject *self, PyObject *args) {
     return Py_BuildValue("nnLN", pos, deliveries, confirmed, moved);
 }
 
-/* Where the flags octet of a Basic.Publish payload lies, or -1 when it does not fit. */
+/* Where the flags octet of a Basic.Publish payload lies, or -1 unless the arguments are
+ * exactly ticket, exchange, routing key and that octet (anything else the broker cannot
+ * decode: the caller's full check answers it). */
 static Py_ssize_t publish_flags_at(const unsigned char *b, Py_ssize_t start, Py_ssize_t end) {
     Py_ssize_t at = start + 6; /* class, method, reserved ticket */
     if (at >= end)
@@ -142,12 +145,110 @@ static Py_ssize_t publish_flags_at(const unsigned char *b, Py_ssize_t start, Py_
     if (at >= end)
         return -1;
     at += 1 + b[at]; /* routing key */
-    return at < end ? at : -1;
+    return at == end - 1 ? at : -1;
+}
+
+#define MAX_TABLE_DEPTH 32 /* amqp/methods.py MAX_TABLE_DEPTH: the same bound */
+
+/* The size of a fixed-size field value of type `kind`, -1 for a length-prefixed one (S, A, F,
+ * x), -2 for a type the broker does not know. */
+static inline int field_size(unsigned char kind) {
+    switch (kind) {
+    case 'V': return 0;
+    case 't': case 'b': case 'B': return 1;
+    case 's': case 'u': return 2;
+    case 'I': case 'i': case 'f': return 4;
+    case 'D': return 5;
+    case 'l': case 'L': case 'd': case 'T': return 8;
+    case 'S': case 'A': case 'F': case 'x': return -1;
+    default: return -2;
+    }
+}
+
+/* 1 when b[pos:end] is the content of a well-formed field table (arrays inside hold values
+ * without names) nested at most MAX_TABLE_DEPTH deep; depth first with an explicit stack, as
+ * methods.table_error does. */
+static int table_ok(const unsigned char *b, Py_ssize_t pos, Py_ssize_t end) {
+    Py_ssize_t stack_pos[MAX_TABLE_DEPTH], stack_end[MAX_TABLE_DEPTH];
+    int stack_array[MAX_TABLE_DEPTH], depth = 0, is_array = 0;
+    while (1) {
+        if (pos >= end) {
+            if (pos > end)
+                return 0;
+            if (depth == 0)
+                return 1;
+            depth--;
+            pos = stack_pos[depth], end = stack_end[depth], is_array = stack_array[depth];
+            continue;
+        }
+        if (!is_array) {
+            pos += 1 + b[pos];
+            if (pos >= end)
+                return 0;
+        }
+        unsigned char kind = b[pos++];
+        int size = field_size(kind);
+        if (size == -2)
+            return 0;
+        if (size >= 0) {
+            pos += size;
+            continue;
+        }
+        if (pos + 4 > end)
+            return 0;
+        Py_ssize_t inner = pos + 4;
+        pos = inner + (Py_ssize_t)be32(b + inner - 4);
+        if (pos > end)
+            return 0;
+        if (kind == 'F' || kind == 'A') {
+            if (depth + 1 >= MAX_TABLE_DEPTH)
+                return 0;
+            stack_pos[depth] = pos, stack_end[depth] = end, stack_array[depth] = is_array;
+            depth++;
+            end = pos, pos = inner, is_array = kind == 'A';
+        }
+    }
+}
+
+/* 1 when the content header payload b[start:end] is what the broker decodes: class 60,
+ * weight 0, only Basic's 14 property flags, the properties exactly (methods.py
+ * content_header_error is the same check with the broker's texts). */
+static int header_ok(const unsigned char *b, Py_ssize_t start, Py_ssize_t end) {
+    static const char kinds[14] = {'s', 's', 'F', 'o', 'o', 's', 's', 's', 's', 'l', 's', 's',
+                                   's', 's'};
+    if (end - start < 14 || b[start] != 0 || b[start + 1] != 60 || b[start + 2] || b[start + 3])
+        return 0;
+    unsigned flags = (unsigned)b[start + 12] << 8 | b[start + 13];
+    if (flags & 3)
+        return 0;
+    Py_ssize_t pos = start + 14;
+    for (int i = 0; i < 14; i++) {
+        if (!(flags & (0x8000u >> i)))
+            continue;
+        if (pos >= end)
+            return 0;
+        switch (kinds[i]) {
+        case 's': pos += 1 + b[pos]; break;
+        case 'o': pos += 1; break;
+        case 'l': pos += 8; break;
+        default: {
+            if (pos + 4 > end)
+                return 0;
+            Py_ssize_t stop = pos + 4 + (Py_ssize_t)be32(b + pos);
+            if (stop > end || !table_ok(b, pos + 4, stop))
+                return 0;
+            pos = stop;
+        }
+        }
+        if (pos > end)
+            return 0;
+    }
+    return pos == end;
 }
 
 /* Client to broker, from a message boundary: whole messages of Basic.Publish without the
  * mandatory/immediate flags (method, header, bodies adding up to the header's size), and
- * Basic.Ack/Nack/Reject when acks_ok. Stops before a message that is not complete here.
+ * Basic.Ack/Nack/Reject of the exact size when acks_ok. Stops before a message that is not complete here.
  * Returns the stop position; *publishes counts the messages walked. */
 static Py_ssize_t walk_client(const unsigned char *b, Py_ssize_t n, Py_ssize_t pos,
                               unsigned channel, uint32_t max_size, int acks_ok,
@@ -163,7 +264,7 @@ static Py_ssize_t walk_client(const unsigned char *b, Py_ssize_t n, Py_ssize_t p
         uint32_t mid = be32(b + pos + 7);
         Py_ssize_t next = pos + size + 8;
         if (mid == BASIC_ACK || mid == BASIC_NACK || mid == BASIC_REJECT) {
-            if (!acks_ok)
+            if (!acks_ok || size != ACK_SIZE) /* a 64-bit tag and one octet of bits */
                 break;
             pos = next;
             continue;
@@ -175,7 +276,7 @@ static Py_ssize_t walk_client(const unsigned char *b, Py_ssize_t n, Py_ssize_t p
             break;
         /* the content header, then bodies up to its size */
         Py_ssize_t hsize = frame_at(b, n, next, channel, max_size, &type);
-        if (hsize < 12 || type != FRAME_HEADER)
+        if (hsize < 14 || type != FRAME_HEADER || !header_ok(b, next + 7, next + 7 + hsize))
             break;
         uint64_t remaining = be64(b + next + 11);
         next += hsize + 8;

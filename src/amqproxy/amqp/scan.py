@@ -18,11 +18,13 @@ import struct
 from collections.abc import Callable
 
 from amqproxy.amqp import constants as c
+from amqproxy.amqp.methods import content_header_error
 
 _HEADER = struct.Struct(">BHI")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _ACKS = (c.BASIC_ACK, c.BASIC_NACK, c.BASIC_REJECT)
+_ACK_SIZE = 13  # class, method, delivery tag, bits
 
 ClientScanner = Callable[[bytes, int, int, int, bool, int], tuple[int, int, bytes | None]]
 BrokerScanner = Callable[
@@ -112,6 +114,8 @@ def _moved_copy(
 
 
 def _publish_flags_at(data: bytes, start: int, end: int) -> int:
+    """Where the flags octet lies, or -1 unless the arguments are exactly ticket, exchange,
+    routing key and that octet."""
     at = start + 6  # class, method, reserved ticket
     if at >= end:
         return -1
@@ -119,14 +123,14 @@ def _publish_flags_at(data: bytes, start: int, end: int) -> int:
     if at >= end:
         return -1
     at += 1 + data[at]  # routing key
-    return at if at < end else -1
+    return at if at == end - 1 else -1
 
 
 def client_run_py(
     data: bytes, pos: int, channel: int, max_size: int, acks_ok: bool, to_channel: int
 ) -> tuple[int, int, bytes | None]:
     """Client to broker, from a message boundary: whole Basic.Publish messages without the
-    mandatory/immediate flags, and Basic.Ack/Nack/Reject when `acks_ok`.
+    mandatory/immediate flags, and Basic.Ack/Nack/Reject of the exact size when `acks_ok`.
 
     Returns (stop position, messages walked, moved); stops before a message not complete here.
     `moved` is None when `to_channel` is `channel` (the frames go up as they are), else a copy
@@ -140,7 +144,7 @@ def client_run_py(
         mid = _U32.unpack_from(data, pos + 7)[0]
         nxt = pos + size + 8
         if mid in _ACKS:
-            if not acks_ok:
+            if not acks_ok or size != _ACK_SIZE:
                 break
             pos = nxt
             continue
@@ -150,7 +154,9 @@ def client_run_py(
         if flags < 0 or data[flags]:
             break
         ftype, hsize = _frame_at(data, nxt, channel, max_size)
-        if hsize < 12 or ftype != c.FRAME_HEADER:
+        if hsize < 14 or ftype != c.FRAME_HEADER:
+            break
+        if content_header_error(data, nxt + 7, nxt + 7 + hsize) is not None:
             break
         remaining = _U64.unpack_from(data, nxt + 11)[0]
         nxt += hsize + 8

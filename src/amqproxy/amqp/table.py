@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 from amqproxy.amqp.frames import Buffer
 
-# Value sizes by type octet (RabbitMQ's field types, AMQP 0-9-1 errata); length-prefixed types
-# carry a 32-bit size. 's' is a 16-bit integer in RabbitMQ's dialect, as in the errata.
+# Value sizes by type octet: the types RabbitMQ 3.10 decodes (probed one by one against it);
+# length-prefixed types carry a 32-bit size. 's' is a 16-bit integer in RabbitMQ's dialect.
 FIXED_SIZES = {
     ord("t"): 1,
     ord("b"): 1,
@@ -24,6 +24,7 @@ FIXED_SIZES = {
     ord("I"): 4,
     ord("i"): 4,
     ord("l"): 8,
+    ord("L"): 8,
     ord("f"): 4,
     ord("d"): 8,
     ord("D"): 5,
