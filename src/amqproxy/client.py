@@ -18,7 +18,7 @@ from pamqp import commands
 from amqproxy.amqp import auth, frames, handshake, methods
 from amqproxy.amqp import constants as c
 from amqproxy.amqp.frames import Buffer, FrameError, add_piece, add_pieces
-from amqproxy.amqp.methods import content_header_error
+from amqproxy.amqp.methods import body_size
 from amqproxy.amqp.scan import client_run as run_scan
 from amqproxy.channel import ChannelState, Lease, LeaseState
 from amqproxy.heartbeat import HeartbeatMixin
@@ -498,10 +498,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
                     if ftype == 2:
                         if lease.pub_stage != Lease.PUB_HEADER:
                             raise frames.header_without_publish(channel_id)
-                        problem = content_header_error(data, pos + 7, end)
-                        if problem is not None:
-                            raise FrameError(*problem)
-                        remaining = _U64.unpack_from(data, pos + 11)[0]
+                        remaining = body_size(data, pos + 7, end)
                     else:
                         if lease.pub_stage != Lease.PUB_BODY:
                             raise frames.body_without_header(channel_id)
@@ -611,7 +608,8 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
             if mid not in methods.CLIENT_CHANNEL_METHODS:
                 if mid == c.CHANNEL_OPEN:
                     raise FrameError(c.CHANNEL_ERROR, "CHANNEL_ERROR - second 'channel.open' seen")
-                raise methods.not_for_clients(mid)
+                methods.decode(mid, data, start, end)  # like the broker: 501 first, if it is
+                raise methods.not_for_clients(mid)  # malformed, else "unimplemented"
             args = methods.decode(mid, data, start, end)  # what the broker could not: refused
             if mid == c.BASIC_PUBLISH:
                 self._start_publish(lease, args["mandatory"] | args["immediate"] << 1)
@@ -657,7 +655,7 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         if ftype == c.FRAME_HEADER:
             if lease.pub_stage != Lease.PUB_HEADER:
                 raise frames.header_without_publish(lease.channel_id)
-            remaining = frames.content_body_size(view, start)
+            remaining = body_size(view, start, end)
         else:
             if lease.pub_stage != Lease.PUB_BODY:
                 raise frames.body_without_header(lease.channel_id)

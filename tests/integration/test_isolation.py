@@ -32,6 +32,14 @@ def _bad_end() -> bytes:
     return bytes(frame)
 
 
+def _method(channel: int, payload: bytes) -> bytes:
+    return struct.pack(">BHI", 1, channel, len(payload)) + payload + b"\xce"
+
+
+def _content_header(channel: int, payload: bytes) -> bytes:
+    return struct.pack(">BHI", 2, channel, len(payload)) + payload + b"\xce"
+
+
 # name -> bytes sent after the handshake and Channel.Open(1) (channel_max negotiated: 16)
 MISTAKES = {
     "frame-on-unopened-channel": pframe.marshal(commands.Basic.Qos(0, 1, False), 3),
@@ -44,6 +52,23 @@ MISTAKES = {
     "immediate-publish": _publish(1, immediate=True)
     + _header(1)
     + pframe.marshal(pbody.ContentBody(b"x"), 1),
+    # Arguments that do not decode (a fuzzer's finds): the broker closes the connection
+    "tx-select-with-arguments": bytes.fromhex("01000100000007005a000aa0ef24ce"),
+    "reject-3-bytes": bytes.fromhex("01000100000007003c005ae0652ece"),
+    "nack-1-byte": bytes.fromhex("01000100000005003c007815ce"),
+    "ack-short": _method(1, bytes.fromhex("003c0050") + bytes(8)),
+    "connection-close-on-channel": bytes.fromhex("01000100000004000a0032ce"),
+    "connection-open-on-channel": pframe.marshal(commands.Connection.Open("/"), 1),
+    "empty-publish": bytes.fromhex("01000100000004003c0028ce"),
+    "publish-with-a-byte-too-many": _method(
+        1, pframe.marshal(commands.Basic.Publish(exchange="", routing_key="q"), 1)[7:-1] + b"\x00"
+    ),
+    "method-frame-of-3-bytes": _method(1, bytes.fromhex("003c00")),
+    "qos-ok-from-client": pframe.marshal(commands.Basic.QosOk(), 1),
+    "flow-ok-from-client": pframe.marshal(commands.Channel.FlowOk(active=True), 1),
+    "header-of-class-50": _publish(1) + _content_header(1, struct.pack(">HHQH", 50, 0, 1, 0)),
+    "header-with-weight": _publish(1) + _content_header(1, struct.pack(">HHQH", 60, 1, 1, 0)),
+    "header-of-4-bytes": _publish(1) + _content_header(1, struct.pack(">HH", 60, 0)),
 }
 
 

@@ -47,23 +47,6 @@ def test_scan_rejects_a_frame_above_frame_max_before_it_arrives() -> None:
     assert "exceeds frame_max 4096" in err.value.text
 
 
-def test_publish_flags() -> None:
-    data = method(1, commands.Basic.Publish(exchange="ex", routing_key="r", mandatory=True))
-    ((_, _, start, end),) = frames.scan(data, 4096)[0]
-    assert frames.publish_flags(data, start, end) == (True, False)
-    data = method(1, commands.Basic.Publish(immediate=True))
-    ((_, _, start, end),) = frames.scan(data, 4096)[0]
-    assert frames.publish_flags(data, start, end) == (False, True)
-
-
-def test_content_body_size() -> None:
-    from pamqp import header
-
-    data = frame.marshal(header.ContentHeader(0, 123456789), 1)
-    ((_, _, start, _),) = frames.scan(data, 4096)[0]
-    assert frames.content_body_size(data, start) == 123456789
-
-
 @pytest.mark.parametrize(
     "m",
     [

@@ -49,6 +49,17 @@ def message(channel: int, data: bytes, frame_body: int = MAX, **publish: object)
     return b"".join(out)
 
 
+def rich_message(channel: int, depth: int) -> bytes:
+    """A publish whose header carries properties and a headers table ``depth`` levels deep."""
+    table: dict[str, object] = {"leaf": "v", "n": 7}
+    for _ in range(depth):
+        table = {"t": table, "a": [1, "x"]}
+    props = commands.Basic.Properties(content_type="t", headers=table, priority=3, app_id="a")
+    out = m(channel, commands.Basic.Publish(exchange="", routing_key="q"))
+    out += frame.marshal(ContentHeader(0, 3, props), channel)
+    return out + body(channel, b"abc")
+
+
 def header(channel: int, size: int) -> bytes:
     return frame.marshal(ContentHeader(0, size, commands.Basic.Properties()), channel)
 
@@ -211,6 +222,7 @@ def test_c_and_python_agree_on_random_streams() -> None:
         lambda: message(1, rng.randbytes(rng.randrange(0, 700)), frame_body=rng.randrange(1, 300)),
         lambda: message(1, b"x", mandatory=rng.random() < 0.5),
         lambda: message(2, b"y"),
+        lambda: rich_message(1, rng.randrange(0, 4)),
         lambda: delivery(1, rng.randrange(1, 1 << 40), rng.randbytes(rng.randrange(0, 300))),
         lambda: ack(1, rng.randrange(1, 99)),
         lambda: confirm(1, rng.randrange(1, 99), multiple=rng.random() < 0.7),

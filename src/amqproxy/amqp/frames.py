@@ -163,25 +163,6 @@ def decode_method(payload: Buffer) -> Method:
     return method
 
 
-def content_body_size(data: Buffer, start: int) -> int:
-    """Body size announced by a content header frame (class, weight, then a 64-bit size)."""
-    value: int = _U64.unpack_from(data, start + 4)[0]
-    return value
-
-
-def publish_flags(data: Buffer, start: int, end: int) -> tuple[bool, bool]:
-    """(mandatory, immediate) of a Basic.Publish payload, without decoding the rest."""
-    pos = start + 6  # class, method, reserved ticket
-    pos += 1 + data[pos]  # exchange shortstr
-    if pos >= end:
-        raise FrameError(c.SYNTAX_ERROR, "SYNTAX_ERROR - truncated basic.publish")
-    pos += 1 + data[pos]  # routing key shortstr
-    if pos >= end:
-        raise FrameError(c.SYNTAX_ERROR, "SYNTAX_ERROR - truncated basic.publish")
-    bits = data[pos]
-    return bool(bits & 1), bool(bits & 2)
-
-
 def tag_position(mid: int, data: Buffer, start: int) -> int:
     """Offset of the 64-bit delivery tag in a Deliver, GetOk, Ack, Nack or Reject payload."""
     if mid == c.BASIC_DELIVER:

@@ -288,3 +288,13 @@ def content_header_error(data: Buffer, start: int, end: int) -> tuple[int, str] 
     except FrameError as exc:
         return exc.code, exc.text
     return None if pos == end else bad
+
+
+def body_size(data: Buffer, start: int, end: int) -> int:
+    """The body size a content header announces, once the header passed the broker's checks
+    (FrameError with the broker's code otherwise)."""
+    problem = content_header_error(data, start, end)
+    if problem is not None:
+        raise FrameError(*problem)
+    size: int = _U64.unpack_from(data, start + 4)[0]
+    return size
