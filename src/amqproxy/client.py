@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("amqproxy.client")
 
-HANDSHAKE_FRAME_MAX = 131072
+HANDSHAKE_FRAME_MAX = c.FRAME_MIN_SIZE  # until Tune: what RabbitMQ accepts before it
 CLOSE_OK_TIMEOUT = 5.0  # how long a client may take to answer our Connection.Close
 MAX_BACKLOG = 4 * 1024 * 1024  # frames a client sent on a channel still opening upstream
 
@@ -152,7 +152,6 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
         self._credentials = auth.Credentials(b"", b"")
         self._vhost = b""
         self.connection_name = ""
-        self.client_properties: dict[str, Any] = {}
         self.wants_blocked = False
         self.pool: Pool | None = None
         self.leases: dict[int, Lease] = {}
@@ -1029,13 +1028,19 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
 
     def _handshake(self, data: bytes) -> None:
         try:
-            found, pos = frames.scan(data, HANDSHAKE_FRAME_MAX)
+            # What follows Connection.Open in the same read is ordinary traffic: scanned with
+            # the broker's frame_max; the handshake's own frames are held to the limit below.
+            found, pos = frames.scan(data, max(self.frame_max, self.registry.frame_max))
             for ftype, channel_id, start, end in found:
                 if ftype == c.FRAME_HEARTBEAT:
                     continue
                 if ftype != c.FRAME_METHOD or channel_id != 0:
                     raise FrameError(
                         c.UNEXPECTED_FRAME, "UNEXPECTED_FRAME - non-method frame during handshake"
+                    )
+                if end - start + c.FRAME_OVERHEAD > self.frame_max or end - start < 4:
+                    raise FrameError(
+                        c.FRAME_ERROR, f"FRAME_ERROR - handshake frame of {end - start} bytes"
                     )
                 self._handshake_method(frames.method_id_at(data, start), data[start:end])
                 state = self.state
@@ -1063,12 +1068,8 @@ class ClientConnection(HeartbeatMixin, asyncio.Protocol):
     def _handshake_method(self, mid: int, payload: bytes) -> None:
         if self.state is State.START and mid == c.CONNECTION_START_OK:
             method = handshake.start_ok(payload)
-            self.client_properties = method.client_properties
-            name = self.client_properties.get("connection_name")
-            self.connection_name = name.decode() if isinstance(name, bytes) else str(name or "")
-            capabilities = self.client_properties.get("capabilities") or {}
-            if isinstance(capabilities, dict):
-                self.wants_blocked = bool(capabilities.get("connection.blocked"))
+            self.connection_name = method.connection_name
+            self.wants_blocked = method.wants_blocked
             self._credentials = auth.credentials(method.mechanism, method.response)
             self.user = auth.display(self._credentials.user)
             self.state = State.TUNE

@@ -12,29 +12,33 @@ def payload(method: object) -> bytes:
     return frame.marshal(method, 0)[7:-1]  # type: ignore[arg-type]
 
 
+def start_ok_payload(props: dict, mechanism: str = "PLAIN") -> bytes:  # type: ignore[type-arg]
+    return payload(commands.Connection.StartOk(props, mechanism, "\0u\0p", "en_US"))
+
+
 def test_start_ok() -> None:
     props = {"product": "x", "capabilities": {"connection.blocked": True}, "connection_name": "n"}
-    got = handshake.start_ok(
-        payload(commands.Connection.StartOk(props, "PLAIN", "\0u\0p", "en_US"))
-    )
-    assert got.client_properties == props
+    got = handshake.start_ok(start_ok_payload(props))
+    assert (got.connection_name, got.wants_blocked) == ("n", True)
     assert (got.mechanism, got.response, got.locale) == ("PLAIN", b"\0u\0p", "en_US")
+    plain = handshake.start_ok(start_ok_payload({"product": "y"}))
+    assert (plain.connection_name, plain.wants_blocked) == ("", False)
+    off = {"capabilities": {"connection.blocked": False, "publisher_confirms": True}}
+    assert handshake.start_ok(start_ok_payload(off)).wants_blocked is False
 
 
-def test_client_properties_are_decoded_once_per_distinct_table() -> None:
-    def start_ok(name: str) -> handshake.StartOk:
-        props = {"product": "php", "connection_name": name}
-        return handshake.start_ok(
-            payload(commands.Connection.StartOk(props, "PLAIN", "\0u\0p", "en_US"))
-        )
+def test_client_properties_are_walked_not_decoded_and_bounded() -> None:
+    """A deep or malformed properties table is refused (502), never decoded recursively."""
+    import struct
 
-    first, again = start_ok("worker"), start_ok("worker")
-    assert first.client_properties == {"product": "php", "connection_name": "worker"}
-    assert again.client_properties is first.client_properties  # remembered, not re-decoded
-    assert start_ok("other").client_properties["connection_name"] == "other"
-    for i in range(handshake._TABLES_MAX + 10):  # a flood of distinct tables stays bounded
-        start_ok(f"w{i}")
-    assert len(handshake._TABLES) <= handshake._TABLES_MAX
+    deep = b""
+    for _ in range(200):
+        deep = b"\x01kF" + struct.pack(">I", len(deep)) + deep
+    raw = struct.pack(">HHI", 10, 11, len(deep)) + deep + b"\x05PLAIN" + struct.pack(">I", 5)
+    raw += b"\0u\0p\x05en_US"
+    with pytest.raises(FrameError) as err:
+        handshake.start_ok(raw)
+    assert err.value.code == c.SYNTAX_ERROR
 
 
 def test_tune_ok_and_open() -> None:

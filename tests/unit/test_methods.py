@@ -16,6 +16,8 @@ from amqproxy.amqp import constants as c
 from amqproxy.amqp import methods, scan
 from amqproxy.amqp.frames import FrameError
 
+pytestmark = pytest.mark.filterwarnings("ignore:This command is deprecated:DeprecationWarning")
+
 SAMPLES = [
     commands.Channel.Flow(active=True),
     commands.Channel.Close(404, "NOT_FOUND - x", 60, 40),

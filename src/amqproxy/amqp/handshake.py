@@ -1,8 +1,11 @@
-"""Decoders for the three client methods of the connection handshake.
+"""Decoders for the three client methods of the connection handshake, and the encoders of
+the two the proxy sends upstream with the client's exact bytes.
 
 Every short-lived client sends them, so they are read with struct rather than through pamqp's
-generic method objects; only the client-properties table goes through pamqp's table decoder, and
-its result is remembered: the workers of one application send the same table bytes every time.
+method objects. The client-properties table is not decoded at all: it is checked (well formed,
+bounded like any table) and walked for the two things the proxy uses, the connection name and
+the ``connection.blocked`` capability — no per-client copy of a client's table, however large
+or deep.
 """
 
 from __future__ import annotations
@@ -10,22 +13,22 @@ from __future__ import annotations
 import struct
 from typing import Any, NamedTuple
 
-from pamqp import decode, encode
+from pamqp import encode
 
 from amqproxy.amqp import constants as c
 from amqproxy.amqp.frames import Buffer, FrameError
+from amqproxy.amqp.methods import table_error
+from amqproxy.amqp.table import LONG_STRING, TABLE, items, long_string
 
 _TUNE_OK = struct.Struct(">HIH")
 _FRAME_HEADER = struct.Struct(">BHI")
 _U32 = struct.Struct(">I")
-
-# Decoded client-properties tables by their raw bytes; shared by clients, so read-only.
-_TABLES: dict[bytes, dict[str, Any]] = {}
-_TABLES_MAX = 256  # distinct tables remembered (cleared when full: bounded memory)
+_TRUE = ord("t")
 
 
 class StartOk(NamedTuple):
-    client_properties: dict[str, Any]
+    connection_name: str  # the client's "connection_name" property, for logs
+    wants_blocked: bool  # it announced the connection.blocked capability
     mechanism: str
     response: bytes
     locale: str
@@ -39,28 +42,38 @@ def _short_str(payload: Buffer, pos: int) -> tuple[str, int]:
     return bytes(payload[pos + 1 : end]).decode("utf-8", "replace"), end
 
 
+def _client_properties(table: memoryview) -> tuple[str, bool]:
+    """(connection name, connection.blocked capability) from the properties table."""
+    name, blocked = "", False
+    for key, kind, value in items(table):
+        if key == b"connection_name" and kind == LONG_STRING:
+            name = long_string(value).decode("utf-8", "replace")
+        elif key == b"capabilities" and kind == TABLE:
+            for cap, cap_kind, cap_value in items(value[4:]):
+                if cap == b"connection.blocked" and cap_kind == _TRUE:
+                    blocked = bool(cap_value[0])
+    return name, blocked
+
+
 def start_ok(payload: Buffer) -> StartOk:
     """Connection.StartOk: properties table, mechanism, response, locale."""
+    view = memoryview(payload)
     try:
-        table_size = _U32.unpack_from(payload, 4)[0]
+        table_size = _U32.unpack_from(view, 4)[0]
         pos = 8 + table_size
-        raw = bytes(payload[4:pos])
-        properties = _TABLES.get(raw)
-        if properties is None:
-            _, properties = decode.field_table(raw)
-            if len(_TABLES) >= _TABLES_MAX:
-                _TABLES.clear()
-            _TABLES[raw] = properties
-        mechanism, pos = _short_str(payload, pos)
-        response_size = _U32.unpack_from(payload, pos)[0]
+        if pos > len(view) or table_error(view, 8, pos) is not None:
+            raise ValueError
+        name, blocked = _client_properties(view[8:pos])
+        mechanism, pos = _short_str(view, pos)
+        response_size = _U32.unpack_from(view, pos)[0]
         pos += 4
-        response = bytes(payload[pos : pos + response_size])
+        response = bytes(view[pos : pos + response_size])
         if len(response) != response_size:
             raise IndexError
-        locale, _ = _short_str(payload, pos + response_size)
+        locale, _ = _short_str(view, pos + response_size)
     except (IndexError, ValueError, struct.error):
         raise FrameError(c.SYNTAX_ERROR, "SYNTAX_ERROR - malformed connection.start-ok") from None
-    return StartOk(properties, mechanism, response, locale)
+    return StartOk(name, blocked, mechanism, response, locale)
 
 
 def tune_ok(payload: Buffer) -> tuple[int, int, int]:
