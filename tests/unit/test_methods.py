@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import struct
+import warnings
 from decimal import Decimal
 
 import pytest
@@ -16,7 +17,11 @@ from amqproxy.amqp import constants as c
 from amqproxy.amqp import methods, scan
 from amqproxy.amqp.frames import FrameError
 
-pytestmark = pytest.mark.filterwarnings("ignore:This command is deprecated:DeprecationWarning")
+def _recover_async() -> commands.Basic.RecoverAsync:
+    with warnings.catch_warnings():  # deprecated in 0-9-1, still sent by old clients
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return commands.Basic.RecoverAsync(requeue=True)
+
 
 SAMPLES = [
     commands.Channel.Flow(active=True),
@@ -46,7 +51,7 @@ SAMPLES = [
     commands.Basic.Get(queue="q", no_ack=True),
     commands.Basic.Ack(delivery_tag=7, multiple=True),
     commands.Basic.Reject(delivery_tag=8, requeue=False),
-    commands.Basic.RecoverAsync(requeue=True),
+    _recover_async(),
     commands.Basic.Recover(requeue=False),
     commands.Basic.Nack(delivery_tag=9, multiple=False, requeue=True),
     commands.Confirm.Select(nowait=True),
