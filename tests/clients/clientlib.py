@@ -1,10 +1,7 @@
 """Shared helpers for the real-client suite (tests/clients).
 
-The integration suite's conftest (proxy factory, throwaway tenants, queues, metrics, raw client)
-is reused, not copied: it is loaded here once under the unique module name ``itest_conftest``
-(``conftest`` is taken by whichever conftest pytest imported last) and re-exported.
-
-On top of it this module has what the client tests share:
+The proxy factory, throwaway tenants, queues, metrics and the raw client come from the tests'
+``support`` package; on top of them this module has what the client tests share:
 
 * an exact AMQP field-table codec that keeps type tags (``("b", -5)``), used to publish a
   reference message whose header table holds every value type with explicit tags, and to read the
@@ -16,13 +13,11 @@ On top of it this module has what the client tests share:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
 import struct
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from decimal import Decimal
@@ -30,44 +25,24 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-INTEGRATION = HERE.parent / "integration"
 
-if str(INTEGRATION) not in sys.path:
-    sys.path.insert(0, str(INTEGRATION))  # for raw_amqp (a unique module name)
-
-
-def _load_integration_conftest() -> Any:
-    name = "itest_conftest"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, INTEGRATION / "conftest.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-itest = _load_integration_conftest()
-
-import raw_amqp  # noqa: E402
 from pamqp import commands  # noqa: E402
 from pamqp import frame as pframe  # noqa: E402
-
-RawAMQP = raw_amqp.RawAMQP
-RawConnectionClose = raw_amqp.RawConnectionClose
-Tenant = itest.Tenant
-Proxy = itest.Proxy
-wait_for = itest.wait_for
-drain = itest.drain
-queue_counts = itest.queue_counts
-direct = itest.direct
-reply_code_of = itest.reply_code_of
-UPSTREAM_CONNECTS = itest.UPSTREAM_CONNECTS
-UPSTREAM_CONNECTIONS = itest.UPSTREAM_CONNECTIONS
-CLIENT_CONNECTIONS = itest.CLIENT_CONNECTIONS
-BROKER_HOST = itest.BROKER_HOST
-BROKER_PORT = itest.BROKER_PORT
+from support import (  # noqa: E402, F401 - re-exported for the client tests
+    BROKER_HOST,
+    BROKER_PORT,
+    CLIENT_CONNECTIONS,
+    UPSTREAM_CONNECTIONS,
+    UPSTREAM_CONNECTS,
+    Proxy,
+    Tenant,
+    direct,
+    drain,
+    queue_counts,
+    reply_code_of,
+    wait_for,
+)
+from support.raw import RawAMQP, RawConnectionClose  # noqa: E402, F401
 
 FRAME_MAX = 131072  # what the broker (and so the proxy) offers; every client here accepts it
 MIB = 1024 * 1024
@@ -143,8 +118,20 @@ def encode_table(table: dict[str, tuple[str, Any]]) -> bytes:
 def _decode_value(data: bytes, pos: int) -> tuple[tuple[str, Any], int]:
     tag = chr(data[pos])
     pos += 1
-    fixed = {"t": ">B", "b": ">b", "B": ">B", "s": ">h", "u": ">H", "I": ">i", "i": ">I",
-             "l": ">q", "L": ">Q", "f": ">f", "d": ">d", "T": ">Q"}
+    fixed = {
+        "t": ">B",
+        "b": ">b",
+        "B": ">B",
+        "s": ">h",
+        "u": ">H",
+        "I": ">i",
+        "i": ">I",
+        "l": ">q",
+        "L": ">Q",
+        "f": ">f",
+        "d": ">d",
+        "T": ">Q",
+    }
     if tag in fixed:
         fmt = fixed[tag]
         (v,) = struct.unpack_from(fmt, data, pos)
@@ -288,8 +275,10 @@ def reference_headers(short_int: bool = True) -> dict[str, tuple[str, Any]]:
         "no": ("t", False),
         "ts": ("T", REF_TIMESTAMP),
         "table": ("F", {"k": ("S", "v"), "n": ("I", 1), "inner": ("F", {"deep": ("t", True)})}),
-        "array": ("A", [("S", "a"), ("I", 2), ("t", True), ("F", {"x": ("S", "y")}),
-                        ("A", [("l", 3)])]),
+        "array": (
+            "A",
+            [("S", "a"), ("I", 2), ("t", True), ("F", {"x": ("S", "y")}), ("A", [("l", 3)])],
+        ),
         "bytes": ("x", b"\x00\x01\xfe\xff"),
         "void": ("V", None),
     }
@@ -298,8 +287,9 @@ def reference_headers(short_int: bool = True) -> dict[str, tuple[str, Any]]:
     return h
 
 
-def reference_properties(user: str, headers: dict[str, tuple[str, Any]] | None = None,
-                         **overrides: Any) -> dict[str, Any]:
+def reference_properties(
+    user: str, headers: dict[str, tuple[str, Any]] | None = None, **overrides: Any
+) -> dict[str, Any]:
     """All 13 basic properties (user_id must be the connecting user, or the broker says 406)."""
     props: dict[str, Any] = {
         "content_type": "application/json",
@@ -350,9 +340,16 @@ class RawMessage:
     body_frame_sizes: list[int]
 
 
-def raw_publish(tenant: Tenant, queue: str, props: dict[str, Any], body: bytes = b"ref",
-                host: str = BROKER_HOST, port: int = BROKER_PORT, exchange: str = "",
-                count: int = 1) -> None:
+def raw_publish(
+    tenant: Tenant,
+    queue: str,
+    props: dict[str, Any],
+    body: bytes = b"ref",
+    host: str = BROKER_HOST,
+    port: int = BROKER_PORT,
+    exchange: str = "",
+    count: int = 1,
+) -> None:
     """Publish ``count`` copies with exactly these (typed) properties, with confirms."""
     raw = _raw_connect(tenant, host, port)
     try:
@@ -373,8 +370,14 @@ def raw_publish(tenant: Tenant, queue: str, props: dict[str, Any], body: bytes =
         raw.close()
 
 
-def raw_get(tenant: Tenant, queue: str, host: str = BROKER_HOST, port: int = BROKER_PORT,
-            frame_max: int = FRAME_MAX, timeout: float = 10.0) -> RawMessage | None:
+def raw_get(
+    tenant: Tenant,
+    queue: str,
+    host: str = BROKER_HOST,
+    port: int = BROKER_PORT,
+    frame_max: int = FRAME_MAX,
+    timeout: float = 10.0,
+) -> RawMessage | None:
     """Basic.Get (no_ack) one message and return its content header bytes untouched."""
     raw = _raw_connect(tenant, host, port, frame_max=frame_max)
     try:
@@ -417,8 +420,14 @@ class DriverError(AssertionError):
 def run_driver(argv: list[str], timeout: float = 60.0, cwd: Path | None = None) -> Any:
     """Run a driver script; return the JSON it printed as its last stdout line."""
     try:
-        res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                             stdin=subprocess.DEVNULL, cwd=str(cwd) if cwd else None)
+        res = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            cwd=str(cwd) if cwd else None,
+        )
     except subprocess.TimeoutExpired as exc:
         raise DriverError(f"{argv[:3]} timed out after {timeout}s; stderr: {exc.stderr!r}") from exc
     lines = [ln for ln in res.stdout.splitlines() if ln.strip()]
@@ -434,20 +443,27 @@ def run_driver(argv: list[str], timeout: float = 60.0, cwd: Path | None = None) 
 
 
 def conn_args(tenant: Tenant, host: str, port: int) -> dict[str, Any]:
-    return {"host": host, "port": port, "user": tenant.user, "password": tenant.password,
-            "vhost": tenant.vhost}
+    return {
+        "host": host,
+        "port": port,
+        "user": tenant.user,
+        "password": tenant.password,
+        "vhost": tenant.vhost,
+    }
 
 
 def node(command: str, args: dict[str, Any], timeout: float = 60.0) -> Any:
     exe = shutil.which("node") or "node"
-    return run_driver([exe, str(NODE_DIR / "driver.js"), command, json.dumps(args)],
-                      timeout=timeout, cwd=NODE_DIR)
+    return run_driver(
+        [exe, str(NODE_DIR / "driver.js"), command, json.dumps(args)], timeout=timeout, cwd=NODE_DIR
+    )
 
 
 def php(command: str, args: dict[str, Any], timeout: float = 60.0) -> Any:
     exe = shutil.which("php") or "php"
-    return run_driver([exe, str(PHP_DIR / "driver.php"), command, json.dumps(args)],
-                      timeout=timeout, cwd=PHP_DIR)
+    return run_driver(
+        [exe, str(PHP_DIR / "driver.php"), command, json.dumps(args)], timeout=timeout, cwd=PHP_DIR
+    )
 
 
 def tool_available(name: str) -> bool:
@@ -461,8 +477,10 @@ def node_available() -> bool:
 def php_available() -> bool:
     if not tool_available("php"):
         return False
-    return any(Path(p).is_dir() for p in (
-        "/usr/share/php/PhpAmqpLib", "/usr/share/php/PhpAmqpLib/Connection"))
+    return any(
+        Path(p).is_dir()
+        for p in ("/usr/share/php/PhpAmqpLib", "/usr/share/php/PhpAmqpLib/Connection")
+    )
 
 
 def env_flag(name: str) -> bool:

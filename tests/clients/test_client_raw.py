@@ -1,4 +1,4 @@
-"""The raw pamqp client (tests/integration/raw_amqp.py) through the proxy: the exact bytes of a
+"""The raw pamqp client (tests/support/raw.py) through the proxy: the exact bytes of a
 content header survive both ways, and a frame_max 4096 client gets a 1 MiB message re-split into
 frames it accepts, by get and by deliver."""
 

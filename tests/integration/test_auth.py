@@ -9,7 +9,7 @@ import time
 import aio_pika
 import pika
 import pytest
-from conftest import (
+from support import (
     CLIENT_CONNECTIONS,
     UPSTREAM_CONNECTIONS,
     UPSTREAM_CONNECTS,
@@ -18,7 +18,7 @@ from conftest import (
     rabbitmqctl,
     reply_code_of,
 )
-from raw_amqp import RawAMQP, RawConnectionClose
+from support.raw import RawAMQP, RawConnectionClose
 
 
 def _warm_pool(proxy, tenant, queue):

@@ -10,7 +10,9 @@ import uuid
 
 import pika
 import pytest
-from conftest import (
+from pamqp import commands
+from pamqp import frame as pframe
+from support import (
     CLIENT_CONNECTIONS,
     LEASED_CHANNELS,
     PARKED_CHANNELS,
@@ -22,9 +24,7 @@ from conftest import (
     queue_counts,
     wait_for,
 )
-from pamqp import commands
-from pamqp import frame as pframe
-from raw_amqp import RawAMQP, is_heartbeat
+from support.raw import RawAMQP, is_heartbeat
 
 ACKISH = (commands.Basic.Ack, commands.Basic.Nack)
 

@@ -9,11 +9,11 @@ import socket
 import time
 
 import pytest
-from conftest import UPSTREAM_CONNECTS, direct, drain, queue_counts, wait_for
 from pamqp import body as pbody
 from pamqp import commands
 from pamqp import frame as pframe
-from raw_amqp import PROTOCOL_HEADER, RawAMQP, RawClosed, RawConnectionClose
+from support import UPSTREAM_CONNECTS, direct, drain, queue_counts, wait_for
+from support.raw import PROTOCOL_HEADER, RawAMQP, RawClosed, RawConnectionClose
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import textwrap
 import uuid
 
 import pytest
-from conftest import (
+from support import (
     BROKER_URL,
     Proxy,
     drain,

@@ -12,9 +12,9 @@ import time
 
 import aio_pika
 import pytest
-from conftest import direct, list_consumers, queue_counts, wait_for
 from pamqp import commands
-from raw_amqp import RawAMQP
+from support import direct, list_consumers, queue_counts, wait_for
+from support.raw import RawAMQP
 
 N = 5
 

@@ -7,8 +7,8 @@ import dataclasses
 import struct
 
 import pytest
-from conftest import BROKER_HOST, BROKER_PORT, UPSTREAM_CONNECTIONS, rabbitmqctl
-from raw_amqp import RawAMQP, RawClosed, RawConnectionClose
+from support import BROKER_HOST, BROKER_PORT, UPSTREAM_CONNECTIONS, rabbitmqctl
+from support.raw import RawAMQP, RawClosed, RawConnectionClose
 
 REPLACEMENT = "\ufffd"  # what a decoder with errors="replace" makes of b"\xff"
 

@@ -10,9 +10,9 @@ import time
 
 import pika
 import pytest
-from conftest import wait_for
 from pamqp import commands
-from raw_amqp import RawAMQP
+from support import wait_for
+from support.raw import RawAMQP
 
 MISSING = "itest-crossing-missing-exchange"
 

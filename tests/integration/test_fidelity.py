@@ -30,7 +30,8 @@ from typing import Any
 
 import pika
 import pytest
-from conftest import (
+from pamqp import commands
+from support import (
     BROKER_HOST,
     BROKER_PORT,
     CLIENT_CONNECTIONS,
@@ -44,8 +45,7 @@ from conftest import (
     reply_code_of,
     wait_for,
 )
-from pamqp import commands
-from raw_amqp import PROTOCOL_HEADER, RawAMQP
+from support.raw import PROTOCOL_HEADER, RawAMQP
 
 # ---------------------------------------------------------------------------------------------
 # helpers

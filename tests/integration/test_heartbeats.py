@@ -7,7 +7,9 @@ import time
 
 import pika
 import pytest
-from conftest import (
+from pamqp import commands
+from pamqp import heartbeat as pheartbeat
+from support import (
     PARKED_CHANNELS,
     UPSTREAM_CHANNEL_OPENS,
     UPSTREAM_CONNECTIONS,
@@ -18,9 +20,7 @@ from conftest import (
     queue_counts,
     wait_for,
 )
-from pamqp import commands
-from pamqp import heartbeat as pheartbeat
-from raw_amqp import RawAMQP, RawClosed, RawConnectionClose
+from support.raw import RawAMQP, RawClosed, RawConnectionClose
 
 
 @pytest.mark.timeout(40)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import (
+from support import (
     PARKED_CHANNELS,
     UPSTREAM_CONNECTIONS,
     UPSTREAM_CONNECTS,

@@ -8,12 +8,12 @@ from __future__ import annotations
 import struct
 
 import pytest
-from conftest import BROKER_PORT, UPSTREAM_CONNECTS, drain
 from pamqp import body as pbody
 from pamqp import commands
 from pamqp import frame as pframe
 from pamqp import header as pheader
-from raw_amqp import RawAMQP, RawClosed, RawConnectionClose
+from support import BROKER_PORT, UPSTREAM_CONNECTS, drain
+from support.raw import RawAMQP, RawClosed, RawConnectionClose
 
 
 def _publish(channel: int, immediate: bool = False) -> bytes:

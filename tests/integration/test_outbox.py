@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pika
 import pytest
-from conftest import (
+from pamqp import commands
+from pamqp import frame as pframe
+from support import (
     OUTBOX_MESSAGES,
     UPSTREAM_CHANNEL_OPENS,
     direct,
@@ -27,9 +29,7 @@ from conftest import (
     queue_counts,
     wait_for,
 )
-from pamqp import commands
-from pamqp import frame as pframe
-from raw_amqp import RawAMQP
+from support.raw import RawAMQP
 
 PHP_DRIVER = Path(__file__).resolve().parents[1] / "clients" / "php" / "driver.php"
 MIXED_SECONDS = float(os.environ.get("AMQPROXY_TEST_MIXED_SECONDS", "10"))

@@ -8,9 +8,9 @@ import struct
 import time
 
 import pytest
-from conftest import UPSTREAM_CONNECTS, drain, queue_counts, wait_for
 from pamqp import commands
-from raw_amqp import RawAMQP
+from support import UPSTREAM_CONNECTS, drain, queue_counts, wait_for
+from support.raw import RawAMQP
 
 BIG = 1024 * 1024
 

@@ -9,7 +9,9 @@ import threading
 import aio_pika
 import pika
 import pytest
-from conftest import (
+from pamqp import commands
+from pamqp import frame as pframe
+from support import (
     CHANNEL_REUSES,
     CLIENT_CONNECTIONS,
     LEASED_CHANNELS,
@@ -21,9 +23,7 @@ from conftest import (
     queue_counts,
     wait_for,
 )
-from pamqp import commands
-from pamqp import frame as pframe
-from raw_amqp import RawAMQP, RawConnectionClose
+from support.raw import RawAMQP, RawConnectionClose
 
 N = 50
 

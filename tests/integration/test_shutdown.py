@@ -9,8 +9,8 @@ import time
 
 import pika
 import pytest
-from conftest import drain, list_connections, wait_for
-from raw_amqp import PROTOCOL_HEADER
+from support import drain, list_connections, wait_for
+from support.raw import PROTOCOL_HEADER
 
 
 def _not_accepting(proxy) -> bool:

@@ -11,7 +11,7 @@ import uuid
 
 import pika
 import pytest
-from conftest import (
+from support import (
     OUTBOX_MESSAGES,
     UPSTREAM_CONNECTIONS,
     UPSTREAM_CONNECTS,

@@ -17,6 +17,7 @@ from amqproxy.amqp import constants as c
 from amqproxy.amqp import methods, scan
 from amqproxy.amqp.frames import FrameError
 
+
 def _recover_async() -> commands.Basic.RecoverAsync:
     with warnings.catch_warnings():  # deprecated in 0-9-1, still sent by old clients
         warnings.simplefilter("ignore", DeprecationWarning)
