@@ -451,10 +451,11 @@ async def s3_loops(
 
 
 async def drain_ids(
-    host: str, port: int, queue: str, expected: int, timeout: float = 60
+    host: str, port: int, queue: str, expected: int, timeout: float = 60, **kw: Any
 ) -> list[int]:
-    """Consume everything in `queue` (no-ack) and return the ids; used for verification."""
-    conn = await connect(host, port)
+    """Consume everything in `queue` (no-ack) and return the ids; used for verification.
+    `kw`: user, password, vhost for connect()."""
+    conn = await connect(host, port, **kw)
     try:
         count = await conn.declare_passive(queue)
         ids = await conn.consume(queue, count, no_ack=True, timeout=timeout) if count else []

@@ -82,6 +82,16 @@ class _RelayPair:
             self.frozen = True  # a dead path stays dead: TCP never resumes after lost bytes
         if self.closed or self.frozen:
             return
+        if self.relay.delay and not self.relay.replies_held:
+            # a slow link: each chunk leaves `delay` seconds after it came, in order
+            loop = asyncio.get_running_loop()
+            loop.call_later(self.relay.delay, self._pass, src, data)
+            return
+        self._pass(src, data)
+
+    def _pass(self, src: _RelaySide, data: bytes) -> None:
+        if self.closed:
+            return
         if src is self.down:
             if self.relay.mode == "blackhole":
                 return
@@ -123,12 +133,14 @@ class FaultRelay:
     ``cut()`` closes every relayed connection at once (both legs). ``hold_replies()`` keeps
     what the broker sends from reaching the proxy until ``release_replies()`` (in order): the
     way to make a race between a broker reply and a client's next step happen on purpose.
+    ``delay``: seconds every chunk waits in each direction (a slow link).
     """
 
     def __init__(self, target: tuple[str, int] = (BROKER_HOST, BROKER_PORT)) -> None:
         self.target = target
         self._mode = "forward"
         self.replies_held = False
+        self.delay = 0.0  # seconds each chunk waits, both ways (a slow link)
         self.accepted_total = 0
         self._pairs: dict[_RelayPair, None] = {}  # insertion (accept) order
         self.loop = asyncio.new_event_loop()
