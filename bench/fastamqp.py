@@ -136,6 +136,7 @@ class FastConn(asyncio.Protocol):
         self.confirm_low = 0
         self.confirm_count = 0
         self.confirm_nacks = 0
+        self.confirm_base = 0  # confirms of earlier publish_confirmed calls
         self.confirm_waiter: asyncio.Future[None] | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -213,6 +214,7 @@ class FastConn(asyncio.Protocol):
     def _on_confirm(self, tag: int, multiple: bool) -> None:
         acked = self.confirm_acked
         assert acked is not None
+        tag -= self.confirm_base  # tags of earlier publish_confirmed calls on this channel
         if multiple:
             for t in range(self.confirm_low + 1, tag + 1):
                 if not acked[t]:
@@ -333,6 +335,7 @@ class FastConn(asyncio.Protocol):
         self.confirm_acked = bytearray(len(frames) + 1)
         self.confirm_low = 0
         self.confirm_count = 0
+        self.confirm_nacks = 0
         sent = 0
         loop = asyncio.get_running_loop()
         total = len(frames)
@@ -346,6 +349,7 @@ class FastConn(asyncio.Protocol):
             if self.confirm_count < total:
                 self.confirm_waiter = loop.create_future()
                 await self.confirm_waiter
+        self.confirm_base += total
         return self.confirm_nacks
 
     async def consume(
