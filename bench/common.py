@@ -137,7 +137,10 @@ class Proxy:
     module = "amqproxy"  # the runner's --proxy-module changes it (e.g. to test the skip path)
 
     def __init__(
-        self, upstream: str, ca: str | None = None, idle: float | None = None,
+        self,
+        upstream: str,
+        ca: str | None = None,
+        idle: float | None = None,
         src: str | None = None,
     ) -> None:
         self.upstream = upstream
@@ -266,15 +269,23 @@ def baseline_src(ref: str) -> str:
     """src/ of a checkout of `ref` (a git worktree under bench/results, C scanner built in
     place), for A/B runs of this proxy against an earlier version of itself."""
     sha = subprocess.run(
-        ["git", "rev-parse", "--short", ref], cwd=REPO_DIR, capture_output=True, text=True,
+        ["git", "rev-parse", "--short", ref],
+        cwd=REPO_DIR,
+        capture_output=True,
+        text=True,
         check=True,
     ).stdout.strip()
     tree = os.path.join(RESULTS_DIR, f"baseline-{sha}")
     if not os.path.isdir(tree):
-        subprocess.run(["git", "worktree", "add", "--detach", tree, sha], cwd=REPO_DIR,
-                       check=True, capture_output=True)
-    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tree,
-                   capture_output=True)
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", tree, sha],
+            cwd=REPO_DIR,
+            check=True,
+            capture_output=True,
+        )
+    subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tree, capture_output=True
+    )
     return os.path.join(tree, "src")
 
 

@@ -880,10 +880,16 @@ def summarize(bench: Bench) -> tuple[str, dict[str, Any]]:
 
 _AB_METRICS = {
     "S1": [("mean_ms", "ms/cycle")],
-    "S2": [("msg_s", "msg/s"), ("cpu_us_per_msg", "proxy µs/msg"),
-           ("broker_cpu_us_per_msg", "broker µs/msg")],
-    "S3": [("pub_s", "pub/s"), ("proxy_cpu_us_per_pub", "proxy µs/cycle"),
-           ("broker_cpu_us_per_pub", "broker µs/pub")],
+    "S2": [
+        ("msg_s", "msg/s"),
+        ("cpu_us_per_msg", "proxy µs/msg"),
+        ("broker_cpu_us_per_msg", "broker µs/msg"),
+    ],
+    "S3": [
+        ("pub_s", "pub/s"),
+        ("proxy_cpu_us_per_pub", "proxy µs/cycle"),
+        ("broker_cpu_us_per_pub", "broker µs/pub"),
+    ],
 }
 
 
@@ -902,8 +908,9 @@ def _ab_lines(
             a, b = _med(vals(g.get("proxy", []), metric)), _med(vals(g["baseline"], metric))
             if math.isnan(a) and math.isnan(b):
                 continue
-            lines.append(f"  {scenario} {case:38} {label:15} {a:10.2f} / {b:10.2f} = "
-                         f"{_ratio(a, b):>5}")
+            lines.append(
+                f"  {scenario} {case:38} {label:15} {a:10.2f} / {b:10.2f} = {_ratio(a, b):>5}"
+            )
             summary[f"A/B {scenario} {case} {metric}"] = {"proxy": a, "baseline": b}
     lines.append("")
     return lines

@@ -50,12 +50,15 @@ def typed_json(tv):
 def test_php_properties_and_header_types_round_trip(proxy, tenant, queues, login):
     expected = reference_properties(tenant.user)
     runs = {}
-    for name, host, port in (("direct", BROKER_HOST, BROKER_PORT),
-                             ("proxy", proxy.host, proxy.port)):
+    for name, host, port in (
+        ("direct", BROKER_HOST, BROKER_PORT),
+        ("proxy", proxy.host, proxy.port),
+    ):
         q_in, q_out = queues.declare(tenant), queues.declare(tenant)
         raw_publish(tenant, q_in, expected, body=b"ref", count=2)
-        seen = php("props", {**conn_args(tenant, host, port), "login": login, "q_in": q_in,
-                             "q_out": q_out})
+        seen = php(
+            "props", {**conn_args(tenant, host, port), "login": login, "q_in": q_in, "q_out": q_out}
+        )
         runs[name] = (seen, wait_for(lambda q=q_out: raw_get(tenant, q), 5))
     (direct_seen, direct_out), (seen, out) = runs["direct"], runs["proxy"]
 
@@ -70,18 +73,35 @@ def test_php_properties_and_header_types_round_trip(proxy, tenant, queues, login
     p = out.properties
     assert out.body == b"out"
     assert {k: v for k, v in p.items() if k != "headers"} == {
-        "content_type": "text/plain", "content_encoding": "utf-8", "delivery_mode": 2,
-        "priority": 6, "correlation_id": "c", "reply_to": "r", "expiration": "20000",
-        "message_id": "m", "timestamp": REF_TIMESTAMP, "type": "t", "user_id": tenant.user,
-        "app_id": "php"}
+        "content_type": "text/plain",
+        "content_encoding": "utf-8",
+        "delivery_mode": 2,
+        "priority": 6,
+        "correlation_id": "c",
+        "reply_to": "r",
+        "expiration": "20000",
+        "message_id": "m",
+        "timestamp": REF_TIMESTAMP,
+        "type": "t",
+        "user_id": tenant.user,
+        "app_id": "php",
+    }
     assert p["headers"] == {
-        "str": ("S", "ph\u00e9"), "i8": ("b", -5), "i16": ("s", -300), "i32": ("I", -70000),
-        "i64": ("l", -5000000000), "auto": ("I", 70000), "dec": ("D", (2, 12345)),
+        "str": ("S", "ph\u00e9"),
+        "i8": ("b", -5),
+        "i16": ("s", -300),
+        "i32": ("I", -70000),
+        "i64": ("l", -5000000000),
+        "auto": ("I", 70000),
+        "dec": ("D", (2, 12345)),
         "ts": ("T", REF_TIMESTAMP),
-        "yes": ("t", True), "no": ("t", False), "bytes": ("x", b"\x00\x01\xfe\xff"),
+        "yes": ("t", True),
+        "no": ("t", False),
+        "bytes": ("x", b"\x00\x01\xfe\xff"),
         "void": ("V", None),
         "table": ("F", {"k": ("S", "v"), "inner": ("F", {"deep": ("t", True)})}),
-        "array": ("A", [("S", "a"), ("I", 1), ("A", [("t", True)])])}
+        "array": ("A", [("S", "a"), ("I", 1), ("A", [("t", True)])]),
+    }
 
 
 def test_php_confirms_return_tx_qos_ack_nack_reject_recover_cancel(proxy, tenant, queues):
@@ -95,25 +115,31 @@ def test_php_confirms_return_tx_qos_ack_nack_reject_recover_cancel(proxy, tenant
     assert sorted(out["recovered"]) == [["m1", True], ["m3", True]]
     assert out["order"][:5] == ["m0", "m1", "m2", "m1", "m3"] and out["order"][7:] == ["m4", "m5"]
     assert [b for b, _, _ in drain(tenant, q)] == [f"c{i}".encode() for i in range(20)] + [
-        b"committed"]
+        b"committed"
+    ]
     assert [b for b, _, _ in drain(tenant, q2)] == [b"m4", b"m5", b"m6"]
 
 
 @pytest.mark.timeout(120)
 def test_php_bodies_from_empty_to_10_mib(proxy, tenant, queues):
     q = queues.declare(tenant)
-    out = php("bodies", {**conn_args(tenant, proxy.host, proxy.port), "q": q,
-                         "sizes": BODY_SIZES}, timeout=100)
+    out = php(
+        "bodies",
+        {**conn_args(tenant, proxy.host, proxy.port), "q": q, "sizes": BODY_SIZES},
+        timeout=100,
+    )
     want = [[s, hashlib.sha256(body_of(s, i)).hexdigest()] for i, s in enumerate(BODY_SIZES)]
     assert out["get"] == want
     assert out["deliver"] == want
 
 
 def test_php_exchanges_reply_to_broker_cancel_user_id_channel_ids(proxy, tenant, queues):
-    qs = {k: queues.declare(tenant) for k in ("q_topic", "q_fan", "q_hdr", "rpc_q", "doomed",
-                                              "q_ids")}
-    out = php("routing", {**conn_args(tenant, proxy.host, proxy.port), **qs,
-                          "tag": uuid.uuid4().hex[:6]})
+    qs = {
+        k: queues.declare(tenant) for k in ("q_topic", "q_fan", "q_hdr", "rpc_q", "doomed", "q_ids")
+    }
+    out = php(
+        "routing", {**conn_args(tenant, proxy.host, proxy.port), **qs, "tag": uuid.uuid4().hex[:6]}
+    )
     assert out["channelId"] == 2047
     assert out["rpc"] == ["cpr-php", "id-9"]
     assert out["cancel"] == "cancelled" and out["cancelChannelOpen"] is True
@@ -121,13 +147,18 @@ def test_php_exchanges_reply_to_broker_cancel_user_id_channel_ids(proxy, tenant,
     assert code == 406 and "user_id" in text
     assert out["channels"] == [2, 500, 2046]
     assert out["connectionAlive"] is True
-    got = {k: [b for b, _, _ in drain(tenant, qs[k])] for k in ("q_topic", "q_fan", "q_hdr",
-                                                              "q_ids")}
+    got = {
+        k: [b for b, _, _ in drain(tenant, qs[k])] for k in ("q_topic", "q_fan", "q_hdr", "q_ids")
+    }
     # One publish on each of three channels, closed in turn: the proxy answers each close at
     # once, so the broker may take the three in any order (README, limitations).
     got["q_ids"].sort()
-    assert got == {"q_topic": [b"one.end"], "q_fan": [b"fan.x", b"after"], "q_hdr": [b"hx"],
-                   "q_ids": [b"ch-2", b"ch-2046", b"ch-500"]}
+    assert got == {
+        "q_topic": [b"one.end"],
+        "q_fan": [b"fan.x", b"after"],
+        "q_hdr": [b"hx"],
+        "q_ids": [b"ch-2", b"ch-2046", b"ch-500"],
+    }
 
 
 @pytest.mark.timeout(150)
@@ -137,8 +168,11 @@ def test_php_process_per_message_50_times_one_upstream_connection(proxy, tenant,
     q = queues.declare(tenant)
     before = proxy.metric(UPSTREAM_CONNECTS, **tenant.labels)
     for i in range(50):
-        assert php("publish_one", {**conn_args(tenant, proxy.host, proxy.port), "q": q,
-                                   "body": f"php-{i}"}, timeout=20) == {"ok": True}
+        assert php(
+            "publish_one",
+            {**conn_args(tenant, proxy.host, proxy.port), "q": q, "body": f"php-{i}"},
+            timeout=20,
+        ) == {"ok": True}
     wait_for(lambda: queue_counts(tenant, q)[0] >= 50, 5)
     assert [b for b, _, _ in drain(tenant, q)] == [f"php-{i}".encode() for i in range(50)]
     assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) - before == 1

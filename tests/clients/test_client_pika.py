@@ -37,6 +37,7 @@ def _pika_view(tv_headers):
     """What pika decodes from the typed reference table: timestamps become aware UTC datetimes,
     and floats are truncated to ints (pika 1.x decodes 'f'/'d' with ``long(...)``: a pika bug,
     the same on a direct connection; the exact float bits are checked by the raw-client tests)."""
+
     def conv(v):
         if isinstance(v, tuple):
             tag, x = v
@@ -50,15 +51,27 @@ def _pika_view(tv_headers):
                 return [conv(y) for y in x]
             return untyped(v)
         return v
+
     return {k: conv(v) for k, v in tv_headers.items()}
 
 
 def _assert_pika_props(props: pika.BasicProperties, expected: dict) -> None:
     got = {
         name: getattr(props, name)
-        for name in ("content_type", "content_encoding", "delivery_mode", "priority",
-                     "correlation_id", "reply_to", "expiration", "message_id", "timestamp",
-                     "type", "user_id", "app_id")
+        for name in (
+            "content_type",
+            "content_encoding",
+            "delivery_mode",
+            "priority",
+            "correlation_id",
+            "reply_to",
+            "expiration",
+            "message_id",
+            "timestamp",
+            "type",
+            "user_id",
+            "app_id",
+        )
     }
     want = {k: v for k, v in expected.items() if k != "headers"}
     assert got == want
@@ -95,33 +108,73 @@ def test_pika_properties_and_header_types_round_trip(proxy, tenant, queues):
         ch.cancel()
 
         out_headers = {
-            "str": "h\u00e9llo", "i8": -5, "i32": 70000, "i64": 2**40, "neg": -(2**40),
-            "dec": Decimal("-1.25"), "yes": True, "no": False,
+            "str": "h\u00e9llo",
+            "i8": -5,
+            "i32": 70000,
+            "i64": 2**40,
+            "neg": -(2**40),
+            "dec": Decimal("-1.25"),
+            "yes": True,
+            "no": False,
             "ts": datetime.fromtimestamp(REF_TIMESTAMP, UTC),
-            "table": {"k": "v", "inner": {"deep": True}}, "array": ["a", 1, [2], {"x": None}],
-            "bytes": b"\x00\xff", "void": None,
+            "table": {"k": "v", "inner": {"deep": True}},
+            "array": ["a", 1, [2], {"x": None}],
+            "bytes": b"\x00\xff",
+            "void": None,
         }
-        ch.basic_publish("", q_out, b"out", pika.BasicProperties(
-            content_type="text/plain", content_encoding="utf-8", headers=out_headers,
-            delivery_mode=1, priority=0, correlation_id="c", reply_to="r", expiration="1000000",
-            message_id="m", timestamp=REF_TIMESTAMP, type="t", user_id=tenant.user, app_id="a"))
+        ch.basic_publish(
+            "",
+            q_out,
+            b"out",
+            pika.BasicProperties(
+                content_type="text/plain",
+                content_encoding="utf-8",
+                headers=out_headers,
+                delivery_mode=1,
+                priority=0,
+                correlation_id="c",
+                reply_to="r",
+                expiration="1000000",
+                message_id="m",
+                timestamp=REF_TIMESTAMP,
+                type="t",
+                user_id=tenant.user,
+                app_id="a",
+            ),
+        )
     finally:
         conn.close()
     msg = wait_for(lambda: raw_get(tenant, q_out), 5, message="outbound message not queued")
     p = msg.properties
     assert msg.body == b"out"
     assert {k: v for k, v in p.items() if k != "headers"} == {
-        "content_type": "text/plain", "content_encoding": "utf-8", "delivery_mode": 1,
-        "priority": 0, "correlation_id": "c", "reply_to": "r", "expiration": "1000000",
-        "message_id": "m", "timestamp": REF_TIMESTAMP, "type": "t", "user_id": tenant.user,
-        "app_id": "a"}
+        "content_type": "text/plain",
+        "content_encoding": "utf-8",
+        "delivery_mode": 1,
+        "priority": 0,
+        "correlation_id": "c",
+        "reply_to": "r",
+        "expiration": "1000000",
+        "message_id": "m",
+        "timestamp": REF_TIMESTAMP,
+        "type": "t",
+        "user_id": tenant.user,
+        "app_id": "a",
+    }
     assert p["headers"] == {
-        "str": ("S", "h\u00e9llo"), "i8": ("I", -5), "i32": ("I", 70000), "i64": ("l", 2**40),
-        "neg": ("l", -(2**40)), "dec": ("D", (2, -125)), "yes": ("t", True), "no": ("t", False),
+        "str": ("S", "h\u00e9llo"),
+        "i8": ("I", -5),
+        "i32": ("I", 70000),
+        "i64": ("l", 2**40),
+        "neg": ("l", -(2**40)),
+        "dec": ("D", (2, -125)),
+        "yes": ("t", True),
+        "no": ("t", False),
         "ts": ("T", REF_TIMESTAMP),
         "table": ("F", {"k": ("S", "v"), "inner": ("F", {"deep": ("t", True)})}),
         "array": ("A", [("S", "a"), ("I", 1), ("A", [("I", 2)]), ("F", {"x": ("V", None)})]),
-        "bytes": ("x", b"\x00\xff"), "void": ("V", None),
+        "bytes": ("x", b"\x00\xff"),
+        "void": ("V", None),
     }
 
 
@@ -134,24 +187,40 @@ def test_pika_publisher_confirms_and_mandatory_return(proxy, tenant, queues):
         for i in range(50):
             ch.basic_publish("", q, f"c{i}".encode(), mandatory=True)  # raises unless acked
         returned = []
-        ch.add_on_return_callback(lambda _ch, method, props, body: returned.append(
-            (method.reply_code, method.reply_text, method.exchange, method.routing_key, body,
-             props.message_id)))
+        ch.add_on_return_callback(
+            lambda _ch, method, props, body: returned.append(
+                (
+                    method.reply_code,
+                    method.reply_text,
+                    method.exchange,
+                    method.routing_key,
+                    body,
+                    props.message_id,
+                )
+            )
+        )
         with pytest.raises(UnroutableError) as err:
-            ch.basic_publish("amq.direct", "no-such-route", b"lost", mandatory=True,
-                             properties=pika.BasicProperties(message_id="ret-1"))
+            ch.basic_publish(
+                "amq.direct",
+                "no-such-route",
+                b"lost",
+                mandatory=True,
+                properties=pika.BasicProperties(message_id="ret-1"),
+            )
         (ret,) = err.value.messages
         assert ret.method.reply_code == 312 and ret.method.reply_text == "NO_ROUTE"
         assert (ret.method.exchange, ret.method.routing_key, ret.body) == (
-            "amq.direct", "no-such-route", b"lost")
+            "amq.direct",
+            "no-such-route",
+            b"lost",
+        )
         assert ret.properties.message_id == "ret-1"
         # a non-mandatory unroutable publish is simply acked (dropped by the broker)
         ch.basic_publish("amq.direct", "no-such-route", b"dropped")
         ch.basic_publish("", q, b"after")  # the channel is still fine
     finally:
         conn.close()
-    assert [b for b, _, _ in drain(tenant, q)] == [f"c{i}".encode() for i in range(50)] + [
-        b"after"]
+    assert [b for b, _, _ in drain(tenant, q)] == [f"c{i}".encode() for i in range(50)] + [b"after"]
 
 
 def test_pika_tx_select_commit_rollback(proxy, tenant, queues):
@@ -290,8 +359,9 @@ def test_pika_frame_max_4096_receives_1_mib_by_get_and_deliver(proxy, tenant, qu
 def test_pika_topic_fanout_headers_and_exchange_to_exchange(proxy, tenant, queues):
     tag = uuid.uuid4().hex[:6]
     topic, fanout, hdrs, e2e = (f"{k}-{tag}" for k in ("topic", "fanout", "headers", "e2e"))
-    qs = {k: queues.declare(tenant) for k in ("t_star", "t_hash", "f1", "f2", "h_all", "h_any",
-                                             "e2e")}
+    qs = {
+        k: queues.declare(tenant) for k in ("t_star", "t_hash", "f1", "f2", "h_all", "h_any", "e2e")
+    }
     conn = proxy.connect(tenant)
     try:
         ch = conn.channel()
@@ -322,9 +392,12 @@ def test_pika_topic_fanout_headers_and_exchange_to_exchange(proxy, tenant, queue
         conn.close()
     got = {k: [b for b, _, _ in drain(tenant, q)] for k, q in qs.items()}
     assert got == {
-        "t_star": [b"ab"], "t_hash": [b"ab", b"abc"],
-        "f1": [b"fan", b"via-e2e"], "f2": [b"fan", b"via-e2e"],
-        "h_all": [b"both"], "h_any": [b"both", b"one"],
+        "t_star": [b"ab"],
+        "t_hash": [b"ab", b"abc"],
+        "f1": [b"fan", b"via-e2e"],
+        "f2": [b"fan", b"via-e2e"],
+        "h_all": [b"both"],
+        "h_any": [b"both", b"one"],
         "e2e": [b"via-e2e", b"after-unbind"],
     }
 
@@ -337,19 +410,29 @@ def test_pika_direct_reply_to_rpc(proxy, tenant, queues):
         sch = server.channel()
 
         def serve(ch, method, props, body):
-            ch.basic_publish("", props.reply_to, body.upper(),
-                             pika.BasicProperties(correlation_id=props.correlation_id))
+            ch.basic_publish(
+                "",
+                props.reply_to,
+                body.upper(),
+                pika.BasicProperties(correlation_id=props.correlation_id),
+            )
             ch.basic_ack(method.delivery_tag)
 
         sch.basic_consume(rpc_q, serve)
         cch = client.channel()
         replies = []
-        cch.basic_consume("amq.rabbitmq.reply-to",
-                          lambda _c, m, p, b: replies.append((p.correlation_id, b)),
-                          auto_ack=True)
+        cch.basic_consume(
+            "amq.rabbitmq.reply-to",
+            lambda _c, m, p, b: replies.append((p.correlation_id, b)),
+            auto_ack=True,
+        )
         for i in range(3):
-            cch.basic_publish("", rpc_q, f"ping{i}".encode(), pika.BasicProperties(
-                reply_to="amq.rabbitmq.reply-to", correlation_id=f"id{i}"))
+            cch.basic_publish(
+                "",
+                rpc_q,
+                f"ping{i}".encode(),
+                pika.BasicProperties(reply_to="amq.rabbitmq.reply-to", correlation_id=f"id{i}"),
+            )
         deadline = time.monotonic() + 10
         while len(replies) < 3 and time.monotonic() < deadline:
             server.process_data_events(time_limit=0.02)

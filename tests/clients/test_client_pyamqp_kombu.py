@@ -35,8 +35,13 @@ def connect(proxy, tenant, **kw) -> amqp.Connection:
     kw.setdefault("connect_timeout", 10)
     kw.setdefault("read_timeout", 15)
     kw.setdefault("write_timeout", 15)
-    conn = amqp.Connection(f"{proxy.host}:{proxy.port}", userid=tenant.user,
-                           password=tenant.password, virtual_host=tenant.vhost, **kw)
+    conn = amqp.Connection(
+        f"{proxy.host}:{proxy.port}",
+        userid=tenant.user,
+        password=tenant.password,
+        virtual_host=tenant.vhost,
+        **kw,
+    )
     conn.connect()
     return conn
 
@@ -101,15 +106,36 @@ def test_pyamqp_properties_and_header_types_round_trip(proxy, tenant, queues):
         drain_until(conn, lambda: got)
         assert got[0].body == b"ref"
         _assert_props(got[0], expected)
-        ch.basic_publish(amqp.Message(
-            b"out", content_type="text/plain", content_encoding="utf-8",
-            application_headers={"str": "s", "int": -7, "big": 2**40, "float": 0.25,
-                                 "dec": Decimal("-4.5"), "yes": True,
-                                 "ts": datetime.utcfromtimestamp(REF_TIMESTAMP),
-                                 "table": {"a": [1, "b"]}, "void": None},
-            delivery_mode=2, priority=3, correlation_id="c", reply_to="r", expiration="5000",
-            message_id="m", timestamp=REF_TIMESTAMP, type="t",
-            user_id=tenant.user, app_id="a"), exchange="", routing_key=q_out)
+        ch.basic_publish(
+            amqp.Message(
+                b"out",
+                content_type="text/plain",
+                content_encoding="utf-8",
+                application_headers={
+                    "str": "s",
+                    "int": -7,
+                    "big": 2**40,
+                    "float": 0.25,
+                    "dec": Decimal("-4.5"),
+                    "yes": True,
+                    "ts": datetime.utcfromtimestamp(REF_TIMESTAMP),
+                    "table": {"a": [1, "b"]},
+                    "void": None,
+                },
+                delivery_mode=2,
+                priority=3,
+                correlation_id="c",
+                reply_to="r",
+                expiration="5000",
+                message_id="m",
+                timestamp=REF_TIMESTAMP,
+                type="t",
+                user_id=tenant.user,
+                app_id="a",
+            ),
+            exchange="",
+            routing_key=q_out,
+        )
         quiet(conn)
     finally:
         conn.close()
@@ -117,15 +143,31 @@ def test_pyamqp_properties_and_header_types_round_trip(proxy, tenant, queues):
     p = msg.properties
     assert msg.body == b"out"
     assert {k: v for k, v in p.items() if k != "headers"} == {
-        "content_type": "text/plain", "content_encoding": "utf-8", "delivery_mode": 2,
-        "priority": 3, "correlation_id": "c", "reply_to": "r", "expiration": "5000",
-        "message_id": "m", "timestamp": REF_TIMESTAMP, "type": "t", "user_id": tenant.user,
-        "app_id": "a"}
+        "content_type": "text/plain",
+        "content_encoding": "utf-8",
+        "delivery_mode": 2,
+        "priority": 3,
+        "correlation_id": "c",
+        "reply_to": "r",
+        "expiration": "5000",
+        "message_id": "m",
+        "timestamp": REF_TIMESTAMP,
+        "type": "t",
+        "user_id": tenant.user,
+        "app_id": "a",
+    }
     # py-amqp: ints I (or 'L' above 32 bits), floats d, Decimal D
     assert p["headers"] == {
-        "str": ("S", "s"), "int": ("I", -7), "big": ("L", 2**40), "float": ("d", 0.25),
-        "dec": ("D", (1, -45)), "yes": ("t", True), "ts": ("T", REF_TIMESTAMP),
-        "table": ("F", {"a": ("A", [("I", 1), ("S", "b")])}), "void": ("V", None)}
+        "str": ("S", "s"),
+        "int": ("I", -7),
+        "big": ("L", 2**40),
+        "float": ("d", 0.25),
+        "dec": ("D", (1, -45)),
+        "yes": ("t", True),
+        "ts": ("T", REF_TIMESTAMP),
+        "table": ("F", {"a": ("A", [("I", 1), ("S", "b")])}),
+        "void": ("V", None),
+    }
 
 
 def test_pyamqp_confirms_mandatory_return_tx(proxy, tenant, queues):
@@ -139,9 +181,12 @@ def test_pyamqp_confirms_mandatory_return_tx(proxy, tenant, queues):
         returns = []
         ch.events["basic_return"].add(
             lambda exc, exchange, rk, message: returns.append(
-                (exc.reply_code, exc.reply_text, exchange, rk, message.body)))
-        ch.basic_publish(amqp.Message(b"lost"), "amq.direct", "nowhere", mandatory=True,
-                         confirm_timeout=5)
+                (exc.reply_code, exc.reply_text, exchange, rk, message.body)
+            )
+        )
+        ch.basic_publish(
+            amqp.Message(b"lost"), "amq.direct", "nowhere", mandatory=True, confirm_timeout=5
+        )
         assert returns == [(312, "NO_ROUTE", "amq.direct", "nowhere", b"lost")]
 
         tx = txconn.channel()
@@ -157,7 +202,8 @@ def test_pyamqp_confirms_mandatory_return_tx(proxy, tenant, queues):
         txconn.close()
         conn.close()
     assert [b for b, _, _ in drain(tenant, q)] == [f"c{i}".encode() for i in range(20)] + [
-        b"committed"]
+        b"committed"
+    ]
 
 
 def test_pyamqp_qos_ack_reject_recover_cancel(proxy, tenant, queues):
@@ -265,15 +311,17 @@ def test_pyamqp_exchanges_rpc_broker_cancel_user_id_channel_ids(proxy, tenant, q
         sch = server.channel()
 
         def serve(msg):
-            sch.basic_publish(amqp.Message(msg.body * 2, correlation_id=msg.correlation_id),
-                              "", msg.reply_to)
+            sch.basic_publish(
+                amqp.Message(msg.body * 2, correlation_id=msg.correlation_id), "", msg.reply_to
+            )
             sch.basic_ack(msg.delivery_tag)
 
         sch.basic_consume(rpc_q, callback=serve)
         replies = []
         ch.basic_consume("amq.rabbitmq.reply-to", callback=replies.append, no_ack=True)
-        ch.basic_publish(amqp.Message(b"ab", correlation_id="r1",
-                                      reply_to="amq.rabbitmq.reply-to"), "", rpc_q)
+        ch.basic_publish(
+            amqp.Message(b"ab", correlation_id="r1", reply_to="amq.rabbitmq.reply-to"), "", rpc_q
+        )
         deadline = time.monotonic() + 5
         while not replies and time.monotonic() < deadline:
             for c in (server, conn):
@@ -304,8 +352,10 @@ def test_pyamqp_exchanges_rpc_broker_cancel_user_id_channel_ids(proxy, tenant, q
     finally:
         server.close()
         conn.close()
-    results = {k: [b for b, _, _ in drain(tenant, q)] for k, q in
-               (("hdr", q_hdr), ("e2e", q_e2e), ("ids", q_ids))}
+    results = {
+        k: [b for b, _, _ in drain(tenant, q)]
+        for k, q in (("hdr", q_hdr), ("e2e", q_e2e), ("ids", q_ids))
+    }
     assert results == {"hdr": [b"h1"], "e2e": [b"e1"], "ids": [b"3", b"1000", b"2046"]}
 
 
@@ -316,24 +366,43 @@ def test_pyamqp_exchanges_rpc_broker_cancel_user_id_channel_ids(proxy, tenant, q
 def test_kombu_login_publish_consume_confirm(proxy, tenant, queues, login_method):
     q = queues.declare(tenant)
     url = proxy.url(tenant).replace("amqp://", "pyamqp://", 1)
-    with kombu.Connection(url, login_method=login_method, connect_timeout=10,
-                          transport_options={"confirm_publish": True}) as kconn:
+    with kombu.Connection(
+        url,
+        login_method=login_method,
+        connect_timeout=10,
+        transport_options={"confirm_publish": True},
+    ) as kconn:
         kconn.connect()
         py = kconn.connection  # the amqp.Connection under kombu
         assert [a.mechanism for a in py.authentication] == [login_method.encode()]
         assert {b"PLAIN", b"AMQPLAIN"} <= set(py.mechanisms)
-        queue = kombu.Queue(q, exchange=kombu.Exchange("", type="direct"), routing_key=q,
-                            no_declare=True)
+        queue = kombu.Queue(
+            q, exchange=kombu.Exchange("", type="direct"), routing_key=q, no_declare=True
+        )
         returned = []
-        producer = kconn.Producer(serializer="json", on_return=lambda exc, exchange, rk, msg:
-                                  returned.append((exc.reply_code, exc.reply_text, rk)))
+        producer = kconn.Producer(
+            serializer="json",
+            on_return=lambda exc, exchange, rk, msg: returned.append(
+                (exc.reply_code, exc.reply_text, rk)
+            ),
+        )
         for i in range(3):
-            producer.publish({"n": i, "s": "\u00e9"}, routing_key=q, headers={"h": i},
-                             priority=4, correlation_id=f"c{i}", reply_to="r",
-                             expiration=60, message_id=f"m{i}", type="t",
-                             user_id=tenant.user, app_id="kombu")
-        producer.publish({"lost": True}, exchange="amq.direct", routing_key="nowhere",
-                         mandatory=True)
+            producer.publish(
+                {"n": i, "s": "\u00e9"},
+                routing_key=q,
+                headers={"h": i},
+                priority=4,
+                correlation_id=f"c{i}",
+                reply_to="r",
+                expiration=60,
+                message_id=f"m{i}",
+                type="t",
+                user_id=tenant.user,
+                app_id="kombu",
+            )
+        producer.publish(
+            {"lost": True}, exchange="amq.direct", routing_key="nowhere", mandatory=True
+        )
         assert returned == [(312, "NO_ROUTE", "nowhere")]
         received = []
 
@@ -356,9 +425,16 @@ def test_kombu_login_publish_consume_confirm(proxy, tenant, queues, login_method
         body, headers, props, ctype = received[0]
         assert body == {"n": 0, "s": "\u00e9"} and headers == {"h": 0}
         assert ctype == "application/json"
-        assert (props["priority"], props["correlation_id"], props["reply_to"],
-                props["expiration"], props["message_id"], props["type"], props["user_id"],
-                props["app_id"]) == (4, "c0", "r", "60000", "m0", "t", tenant.user, "kombu")
+        assert (
+            props["priority"],
+            props["correlation_id"],
+            props["reply_to"],
+            props["expiration"],
+            props["message_id"],
+            props["type"],
+            props["user_id"],
+            props["app_id"],
+        ) == (4, "c0", "r", "60000", "m0", "t", tenant.user, "kombu")
 
         simple = queues.name("kombu-simple")
         queues.created.append((tenant, simple))  # deleted at teardown
@@ -374,8 +450,9 @@ def test_kombu_login_publish_consume_confirm(proxy, tenant, queues, login_method
 @pytest.mark.parametrize("login_method", ["PLAIN", "AMQPLAIN"])
 def test_kombu_wrong_password_refused(proxy, tenant, login_method):
     url = proxy.url(user=tenant.user, password="wrong-password", vhost=tenant.vhost)
-    with kombu.Connection(url.replace("amqp://", "pyamqp://", 1), login_method=login_method,
-                          connect_timeout=10) as kconn:
+    with kombu.Connection(
+        url.replace("amqp://", "pyamqp://", 1), login_method=login_method, connect_timeout=10
+    ) as kconn:
         with pytest.raises(Exception) as err:  # noqa: B017 - the code is asserted below
             kconn.connect()
     assert reply_code_of(err.value) == 403 or "ACCESS_REFUSED" in repr(err.value)

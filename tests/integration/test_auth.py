@@ -98,7 +98,8 @@ def test_bad_login_refused_at_connect_while_pool_is_warm(
         proxy.wait_metric(CLIENT_CONNECTIONS, 0, user=user, vhost=vhost)
     proxy.wait_metric(UPSTREAM_CONNECTIONS, 1, **tenant.labels)
     broker_side = [
-        c for c in list_connections("user", "vhost", "client_properties")
+        c
+        for c in list_connections("user", "vhost", "client_properties")
         if c.get("user") == user and "itest-direct" not in c.get("client_properties", "")
     ]
     expected = 1 if user == tenant.user else 0
@@ -146,8 +147,10 @@ def test_pools_never_mix_users(proxy, tenant, tenant_factory, queues):
         conn.close()
     msgs = drain(tenant, q)
     assert [(b, p.user_id) for b, _, p in msgs] == [
-        (f"{(tenant if i % 2 == 0 else other).user}-{i}".encode(),
-         (tenant if i % 2 == 0 else other).user)
+        (
+            f"{(tenant if i % 2 == 0 else other).user}-{i}".encode(),
+            (tenant if i % 2 == 0 else other).user,
+        )
         for i in range(6)
     ]
     assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) == 1

@@ -203,9 +203,7 @@ def test_consumer_does_not_survive_into_next_client(proxy, tenant, queues):
 
 
 @pytest.mark.timeout(40)
-def test_unacked_get_is_requeued_and_acks_after_reuse_hit_the_right_message(
-    proxy, tenant, queues
-):
+def test_unacked_get_is_requeued_and_acks_after_reuse_hit_the_right_message(proxy, tenant, queues):
     q = queues.declare(tenant)
     with direct(tenant) as ch:
         for i in range(3):
@@ -293,7 +291,9 @@ def test_exclusive_queue_dies_with_its_client(proxy, tenant):
         assert ei.value.reply_code == 405  # locked by its owner while A is connected
     a.close()
     wait_for(
-        lambda: _queue_gone(tenant, name), 5, interval=0.2,
+        lambda: _queue_gone(tenant, name),
+        5,
+        interval=0.2,
         message=f"exclusive queue {name} outlived its client",
     )
     # and the pool still works
@@ -330,8 +330,7 @@ def test_multiple_confirms_are_translated_on_a_reused_channel(proxy, tenant, que
         try:
             raw.rpc(1, commands.Confirm.Select(), commands.Confirm.SelectOk)
             n = 200
-            raw.send_raw(b"".join(raw.content_frames(1, "", q, b"r%d" % round_)
-                                  for _ in range(n)))
+            raw.send_raw(b"".join(raw.content_frames(1, "", q, b"r%d" % round_) for _ in range(n)))
             assert _acked_tags(raw, n) == set(range(1, n + 1))
         finally:
             raw.close()
@@ -420,8 +419,9 @@ def test_replies_in_flight_when_client_leaves_never_reach_the_next_client(
             for m in (
                 commands.Queue.Declare(queue=q, passive=True),
                 commands.Basic.Get(queue=q, no_ack=True),
-                commands.Exchange.Declare(exchange="amq.direct", exchange_type="direct",
-                                          passive=True),
+                commands.Exchange.Declare(
+                    exchange="amq.direct", exchange_type="direct", passive=True
+                ),
             )
         )
         if leave == "channel-close":
@@ -437,11 +437,9 @@ def test_replies_in_flight_when_client_leaves_never_reach_the_next_client(
 
         b = _raw(proxy, tenant)
         try:
-            stray = [(c, type(v).__name__) for c, v in b.frames_for(0.5)
-                     if not is_heartbeat(v)]
+            stray = [(c, type(v).__name__) for c, v in b.frames_for(0.5) if not is_heartbeat(v)]
             assert stray == [], f"next client received frames it never asked for: {stray}"
-            ok = b.rpc(1, commands.Queue.Declare(queue=q2, passive=True),
-                       commands.Queue.DeclareOk)
+            ok = b.rpc(1, commands.Queue.Declare(queue=q2, passive=True), commands.Queue.DeclareOk)
             assert ok.queue == q2, f"got a reply for {ok.queue!r}, asked about {q2!r}"
         finally:
             b.close()
@@ -465,14 +463,20 @@ def test_clients_vanishing_mid_channel_open_or_rpc_leak_no_leases(proxy, tenant,
     proxy.wait_metric(LEASED_CHANNELS, 0, **tenant.labels)
 
     def consistent() -> bool:
-        rows = [r for r in list_connections("vhost", "channels", "client_properties")
-                if r["vhost"] == tenant.vhost
-                and "itest-direct" not in r.get("client_properties", "")]
+        rows = [
+            r
+            for r in list_connections("vhost", "channels", "client_properties")
+            if r["vhost"] == tenant.vhost and "itest-direct" not in r.get("client_properties", "")
+        ]
         broker_channels = sum(int(r["channels"]) for r in rows)
         return broker_channels == proxy.metric(PARKED_CHANNELS, **tenant.labels)
 
-    wait_for(consistent, 5, interval=0.3,
-             message="parked_channels gauge differs from the broker's open channel count")
+    wait_for(
+        consistent,
+        5,
+        interval=0.3,
+        message="parked_channels gauge differs from the broker's open channel count",
+    )
     c = proxy.connect(tenant)
     ch = c.channel()
     ch.confirm_delivery()
@@ -531,6 +535,8 @@ def test_exclusive_queue_dies_with_a_killed_client(proxy, tenant):
     raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     raw.abort()
     wait_for(
-        lambda: _queue_gone(tenant, name), 5, interval=0.2,
+        lambda: _queue_gone(tenant, name),
+        5,
+        interval=0.2,
         message=f"exclusive queue {name} outlived its killed client",
     )

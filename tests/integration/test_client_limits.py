@@ -108,9 +108,11 @@ def test_client_connect_and_disconnect_are_logged_with_identity(hs_proxy, tenant
     def lines_for_client():
         return [ln for ln in hs_proxy.log().splitlines() if re.search(rf":{local_port}\b", ln)]
 
-    wait_for(lambda: len(lines_for_client()) >= 2, 3,
-             message=lambda: f"connect/disconnect lines for port {local_port}: "
-             f"{lines_for_client()}")
+    wait_for(
+        lambda: len(lines_for_client()) >= 2,
+        3,
+        message=lambda: f"connect/disconnect lines for port {local_port}: {lines_for_client()}",
+    )
     text = "\n".join(lines_for_client())
     assert tenant.user in text and tenant.vhost in text, text
     assert name in text, f"connection_name {name!r} not logged:\n{text}"
@@ -126,8 +128,9 @@ def test_channel_id_above_channel_max_is_refused(hs_proxy, tenant):
         raw.open_channel(5)
         raw.send(6, commands.Channel.Open())
         with pytest.raises((RawConnectionClose, RawClosed)) as ei:
-            raw.read_until(lambda c, v: isinstance(v, commands.Channel.OpenOk) and c == 6,
-                           timeout=5)
+            raw.read_until(
+                lambda c, v: isinstance(v, commands.Channel.OpenOk) and c == 6, timeout=5
+            )
         if isinstance(ei.value, RawConnectionClose):
             assert 500 <= ei.value.reply_code < 600, ei.value
     finally:
@@ -135,9 +138,7 @@ def test_channel_id_above_channel_max_is_refused(hs_proxy, tenant):
 
 
 @pytest.mark.timeout(60)
-def test_client_that_stops_reading_does_not_stall_others_on_its_upstream(
-    hs_proxy, tenant, queues
-):
+def test_client_that_stops_reading_does_not_stall_others_on_its_upstream(hs_proxy, tenant, queues):
     """A consumer that never reads its socket while the broker pushes ~20 MiB at it must not
     stall confirms for another client of the same pool (DESIGN 2.5: one slow client cannot
     stall the others)."""

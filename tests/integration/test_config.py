@@ -59,8 +59,14 @@ def _num(v) -> float:
 def test_defaults():
     cfg = _print_config([BROKER_URL])
     expected_keys = {
-        "upstream", "listen_address", "listen_port", "http_port", "log_level",
-        "idle_connection_timeout", "max_upstream_channels", "term_timeout",
+        "upstream",
+        "listen_address",
+        "listen_port",
+        "http_port",
+        "log_level",
+        "idle_connection_timeout",
+        "max_upstream_channels",
+        "term_timeout",
         "term_client_close_timeout",
     }
     assert expected_keys <= set(cfg), f"missing keys: {expected_keys - set(cfg)}"
@@ -121,9 +127,24 @@ def test_command_line_overrides_environment_and_file(tmp_path):
         "LOG_LEVEL": "error",
     }
     cfg = _print_config(
-        ["-c", str(ini), "-l", "127.0.0.4", "-p", "8001", "-b", "8002", "-t", "31",
-         "--max-upstream-channels", "331", "--term-client-close-timeout", "33", "-d",
-         "amqp://cli-host:3333"],
+        [
+            "-c",
+            str(ini),
+            "-l",
+            "127.0.0.4",
+            "-p",
+            "8001",
+            "-b",
+            "8002",
+            "-t",
+            "31",
+            "--max-upstream-channels",
+            "331",
+            "--term-client-close-timeout",
+            "33",
+            "-d",
+            "amqp://cli-host:3333",
+        ],
         env=env,
     )
     # command line
@@ -141,17 +162,33 @@ def test_command_line_overrides_environment_and_file(tmp_path):
 
 @pytest.mark.timeout(30)
 def test_long_options_and_bind_alias(tmp_path):
-    ini = _write_ini(tmp_path, """\
+    ini = _write_ini(
+        tmp_path,
+        """\
         [main]
         upstream = amqp://file-host:1111
         [listen]
         bind = 127.0.0.5
-        """)
+        """,
+    )
     cfg = _print_config(["-c", str(ini)])
     assert cfg["listen_address"] == "127.0.0.5"
     cfg = _print_config(
-        ["-c", str(ini), "--listen", "127.0.0.6", "--port", "9001", "--http-port", "9002",
-         "--idle-connection-timeout", "41", "--term-timeout", "42", "--debug"]
+        [
+            "-c",
+            str(ini),
+            "--listen",
+            "127.0.0.6",
+            "--port",
+            "9001",
+            "--http-port",
+            "9002",
+            "--idle-connection-timeout",
+            "41",
+            "--term-timeout",
+            "42",
+            "--debug",
+        ]
     )
     assert cfg["listen_address"] == "127.0.0.6"
     assert int(cfg["listen_port"]) == 9001
@@ -184,8 +221,12 @@ def _start_args() -> list[str]:
         ("file", "max_upstream_channels", "many", ("max_upstream_channels",)),
         ("file", "port", "notaport", ("port",)),
         ("file", "upstream", "http://example.invalid", ("upstream",)),
-        ("env", "IDLE_CONNECTION_TIMEOUT", "abc", ("IDLE_CONNECTION_TIMEOUT",
-                                                   "idle_connection_timeout")),
+        (
+            "env",
+            "IDLE_CONNECTION_TIMEOUT",
+            "abc",
+            ("IDLE_CONNECTION_TIMEOUT", "idle_connection_timeout"),
+        ),
         ("env", "TERM_TIMEOUT", "soon", ("TERM_TIMEOUT", "term_timeout")),
         ("env", "LISTEN_PORT", "99999", ("LISTEN_PORT", "listen_port", "port")),
         ("env", "LOG_LEVEL", "loud", ("LOG_LEVEL", "log_level")),
@@ -227,13 +268,13 @@ def test_missing_config_file_fails_cleanly(tmp_path):
 
 
 @pytest.mark.timeout(40)
-def test_proxy_started_from_config_file_and_environment_serves_clients(
-    tmp_path, tenant, queues
-):
+def test_proxy_started_from_config_file_and_environment_serves_clients(tmp_path, tenant, queues):
     """The file's listen port/http port and the environment's upstream are really used."""
     q = queues.declare(tenant)
     port, http_port = free_port(), free_port()
-    ini = _write_ini(tmp_path, f"""\
+    ini = _write_ini(
+        tmp_path,
+        f"""\
         [main]
         upstream = amqp://127.0.0.1:1
         idle_connection_timeout = 60
@@ -241,9 +282,15 @@ def test_proxy_started_from_config_file_and_environment_serves_clients(
         address = 127.0.0.1
         port = {port}
         http_port = {http_port}
-        """)
-    p = Proxy(["-c", str(ini)], None, tmp_path / "proxy.log",
-              env={"AMQP_URL": BROKER_URL}, listen_args=False)
+        """,
+    )
+    p = Proxy(
+        ["-c", str(ini)],
+        None,
+        tmp_path / "proxy.log",
+        env={"AMQP_URL": BROKER_URL},
+        listen_args=False,
+    )
     p.port, p.http_port = port, http_port
     try:
         p.start()
@@ -273,8 +320,11 @@ def test_credentials_in_upstream_url_are_ignored_with_a_warning(proxy_factory, t
     c.close()
     assert [b for b, _, _ in drain(tenant, q)] == [b"own-credentials"]
     # the upstream connection is authenticated as the client, in the client's vhost
-    rows = [r for r in list_connections("user", "vhost", "client_properties")
-            if "itest-direct" not in r.get("client_properties", "")]
+    rows = [
+        r
+        for r in list_connections("user", "vhost", "client_properties")
+        if "itest-direct" not in r.get("client_properties", "")
+    ]
     assert any(r["user"] == tenant.user and r["vhost"] == tenant.vhost for r in rows)
     assert not any(r["user"] == "url-user" for r in rows)
     own_lines = [ln for ln in p.log().splitlines() if not ln.startswith("$ ")]  # not our argv

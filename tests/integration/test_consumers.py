@@ -30,8 +30,7 @@ def _assert_gone_and_requeued(proxy, tenant, q, n=N):
     wait_for(
         lambda: queue_counts(tenant, q) == (n, 0),
         5,
-        message=lambda: f"(ready, consumers) of {q} = {queue_counts(tenant, q)}, "
-        f"expected ({n}, 0)",
+        message=lambda: f"(ready, consumers) of {q} = {queue_counts(tenant, q)}, expected ({n}, 0)",
     )
     assert q not in list_consumers(tenant.vhost)
     # the next client of the same pool (probably on a reused channel) gets them, redelivered
@@ -50,9 +49,7 @@ def _assert_gone_and_requeued(proxy, tenant, q, n=N):
 
 @pytest.mark.timeout(40)
 @pytest.mark.parametrize("how", ["channel-close", "connection-close"])
-def test_consumer_that_leaves_cleanly_is_cancelled_and_unacked_requeued(
-    proxy, tenant, queues, how
-):
+def test_consumer_that_leaves_cleanly_is_cancelled_and_unacked_requeued(proxy, tenant, queues, how):
     q = queues.declare(tenant)
     _fill(tenant, q)
     conn = proxy.connect(tenant)
@@ -100,8 +97,17 @@ def test_consumer_killed_with_sigkill_is_cancelled_and_unacked_requeued(
     script = tmp_path / "consumer.py"
     script.write_text(CONSUMER_SCRIPT)
     proc = subprocess.Popen(
-        [sys.executable, str(script), proxy.host, str(proxy.port), tenant.user,
-         tenant.password, tenant.vhost, q, str(N)],
+        [
+            sys.executable,
+            str(script),
+            proxy.host,
+            str(proxy.port),
+            tenant.user,
+            tenant.password,
+            tenant.vhost,
+            q,
+            str(N),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -161,8 +167,9 @@ def test_consumer_cancel_notification_reaches_the_client(proxy, tenant, queues):
     try:
         raw.handshake(tenant.user, tenant.password, tenant.vhost)
         raw.open_channel(1)
-        ok = raw.rpc(1, commands.Basic.Consume(queue=q, consumer_tag="itest-ctag"),
-                     commands.Basic.ConsumeOk)
+        ok = raw.rpc(
+            1, commands.Basic.Consume(queue=q, consumer_tag="itest-ctag"), commands.Basic.ConsumeOk
+        )
         assert ok.consumer_tag == "itest-ctag"
         with direct(tenant) as ch:
             ch.queue_delete(q)

@@ -325,9 +325,7 @@ def test_revoked_password_is_refused_once_the_credential_ttl_has_passed(
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("how", ["close", "abort"])
-def test_auto_delete_queue_is_deleted_when_its_consumers_client_leaves(
-    proxy, tenant, queues, how
-):
+def test_auto_delete_queue_is_deleted_when_its_consumers_client_leaves(proxy, tenant, queues, how):
     q = queues.name("itest-autodel")
     if how == "close":
         conn = proxy.connect(tenant)
@@ -348,7 +346,9 @@ def test_auto_delete_queue_is_deleted_when_its_consumers_client_leaves(
     else:
         raw.abort()
     wait_for(
-        lambda: not _queue_exists(tenant, q), 10, interval=0.2,
+        lambda: not _queue_exists(tenant, q),
+        10,
+        interval=0.2,
         message=f"auto-delete queue {q} still exists after its consumer's client left",
     )
     # the pooled upstream survived and its channel is usable by the next client
@@ -378,9 +378,16 @@ def test_server_properties_are_the_brokers(proxy, tenant):
     assert dp.get("product") == "RabbitMQ"
     for key in ("product", "version", "platform", "copyright", "information", "capabilities"):
         assert vp.get(key) == dp.get(key), f"{key}: proxy {vp.get(key)!r} != {dp.get(key)!r}"
-    for cap in ("publisher_confirms", "basic.nack", "consumer_cancel_notify",
-                "connection.blocked", "authentication_failure_close", "per_consumer_qos",
-                "direct_reply_to", "exchange_exchange_bindings"):
+    for cap in (
+        "publisher_confirms",
+        "basic.nack",
+        "consumer_cancel_notify",
+        "connection.blocked",
+        "authentication_failure_close",
+        "per_consumer_qos",
+        "direct_reply_to",
+        "exchange_exchange_bindings",
+    ):
         assert vp["capabilities"].get(cap) is True, cap
     assert "en_US" in vs.locales.split()
 
@@ -479,7 +486,11 @@ SLOW_ATTEMPTS = 3
 
 
 def _slow_phase(
-    prx: Any, tenant: Tenant, pub: Publisher, q_slow: str, feeder: subprocess.Popen[str],
+    prx: Any,
+    tenant: Tenant,
+    pub: Publisher,
+    q_slow: str,
+    feeder: subprocess.Popen[str],
     attempt: int,
 ) -> tuple[float, str]:
     """One slow-consumer episode: baseline windows, S consuming without reading until the
@@ -576,13 +587,29 @@ def test_consumer_that_never_reads_is_dropped_and_does_not_slow_its_neighbours(
         # The feeder runs for the whole test so that its CPU load (2 cores, shared) is in the
         # baseline too: before S consumes, its messages pile up in q_slow and are purged.
         feeder = subprocess.Popen(
-            [sys.executable, "-c", FEEDER, tenant.vhost, tenant.user, tenant.password, q_slow,
-             str(SLOW_MSG), str(FEED_RATE), str(FEED_LIMIT)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                sys.executable,
+                "-c",
+                FEEDER,
+                tenant.vhost,
+                tenant.user,
+                tenant.password,
+                q_slow,
+                str(SLOW_MSG),
+                str(FEED_RATE),
+                str(FEED_LIMIT),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             text=True,
         )
-        wait_for(lambda: queue_counts(tenant, q_slow)[0] > 0, 15, interval=0.2,
-                 message="feeder publishes nothing")
+        wait_for(
+            lambda: queue_counts(tenant, q_slow)[0] > 0,
+            15,
+            interval=0.2,
+            message="feeder publishes nothing",
+        )
         pub.windows(4, 0.25, pid)  # warm up
         reports = []
         for attempt in range(1, SLOW_ATTEMPTS + 1):
@@ -593,8 +620,11 @@ def test_consumer_that_never_reads_is_dropped_and_does_not_slow_its_neighbours(
         print("\n".join(reports))
         assert ratio >= 0.8, "\n".join(reports)
         # everything P published was confirmed and came back to it
-        wait_for(lambda: (conn.process_data_events(0.1), pub.received == pub.published)[1], 10,
-                 message=lambda: f"P received {pub.received} of {pub.published}")
+        wait_for(
+            lambda: (conn.process_data_events(0.1), pub.received == pub.published)[1],
+            10,
+            message=lambda: f"P received {pub.received} of {pub.published}",
+        )
         assert prx.metric(CLIENT_CONNECTIONS, **tenant.labels) == 1
     finally:
         if feeder is not None and feeder.poll() is None:

@@ -137,7 +137,6 @@ def test_idle_parked_upstream_and_quiet_consumer_survive_short_broker_heartbeat(
     assert p.metric(UPSTREAM_CONNECTS, **consumer_t.labels) == 1
 
 
-
 @pytest.mark.timeout(30)
 def test_busy_publisher_still_gets_heartbeats(proxy, tenant, queues):
     """A client that only publishes (no confirms) gets nothing back from the broker; the proxy

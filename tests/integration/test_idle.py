@@ -23,7 +23,8 @@ def idle_proxy(module_proxy_factory):
 
 def _broker_upstreams(tenant):
     return [
-        r for r in list_connections("vhost", "client_properties")
+        r
+        for r in list_connections("vhost", "client_properties")
         if r.get("vhost") == tenant.vhost and "itest-direct" not in r.get("client_properties", "")
     ]
 
@@ -41,8 +42,12 @@ def test_idle_upstream_closed_after_timeout(idle_proxy, tenant, queues):
     elapsed = time.monotonic() - t_left
     assert 0.8 <= elapsed <= 3.5, f"idle upstream closed after {elapsed:.2f}s with -t 1"
     assert p.metric(PARKED_CHANNELS, **tenant.labels) == 0
-    wait_for(lambda: not _broker_upstreams(tenant), 5, interval=0.3,
-             message="the broker still lists the proxy's upstream connection")
+    wait_for(
+        lambda: not _broker_upstreams(tenant),
+        5,
+        interval=0.3,
+        message="the broker still lists the proxy's upstream connection",
+    )
     # and a later client gets a fresh one
     c = p.connect(tenant)
     c.channel().basic_publish("", q, b"y")

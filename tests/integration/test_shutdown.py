@@ -32,7 +32,8 @@ def _not_accepting(proxy) -> bool:
 
 def _tenant_upstreams(tenant):
     return [
-        r for r in list_connections("vhost", "client_properties")
+        r
+        for r in list_connections("vhost", "client_properties")
         if r.get("vhost") == tenant.vhost and "itest-direct" not in r.get("client_properties", "")
     ]
 
@@ -43,8 +44,9 @@ def test_signal_drains_clients_then_closes_them_with_320_and_exits_0(
     proxy_factory, tenant, queues, sig
 ):
     grace, term = 2.0, 5.0
-    p = proxy_factory("-t", "60", "--term-client-close-timeout", str(grace),
-                      "--term-timeout", str(term))
+    p = proxy_factory(
+        "-t", "60", "--term-client-close-timeout", str(grace), "--term-timeout", str(term)
+    )
     q = queues.declare(tenant)
     c = p.connect(tenant)
     ch = c.channel()
@@ -53,8 +55,12 @@ def test_signal_drains_clients_then_closes_them_with_320_and_exits_0(
 
     t0 = time.monotonic()
     p.send_signal(sig)
-    wait_for(lambda: _not_accepting(p), 1.0, interval=0.05,
-             message="listener still accepts new clients after the signal")
+    wait_for(
+        lambda: _not_accepting(p),
+        1.0,
+        interval=0.05,
+        message="listener still accepts new clients after the signal",
+    )
     # the connected client can keep working during the grace period
     ch.basic_publish("", q, b"during-drain")
 
@@ -74,8 +80,12 @@ def test_signal_drains_clients_then_closes_them_with_320_and_exits_0(
     assert rc == 0, f"exit code {rc}"
     assert time.monotonic() - t0 <= grace + term + 2
     assert [b for b, _, _ in drain(tenant, q)] == [b"before", b"during-drain"]
-    wait_for(lambda: not _tenant_upstreams(tenant), 5, interval=0.3,
-             message="upstream connections still open on the broker after exit")
+    wait_for(
+        lambda: not _tenant_upstreams(tenant),
+        5,
+        interval=0.3,
+        message="upstream connections still open on the broker after exit",
+    )
 
 
 @pytest.mark.timeout(30)
