@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--upstream-heartbeat",
         dest="upstream_heartbeat",
         metavar="SECONDS",
-        help="heartbeat asked of the broker (default: the broker's proposal)",
+        help="heartbeat asked of the broker (default 6: a silent path is noticed within 15 s; "
+        "'broker': the broker's proposal)",
     )
     add(
         "--no-park-channels",

@@ -86,7 +86,9 @@ class Settings:
     connect_timeout: float = 10.0
     handshake_timeout: float = 10.0
     heartbeat: int = 60  # offered to clients
-    upstream_heartbeat: int | None = None  # None: the broker's proposal
+    # Upstream connections are shared and long-lived: a dead path must be noticed quickly
+    # (2 to 2.5 intervals of silence); None: the broker's proposal (RabbitMQ's is 60 s).
+    upstream_heartbeat: int | None = 6
     park_channels: bool = True
     credential_ttl: float = 60.0  # how long a broker's "yes" to a password is trusted
     channel_max: int = 2047  # offered to clients

@@ -68,6 +68,7 @@ class Pool:
         self.clients: set[ClientConnection] = set()
         self.exclusive_owners: dict[bytes, ClientConnection] = {}  # queue -> declaring client
         self._connecting: asyncio.Future[UpstreamConnection] | None = None
+        self._verifying: asyncio.Future[UpstreamConnection] | None = None  # a credentials probe
         self.verified_at = float("-inf")  # when the broker last accepted these credentials
         self.pending: deque[Message] = deque()  # outbox messages waiting for a channel
         self.outage_since: float | None = None  # no upstream could be kept or opened since
@@ -117,10 +118,24 @@ class Pool:
         self._upstream_back.set()
 
     async def authenticate(self) -> None:
-        """Prove the credentials: trusted recently, or by a new upstream connection (which then
-        serves the pool like any other)."""
-        if not self.trusted():
+        """Prove the credentials: trusted recently, or by the broker again. With no live
+        connection the new one then serves the pool; with one, the proof is a probe that
+        closes at once (otherwise every ``credential_ttl`` would leave one more connection
+        behind while the pool is busy)."""
+        if self.trusted():
+            return
+        if self.live_upstream() is None:
             await self.connect()
+            return
+        if self._verifying is None:
+            self._verifying = asyncio.ensure_future(self._connect(keep=False))
+            self._verifying.add_done_callback(_retrieve)
+        attempt = self._verifying
+        try:
+            await asyncio.shield(attempt)
+        finally:
+            if attempt.done() and self._verifying is attempt:
+                self._verifying = None
 
     def max_channels(self, conn: UpstreamConnection) -> int:
         configured = self.settings.max_upstream_channels
@@ -138,7 +153,9 @@ class Pool:
             if attempt.done() and self._connecting is attempt:
                 self._connecting = None
 
-    async def _connect(self) -> UpstreamConnection:
+    async def _connect(self, keep: bool = True) -> UpstreamConnection:
+        """A new upstream connection with the pool's credentials; ``keep``: it joins the pool,
+        else it closes as soon as the broker accepted them (a probe)."""
         settings = self.settings
         loop = asyncio.get_running_loop()
         conn = UpstreamConnection(self, self.registry.next_serial())
@@ -185,9 +202,13 @@ class Pool:
         self.registry.upstream_reachable = True
         self.registry.frame_max = conn.frame_max
         self.verified_at = loop.time()
+        self.stats.connects += 1
+        if not keep:
+            log.debug("credentials of %s@%s accepted again (probe)", self.user, self.vhost)
+            conn.close("amqproxy: credentials verified")
+            return conn
         self.upstreams.append(conn)
         self._leave_outage()
-        self.stats.connects += 1
         log.info(
             "upstream %s connected from %s (channel_max=%d frame_max=%d heartbeat=%d)",
             conn.name,

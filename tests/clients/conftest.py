@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from clientlib import node_available, php_available, tool_available
 
-INSTALL_HINT = "run tests/clients/install.sh (CI does)"
+INSTALL_HINT = "run tests/install.sh (CI does)"
 
 
 @pytest.fixture(scope="session")

@@ -320,6 +320,23 @@ def test_revoked_password_is_refused_once_the_credential_ttl_has_passed(
             conn.close()
 
 
+@pytest.mark.timeout(60)
+def test_checking_credentials_again_leaves_no_connection_behind(proxy_factory, tenant):
+    """Each --credential-ttl the broker is asked again; while the pool is busy that is a probe
+    that closes, not one more upstream connection per TTL (a 10-minute soak once ended with 10)."""
+    p = proxy_factory("--credential-ttl", "1", "-t", "60")
+    keep = p.connect(tenant)  # the pool is live and in use throughout
+    keep.channel()
+    for _ in range(3):
+        time.sleep(1.2)
+        c = p.connect(tenant)  # the TTL has passed: the broker is asked again
+        c.channel().basic_publish("", "", b"")
+        c.close()
+    assert p.metric(UPSTREAM_CONNECTS, **tenant.labels) == 4  # the first and three probes
+    p.wait_metric(UPSTREAM_CONNECTIONS, 1, **tenant.labels)
+    keep.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. auto-delete queues
 # ---------------------------------------------------------------------------------------------

@@ -200,3 +200,23 @@ def test_silent_upstream_is_declared_dead_and_its_clients_closed(
     c.close()
     assert p.metric(UPSTREAM_CONNECTS, **tenant.labels) == 2
     assert [b for b, _, _ in drain(tenant, q)] == [b"before", b"after"]
+
+
+@pytest.mark.timeout(40)
+def test_upstream_heartbeat_is_short_by_default_or_the_brokers_when_asked(
+    proxy_factory, tenant_factory
+):
+    """A shared upstream must notice a dead path quickly: 6 s by default (the broker proposes
+    60); `--upstream-heartbeat broker` takes the broker's proposal."""
+    for args, expected in ((), "6"), (("--upstream-heartbeat", "broker"), "60"):
+        tenant = tenant_factory()
+        p = proxy_factory("-t", "60", *args)
+        c = p.connect(tenant)
+
+        def timeouts(vhost: str = tenant.vhost) -> list[str]:
+            return [r["timeout"] for r in list_connections("vhost", "timeout", "client_properties")
+                    if r["vhost"] == vhost and "amqproxy" in r["client_properties"]]  # fmt: skip
+
+        assert wait_for(lambda: timeouts(), 10) == [expected]
+        c.close()
+        p.stop()

@@ -125,7 +125,7 @@ def test_php_amqplib_loop_through_a_cut_loses_nothing(proxy_factory, fault_relay
     """The same with php-amqplib: one process looping publish-and-close without confirms."""
     php = shutil.which("php")
     if php is None or not Path("/usr/share/php/PhpAmqpLib").is_dir():
-        pytest.fail("php-amqplib is not installed (tests/clients/install.sh installs it)")
+        pytest.fail("php-amqplib is not installed (tests/install.sh installs it)")
     p = proxy_factory("-t", "60", upstream=fault_relay.url)
     q = queues.declare(tenant)
     args = {

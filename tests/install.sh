@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# Installs what tests/clients needs on a fresh Debian machine; idempotent and quiet.
-#   apt: php-cli php-amqplib amqp-tools nodejs npm (skipped when already there)
-#   pip: pika aio-pika amqp kombu (+ pytest, pytest-timeout)
+# Installs what the test suites need on a fresh Debian machine; idempotent and quiet.
+#   apt: a C compiler and this Python's headers (the compiled frame scanner a unit test checks
+#        for), RabbitMQ (when missing; tests/conftest.py starts it if nothing answers on
+#        127.0.0.1:5672), and the real clients: php-cli php-amqplib amqp-tools nodejs npm
 #   npm: `npm ci` in tests/clients/node (amqplib, pinned by package-lock.json)
+# Python packages come from the project: pip install -e '.[test]'.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 export DEBIAN_FRONTEND=noninteractive
+PY="${PYTHON:-python3}"
 missing=()
+command -v cc >/dev/null 2>&1 || missing+=(gcc)
+"$PY" -c 'import os, sysconfig; exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+    || missing+=(python3-dev)
+command -v rabbitmq-server >/dev/null 2>&1 || [ -x /usr/sbin/rabbitmq-server ] || missing+=(rabbitmq-server)
 command -v php >/dev/null 2>&1 || missing+=(php-cli)
 [ -f /usr/share/php/PhpAmqpLib/autoload.php ] || missing+=(php-amqplib)
 command -v amqp-publish >/dev/null 2>&1 || missing+=(amqp-tools)
@@ -15,16 +22,12 @@ command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ ${#missing[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    echo "tests/install.sh: installing ${missing[*]}"
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-PY="${PYTHON:-python3}"
-"$PY" -m pip install -q --disable-pip-version-check \
-    "pika>=1.3,<2" "aio-pika>=9.4,<11" "amqp>=5.2,<6" "kombu>=5.3,<6" \
-    "pytest>=8,<10" "pytest-timeout>=2.2,<3" 2>&1 | grep -v -i "running pip as the 'root' user" || true
-
-cd node
+cd clients/node
 want=$(node -p "require('./package-lock.json').packages['node_modules/amqplib'].version")
 have=$(node -p "try { require('./node_modules/amqplib/package.json').version } catch (e) { '' }")
 if [ "$want" != "$have" ]; then
