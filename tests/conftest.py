@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support.fixtures import (  # noqa: E402
+from support.fixtures import (
     fault_relay,
     module_proxy_factory,
     proxy,
@@ -33,7 +33,6 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 __all__ = [
-    "pytest_sessionstart",
     "fault_relay",
     "module_proxy_factory",
     "proxy",
@@ -41,6 +40,7 @@ __all__ = [
     "pytest_runtest_makereport",
     "pytest_runtest_protocol",
     "pytest_sessionfinish",
+    "pytest_sessionstart",
     "queues",
     "tenant",
     "tenant_factory",

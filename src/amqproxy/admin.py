@@ -5,19 +5,84 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sized
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-if TYPE_CHECKING:
-    from amqproxy.server import Proxy
+from amqproxy.config import Settings
+from amqproxy.pool import PoolRegistry
 
 log = logging.getLogger("amqproxy.admin")
 
 REQUEST_TIMEOUT = 5.0
 MAX_REQUEST = 8192
+
+
+class Proxy(Protocol):
+    """What the endpoints read of the proxy (``server.Proxy``)."""
+
+    settings: Settings
+    registry: PoolRegistry
+
+    @property
+    def clients(self) -> Sized:
+        """Open client sockets, admitted or not."""
+
+    draining: bool
+
+
+# Per (user, vhost), read from the pools at scrape time: key, metric name, help.
+POOL_GAUGES = (
+    ("clients", "amqproxy_client_connections", "Client connections admitted"),
+    ("upstreams", "amqproxy_upstream_connections", "Open upstream connections"),
+    ("parked", "amqproxy_parked_channels", "Clean upstream channels waiting for a client"),
+    ("leased", "amqproxy_leased_channels", "Upstream channels leased to clients"),
+    (
+        "settling",
+        "amqproxy_settling_channels",
+        "Released channels waiting for replies or confirms before parking",
+    ),
+    (
+        "outbox_messages",
+        "amqproxy_outbox_messages",
+        "Messages the proxy answered for that the broker has not confirmed yet",
+    ),
+    ("outbox_bytes", "amqproxy_outbox_bytes", "Bytes of the messages in the outbox"),
+    (
+        "oldest",
+        "amqproxy_outbox_oldest_seconds",
+        "Age of the oldest unconfirmed message in the outbox (0 when empty)",
+    ),
+)
+# Per (user, vhost), from ``pool.PoolStats`` (kept after a pool is gone).
+POOL_COUNTERS = (
+    ("connects", "amqproxy_upstream_connects", "Upstream connections opened"),
+    (
+        "connect_failures",
+        "amqproxy_upstream_connect_failures",
+        "Upstream connection attempts that failed or were refused",
+    ),
+    ("channel_opens", "amqproxy_upstream_channel_opens", "Channel.Open sent upstream"),
+    ("channel_reuses", "amqproxy_channel_reuses", "Client channels served by a parked channel"),
+    (
+        "orphan_channel_errors",
+        "amqproxy_orphan_channel_errors",
+        "Channel errors that arrived after their client had left",
+    ),
+    (
+        "replayed",
+        "amqproxy_messages_replayed",
+        "Messages published again after their upstream channel or connection died",
+    ),
+    (
+        "refused",
+        "amqproxy_messages_refused",
+        "Messages the proxy answered for that the broker refused (nack or channel error)",
+    ),
+)
+LABELS = ["user", "vhost"]
 
 
 class PoolCollector:
@@ -27,95 +92,12 @@ class PoolCollector:
         self.proxy = proxy
 
     def collect(self) -> Iterator[Metric]:
-        labels = ["user", "vhost"]
-        gauges = {
-            "clients": GaugeMetricFamily(
-                "amqproxy_client_connections", "Client connections admitted", labels=labels
-            ),
-            "upstreams": GaugeMetricFamily(
-                "amqproxy_upstream_connections", "Open upstream connections", labels=labels
-            ),
-            "parked": GaugeMetricFamily(
-                "amqproxy_parked_channels",
-                "Clean upstream channels waiting for a client",
-                labels=labels,
-            ),
-            "leased": GaugeMetricFamily(
-                "amqproxy_leased_channels", "Upstream channels leased to clients", labels=labels
-            ),
-            "settling": GaugeMetricFamily(
-                "amqproxy_settling_channels",
-                "Released channels waiting for replies or confirms before parking",
-                labels=labels,
-            ),
-        }
-        gauges["outbox_messages"] = GaugeMetricFamily(
-            "amqproxy_outbox_messages",
-            "Messages the proxy answered for that the broker has not confirmed yet",
-            labels=labels,
-        )
-        gauges["outbox_bytes"] = GaugeMetricFamily(
-            "amqproxy_outbox_bytes", "Bytes of the messages in the outbox", labels=labels
-        )
-        oldest = GaugeMetricFamily(
-            "amqproxy_outbox_oldest_seconds",
-            "Age of the oldest unconfirmed message in the outbox (0 when empty)",
-            labels=labels,
-        )
-        now = asyncio.get_running_loop().time()
-        totals: dict[tuple[str, str], dict[str, float]] = {}
-        for pool in self.proxy.registry.pools.values():
-            row = totals.setdefault((pool.user, pool.vhost), dict.fromkeys(gauges, 0))
-            row["oldest"] = row.get("oldest", 0.0)
-            for name, value in pool.counts().items():
-                row[name] += value
-            messages, size, since = pool.outbox_counts()
-            row["outbox_messages"] += messages
-            row["outbox_bytes"] += size
-            if since is not None:
-                row["oldest"] = max(row["oldest"], now - since)
-        for key, row in totals.items():
-            for name, family in gauges.items():
-                family.add_metric(list(key), row[name])
-            oldest.add_metric(list(key), row["oldest"])
-        yield from gauges.values()
-        yield oldest
-        counters: dict[str, CounterMetricFamily] = {
-            "connects": CounterMetricFamily(
-                "amqproxy_upstream_connects", "Upstream connections opened", labels=labels
-            ),
-            "connect_failures": CounterMetricFamily(
-                "amqproxy_upstream_connect_failures",
-                "Upstream connection attempts that failed or were refused",
-                labels=labels,
-            ),
-            "channel_opens": CounterMetricFamily(
-                "amqproxy_upstream_channel_opens", "Channel.Open sent upstream", labels=labels
-            ),
-            "channel_reuses": CounterMetricFamily(
-                "amqproxy_channel_reuses",
-                "Client channels served by a parked channel",
-                labels=labels,
-            ),
-            "orphan_channel_errors": CounterMetricFamily(
-                "amqproxy_orphan_channel_errors",
-                "Channel errors that arrived after their client had left",
-                labels=labels,
-            ),
-            "replayed": CounterMetricFamily(
-                "amqproxy_messages_replayed",
-                "Messages published again after their upstream channel or connection died",
-                labels=labels,
-            ),
-            "refused": CounterMetricFamily(
-                "amqproxy_messages_refused",
-                "Messages the proxy answered for that the broker refused (nack or channel error)",
-                labels=labels,
-            ),
-        }
-        for key, stats in self.proxy.registry.stats.items():
-            for name, counter in counters.items():
-                counter.add_metric(list(key), getattr(stats, name))
+        yield from self._pool_gauges()
+        registry = self.proxy.registry
+        counters = {key: CounterMetricFamily(n, h, labels=LABELS) for key, n, h in POOL_COUNTERS}
+        for labels, stats in registry.stats.items():
+            for key, counter in counters.items():
+                counter.add_metric(list(labels), getattr(stats, key))
         yield from counters.values()
         connecting = GaugeMetricFamily(
             "amqproxy_client_connections_total_open", "All client sockets, admitted or not"
@@ -126,8 +108,27 @@ class PoolCollector:
             "amqproxy_outbox_full_seconds",
             "Seconds the outbox spent at its limit (publishers held back)",
         )
-        full.add_metric([], self.proxy.registry.outbox.full_seconds)
+        full.add_metric([], registry.outbox.full_seconds)
         yield full
+
+    def _pool_gauges(self) -> Iterator[Metric]:
+        """Summed over the pools of each (user, vhost): one per password in use."""
+        now = asyncio.get_running_loop().time()
+        rows: dict[tuple[str, str], dict[str, float]] = {}
+        for pool in self.proxy.registry.pools.values():
+            row = rows.setdefault((pool.user, pool.vhost), {key: 0 for key, _, _ in POOL_GAUGES})
+            for key, value in pool.counts().items():
+                row[key] += value
+            messages, size, since = pool.delivery.counts()
+            row["outbox_messages"] += messages
+            row["outbox_bytes"] += size
+            if since is not None:
+                row["oldest"] = max(row["oldest"], now - since)
+        for key, name, help_text in POOL_GAUGES:
+            family = GaugeMetricFamily(name, help_text, labels=LABELS)
+            for labels, row in rows.items():
+                family.add_metric(list(labels), row[key])
+            yield family
 
 
 class AdminServer:

@@ -1,22 +1,98 @@
-"""Upstream channels and the leases that bind them to client channels: state and cleanliness.
+"""Upstream channels and the leases that bind them to client channels: their states, and the
+transitions between them (docs/ARCHITECTURE.md, "The lease lifecycle").
 
 An UpstreamChannel outlives its leases: it remembers what the broker counts per channel
 (confirm sequence numbers, delivery tags) so that the next lease can translate tags, what makes
 it unfit for reuse (DESIGN.md section 4), and the publishes it carried that the broker has not
-confirmed yet (its outbox). No I/O here.
+confirmed yet (its outbox). A Lease is one client channel. Binding and unbinding happen here and
+nowhere else; parking, settling and closing are the pool's (``Pool.release`` and friends). No
+I/O here: the connection and the client are named by what this module needs of them.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+from amqproxy.core.publish import Assembly, Stage
 from amqproxy.outbox import ChannelOutbox, Totals
 
 if TYPE_CHECKING:
-    from amqproxy.client import ClientConnection
-    from amqproxy.upstream import UpstreamConnection
+    from amqproxy.amqp.frames import Buffer
+
+
+class Connection(Protocol):
+    """An upstream connection as channels and pools see it (``core.upstream.UpstreamSession``)."""
+
+    name: str
+    peer: str
+    open: bool
+    closed: bool
+    frame_max: int
+    channel_max: int
+    heartbeat: int
+    leased: int
+    last_used: float
+    blocked_reason: str | None
+    channels: dict[int, UpstreamChannel]
+    exclusive_owners: dict[bytes, Client]  # exclusive queues declared here -> their client
+    paused: bool  # its write buffer is full: clients stop reading until it drains
+
+    @property
+    def free_channels(self) -> int: ...
+
+    def now(self) -> float: ...
+
+    def on_lease_change(self, delta: int) -> None: ...
+
+    def open_channel(self, preferred: int = 0, confirm: bool = True) -> UpstreamChannel: ...
+
+    def close_channel(self, up: UpstreamChannel, text: str) -> None: ...
+
+    def send(self, pieces: list[Buffer]) -> None: ...
+
+    def wait_for_room(self, client: Client) -> None: ...
+
+    def close(self, text: str = ...) -> None: ...
+
+    def delete_queue(self, name: bytes, why: str) -> None: ...
+
+
+class Client(Protocol):
+    """A client as its leases, the pool and the upstream connections see it
+    (``core.client.ClientSession``)."""
+
+    identity: str  # user@vhost from address (connection name), for logs
+    frame_max: int
+    max_body: int
+    wants_blocked: bool
+
+    @property
+    def leases(self) -> dict[int, Lease]: ...
+
+    def send(self, pieces: list[Buffer]) -> None:
+        """Frames from the broker for this client."""
+
+    def close_with(self, code: int, text: str) -> None: ...
+
+    def channel_closed_by_broker(self, lease: Lease, close_payload: bytes) -> None: ...
+
+    def channel_closed_upstream(self, lease: Lease) -> None: ...
+
+    def own_exclusive_queue(self, name: bytes, conn: Connection) -> None:
+        """``name`` is an exclusive queue the client declared on ``conn``."""
+
+    def upstream_lost(self, leases: list[Lease], code: int, text: str, hold: bool) -> None: ...
+
+    def resume_reading(self) -> None:
+        """The upstream this client writes to has room again."""
+
+
+class Releaser(Protocol):
+    """Who takes a lease's upstream channel back (``pool.Pool``): the pool it came from."""
+
+    def release(self, lease: Lease, why: str) -> None: ...
 
 
 class ChannelState(enum.Enum):
@@ -29,23 +105,23 @@ class UpstreamChannel:
     """One channel on an upstream connection."""
 
     __slots__ = (
-        "conn",
-        "id",
-        "state",
-        "lease",
         "confirm_mode",
-        "published",
         "confirmed",
         "confirmed_ahead",
+        "conn",
         "delivered",
         "dirty",
+        "id",
         "last_client",
-        "settling_since",
-        "requests",
+        "lease",
         "outbox",
+        "published",
+        "requests",
+        "settling_since",
+        "state",
     )
 
-    def __init__(self, conn: UpstreamConnection, channel_id: int, totals: Totals) -> None:
+    def __init__(self, conn: Connection, channel_id: int, totals: Totals) -> None:
         self.conn = conn
         self.id = channel_id
         self.state = ChannelState.OPENING
@@ -79,6 +155,16 @@ class UpstreamChannel:
             self.confirmed_ahead.discard(self.confirmed)
         if self.outbox:
             self.outbox.confirmed_through(self.confirmed)
+
+    def opened(self) -> None:
+        """The broker's Channel.OpenOk."""
+        if self.state is ChannelState.OPENING:
+            self.state = ChannelState.OPEN
+
+    def close_sent(self) -> None:
+        """The proxy's own Channel.Close goes upstream: its CloseOk frees the id."""
+        self.state = ChannelState.CLOSING
+        self.lease = None
 
     def request_sent(self) -> None:
         """A synchronous method went upstream: the channel is unsettled until its reply."""
@@ -126,42 +212,34 @@ class Lease:
     """A client channel bound to an upstream channel for the life of the client channel."""
 
     __slots__ = (
-        "client",
+        "announced",
+        "backlog",
+        "backlog_size",
         "channel_id",
-        "up",
-        "state",
+        "client",
+        "client_close_ok_due",
         "client_confirm",
         "confirm_offset",
-        "tag_offset",
-        "pub_frames",
-        "pub_stage",
-        "pub_remaining",
-        "pub_start",
-        "backlog",
-        "verbatim",
         "declares",
-        "announced",
-        "backlog_size",
+        "message",
+        "owner",
+        "state",
+        "tag_offset",
         "totals",
-        "client_close_ok_due",
+        "up",
+        "verbatim",
     )
 
-    PUB_NONE = 0
-    PUB_HEADER = 1  # Basic.Publish seen, waiting for the content header
-    PUB_BODY = 2  # header seen, body bytes still to come
-
-    def __init__(self, client: ClientConnection, channel_id: int, totals: Totals) -> None:
+    def __init__(self, client: Client, owner: Releaser, channel_id: int, totals: Totals) -> None:
         self.client = client
+        self.owner = owner  # the pool: a client that moved (UpdateSecret) keeps its old leases
         self.channel_id = channel_id
         self.up: UpstreamChannel | None = None
         self.state = LeaseState.OPENING
         self.client_confirm = False  # this client selected confirm mode
         self.confirm_offset = 0  # broker confirm tag = client tag + confirm_offset
         self.tag_offset = 0  # broker delivery tag = client tag + tag_offset
-        self.pub_frames: list[bytes | bytearray | memoryview] = []  # a message being assembled
-        self.pub_stage = Lease.PUB_NONE
-        self.pub_remaining = 0
-        self.pub_start = 0  # where the current read's part of that message begins
+        self.message = Assembly()  # the message the client is sending on this channel
         self.verbatim = False  # frames pass with no rewrite: same id, fitting frame sizes
         self.declares: deque[bool] = deque()  # pending Queue.Declare: exclusive or not
         self.backlog: list[bytes] | None = []  # client frames that arrived before ``up``
@@ -192,7 +270,7 @@ class Lease:
             up is not None
             and self.state is LeaseState.OPEN
             and not self.client_confirm
-            and self.pub_stage == Lease.PUB_NONE
+            and self.message.stage is Stage.NONE
             and not self.declares
             and up.confirm_mode
             and up.dirty is None
@@ -210,10 +288,7 @@ class Lease:
 
     def detach(self) -> None:
         """Forget the dead upstream channel; frames wait in the backlog for the next one."""
-        self.up = None
-        self.state = LeaseState.OPENING
-        self.announced = True
-        self.backlog = []
+        self.reopen()
 
     def queue_frame(self, frame: bytes) -> int:
         """Keep a frame that arrived before the upstream channel; returns the backlog size."""
@@ -231,8 +306,35 @@ class Lease:
         size, self.backlog_size = self.backlog_size, 0
         return (b"".join(backlog) if backlog else b""), size
 
-    def drop_partial_publish(self) -> None:
-        """Forget a message the client did not complete: it never goes upstream."""
-        self.pub_frames = []
-        self.pub_stage = Lease.PUB_NONE
-        self.pub_remaining = 0
+    def close_sent(self) -> None:
+        """The client's Channel.Close goes upstream: the broker's CloseOk ends the lease."""
+        self.state = LeaseState.CLOSING
+        if self.up is not None:
+            self.up.state = ChannelState.CLOSING
+
+    def closed_by_broker(self) -> None:
+        """The broker closed the channel. If the client's Close crossed the broker's, the
+        lease ends once both CloseOks came; else it lets go of the channel at once, and
+        discards what the client sends until its CloseOk."""
+        self.declares.clear()
+        self.message.drop()
+        if self.state is LeaseState.CLOSING:
+            self.state = LeaseState.CROSSED
+            self.client_close_ok_due = True
+        else:
+            self.unbind()
+            self.state = LeaseState.BROKER_CLOSED
+
+    def refused(self) -> None:
+        """The proxy closed the channel with an error of its own (its upstream channel is
+        released by then); like the broker, it discards frames until the client's CloseOk."""
+        self.message.drop()
+        self.state = LeaseState.BROKER_CLOSED
+
+    def reopen(self) -> None:
+        """The lease moves to a new upstream channel (released by then): frames wait in the
+        backlog until it is bound; the client already has its OpenOk."""
+        self.up = None
+        self.state = LeaseState.OPENING
+        self.announced = True
+        self.backlog = []

@@ -127,65 +127,89 @@ class Settings:
         return values
 
 
-# key -> parser of its text form
-PARSERS: dict[str, Callable[[str], Any]] = {
-    "upstream": _upstream,
-    "listen_address": str,
-    "listen_port": _port,
-    "http_port": _port,
-    "log_level": _log_level,
-    "idle_connection_timeout": _seconds,
-    "max_upstream_channels": _non_negative_int,
-    "term_timeout": _seconds,
-    "term_client_close_timeout": _seconds,
-    "connect_timeout": _seconds,
-    "handshake_timeout": _seconds,
-    "heartbeat": _non_negative_int,
-    "upstream_heartbeat": _optional_seconds,
-    "park_channels": _bool,
-    "credential_ttl": _seconds,
-    "channel_max": _non_negative_int,
-    "max_client_buffer": _non_negative_int,
-    "outbox_hold": _seconds,
-    "outbox_max_bytes": _non_negative_int,
-    "upstream_ca": str,
-}
+@dataclass(frozen=True)
+class Option:
+    """One setting: how it is parsed and where it can be given. ``key`` is the Settings field;
+    the file key is ``[section] file_key`` (the key itself by default)."""
 
-# config file: (section, option) -> key
-FILE_KEYS: dict[tuple[str, str], str] = {
-    ("main", "upstream"): "upstream",
-    ("main", "log_level"): "log_level",
-    ("main", "idle_connection_timeout"): "idle_connection_timeout",
-    ("main", "max_upstream_channels"): "max_upstream_channels",
-    ("main", "term_timeout"): "term_timeout",
-    ("main", "term_client_close_timeout"): "term_client_close_timeout",
-    ("main", "connect_timeout"): "connect_timeout",
-    ("main", "handshake_timeout"): "handshake_timeout",
-    ("main", "heartbeat"): "heartbeat",
-    ("main", "upstream_heartbeat"): "upstream_heartbeat",
-    ("main", "park_channels"): "park_channels",
-    ("main", "credential_ttl"): "credential_ttl",
-    ("main", "max_client_buffer"): "max_client_buffer",
-    ("main", "outbox_hold"): "outbox_hold",
-    ("main", "outbox_max_bytes"): "outbox_max_bytes",
-    ("main", "upstream_ca"): "upstream_ca",
-    ("listen", "address"): "listen_address",
-    ("listen", "bind"): "listen_address",
-    ("listen", "port"): "listen_port",
-    ("listen", "http_port"): "http_port",
-}
+    key: str
+    parse: Callable[[str], Any]
+    help: str
+    flags: tuple[str, ...] = ()  # command-line flags; () for none
+    env: str = ""  # environment variable; "" for none
+    section: str = "main"
+    file_keys: tuple[str, ...] = ()  # () -> (key,)
+    metavar: str = "SECONDS"
+    const: str | None = None  # a flag without a value sets this text (--no-park-channels)
 
-ENV_KEYS: dict[str, str] = {
-    "AMQP_URL": "upstream",
-    "LISTEN_ADDRESS": "listen_address",
-    "LISTEN_PORT": "listen_port",
-    "HTTP_PORT": "http_port",
-    "LOG_LEVEL": "log_level",
-    "IDLE_CONNECTION_TIMEOUT": "idle_connection_timeout",
-    "MAX_UPSTREAM_CHANNELS": "max_upstream_channels",
-    "TERM_TIMEOUT": "term_timeout",
-    "TERM_CLIENT_CLOSE_TIMEOUT": "term_client_close_timeout",
-    "AMQPROXY_UPSTREAM_CA": "upstream_ca",
+    @property
+    def names_in_file(self) -> tuple[str, ...]:
+        return self.file_keys or (self.key,)
+
+    @property
+    def where(self) -> str:
+        """How a user names it: the command-line flags, e.g. "-p/--port"."""
+        return "/".join(self.flags) or f"[{self.section}] {self.names_in_file[0]}"
+
+
+# Every setting, once: the command line, the environment and the config file are made from it.
+OPTIONS: tuple[Option, ...] = (
+    Option("upstream", _upstream, "broker URL, amqp://host[:port] or amqps://host[:port]",
+           env="AMQP_URL", metavar="URL"),
+    Option("listen_address", str, "address to listen on (default localhost)", ("-l", "--listen"),
+           "LISTEN_ADDRESS", "listen", ("address", "bind"), "ADDRESS"),
+    Option("listen_port", _port, "AMQP port (default 5673)", ("-p", "--port"), "LISTEN_PORT",
+           "listen", ("port",), "PORT"),
+    Option("http_port", _port, "HTTP port for /metrics and /healthz (default 15673, 0 disables)",
+           ("-b", "--http-port"), "HTTP_PORT", "listen", ("http_port",), "PORT"),
+    Option("log_level", _log_level, f"log level, one of {', '.join(LOG_LEVELS)} (default info)",
+           ("--log-level",), "LOG_LEVEL", metavar="LEVEL"),
+    Option("idle_connection_timeout", _seconds,
+           "close upstream connections unused for this long (default 5; 0 never)",
+           ("-t", "--idle-connection-timeout"), "IDLE_CONNECTION_TIMEOUT"),
+    Option("max_upstream_channels", _non_negative_int,
+           "channels per upstream connection before another is opened (default: broker's)",
+           ("--max-upstream-channels",), "MAX_UPSTREAM_CHANNELS", metavar="N"),
+    Option("term_timeout", _seconds,
+           "on SIGTERM, how long closed clients get to answer, and the outbox to be delivered "
+           "(default 10)", ("--term-timeout",), "TERM_TIMEOUT"),
+    Option("term_client_close_timeout", _seconds,
+           "on SIGTERM, how long clients may keep working before they are closed (default 5)",
+           ("--term-client-close-timeout",), "TERM_CLIENT_CLOSE_TIMEOUT"),
+    Option("connect_timeout", _seconds, "upstream TCP/TLS connect timeout (default 10)",
+           ("--connect-timeout",)),
+    Option("handshake_timeout", _seconds, "AMQP handshake timeout on both legs (default 10)",
+           ("--handshake-timeout",)),
+    Option("heartbeat", _non_negative_int,
+           "heartbeat offered to clients (default 60, 0 disables)", ("--heartbeat",)),
+    Option("upstream_heartbeat", _optional_seconds,
+           "heartbeat asked of the broker (default 6: a silent path is noticed within 15 s; "
+           "'broker': the broker's proposal)", ("--upstream-heartbeat",)),
+    Option("park_channels", _bool,
+           "close every channel upstream when its client closes it (no reuse)",
+           ("--no-park-channels",), const="false"),
+    Option("credential_ttl", _seconds,
+           "admit a client whose credentials the broker accepted this recently without asking "
+           "it again (default 60; 0: the broker checks every client)", ("--credential-ttl",)),
+    Option("channel_max", _non_negative_int,
+           "channels per connection offered to clients (default 2047)", ("--channel-max",),
+           metavar="N"),
+    Option("max_client_buffer", _non_negative_int,
+           "bytes buffered toward a slow client before it is disconnected (default 64 MiB)",
+           ("--max-client-buffer",), metavar="BYTES"),
+    Option("outbox_hold", _seconds,
+           "while the broker is unreachable, keep admitting clients it accepted recently and "
+           "keep what they publish for this long (default 30; 0: refuse them at once)",
+           ("--outbox-hold",)),
+    Option("outbox_max_bytes", _non_negative_int,
+           "unconfirmed messages the proxy holds before it stops reading publishers "
+           "(default 256 MiB)", ("--outbox-max-bytes",), metavar="BYTES"),
+    Option("upstream_ca", str, "CA bundle to verify an amqps:// upstream", ("--upstream-ca",),
+           "AMQPROXY_UPSTREAM_CA", metavar="FILE"),
+)  # fmt: skip
+BY_KEY = {option.key: option for option in OPTIONS}
+_BY_FILE_KEY = {
+    (option.section, name): option for option in OPTIONS for name in option.names_in_file
 }
 
 
@@ -209,13 +233,31 @@ def parse_upstream(url: str) -> tuple[str, int, bool, list[str]]:
     return parts.hostname, port, tls, ignored
 
 
-def _apply(settings: Settings, key: str, text: str, source: str) -> None:
+def _apply(settings: Settings, option: Option, text: str, source: str) -> None:
     try:
-        value = PARSERS[key](text)
+        value = option.parse(text)
     except ValueError as exc:
-        raise ConfigError(f"{source}", f"bad value {text!r}: {exc}") from None
-    setattr(settings, key, value)
-    settings.sources[key] = source
+        raise ConfigError(source, f"bad value {text!r}: {exc}") from None
+    setattr(settings, option.key, value)
+    settings.sources[option.key] = source
+
+
+def _read_file(settings: Settings, config_file: str) -> None:
+    parser = configparser.ConfigParser()
+    try:
+        with open(config_file, encoding="utf-8") as fh:
+            parser.read_file(fh)
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {config_file}: {exc.strerror}") from None
+    except configparser.Error as exc:
+        first_line = str(exc).splitlines()[0]
+        raise ConfigError("config", f"{config_file}: {first_line}") from None
+    for section in parser.sections():
+        for name, text in parser.items(section):
+            option = _BY_FILE_KEY.get((section, name))
+            if option is None:
+                raise ConfigError(f"[{section}] {name}", "unknown setting")
+            _apply(settings, option, text, f"[{section}] {name}")
 
 
 def load(
@@ -223,30 +265,17 @@ def load(
     environ: Mapping[str, str],
     overrides: Mapping[str, str | None],
 ) -> Settings:
-    """Build the settings; ``overrides`` are the command-line values (None: not given)."""
+    """Build the settings; ``overrides`` are the command-line values by key (None: not given)."""
     settings = Settings()
     if config_file:
-        parser = configparser.ConfigParser()
-        try:
-            with open(config_file, encoding="utf-8") as fh:
-                parser.read_file(fh)
-        except OSError as exc:
-            raise ConfigError("config", f"cannot read {config_file}: {exc.strerror}") from None
-        except configparser.Error as exc:
-            first_line = str(exc).splitlines()[0]
-            raise ConfigError("config", f"{config_file}: {first_line}") from None
-        for section in parser.sections():
-            for option, text in parser.items(section):
-                key = FILE_KEYS.get((section, option))
-                if key is None:
-                    raise ConfigError(f"[{section}] {option}", "unknown setting")
-                _apply(settings, key, text, f"[{section}] {option}")
-    for env_name, key in ENV_KEYS.items():
-        if env_name in environ and environ[env_name] != "":
-            _apply(settings, key, environ[env_name], env_name)
+        _read_file(settings, config_file)
+    for option in OPTIONS:
+        if option.env and environ.get(option.env, "") != "":
+            _apply(settings, option, environ[option.env], option.env)
     for key, given in overrides.items():
         if given is not None:
-            _apply(settings, key, given, f"--{key.replace('_', '-')}")
+            option = BY_KEY[key]
+            _apply(settings, option, given, option.where if option.flags else "URL argument")
     if not settings.upstream:
         raise ConfigError(
             "upstream", "no upstream URL given (argument, AMQP_URL or [main] upstream)"

@@ -69,7 +69,7 @@ class Message(NamedTuple):
 class Entry:
     """Frames that went upstream together: ``count`` publishes whose last tag is ``last_tag``."""
 
-    __slots__ = ("last_tag", "count", "frames", "size", "origin", "since", "attempts")
+    __slots__ = ("attempts", "count", "frames", "last_tag", "origin", "since", "size")
 
     def __init__(
         self,
@@ -182,7 +182,7 @@ class Totals:
 class ChannelOutbox:
     """The unconfirmed publishes of one upstream channel, in tag order."""
 
-    __slots__ = ("entries", "size", "count", "totals")
+    __slots__ = ("count", "entries", "size", "totals")
 
     def __init__(self, totals: Totals) -> None:
         self.entries: deque[Entry] = deque()

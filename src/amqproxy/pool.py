@@ -10,28 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
-from collections import defaultdict, deque
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 from amqproxy.amqp import constants as c
 from amqproxy.amqp.auth import Credentials, display
-from amqproxy.amqp.frames import Buffer
-from amqproxy.channel import ChannelState, Lease, UpstreamChannel
+from amqproxy.channel import ChannelState, Client, Connection, Lease, UpstreamChannel
 from amqproxy.config import Settings
-from amqproxy.outbox import MAX_ATTEMPTS, Message, Totals, publishes_in, refused_index, unconfirmed
-from amqproxy.upstream import DEFAULT_FRAME_MAX, UpstreamConnection, UpstreamRefused, _retrieve
-
-if TYPE_CHECKING:
-    from amqproxy.client import ClientConnection
+from amqproxy.delivery import Redelivery
+from amqproxy.errors import UpstreamRefused, retrieve
+from amqproxy.outbox import Totals
 
 log = logging.getLogger("amqproxy.pool")
-
-SETTLE_TIMEOUT = 30.0  # a released channel whose replies never come is closed after this
-PARKED_IDLE = 60.0  # a parked channel nobody took for this long is closed (bursts leave many)
-RETRY_FIRST = 0.1  # first pause between reconnection attempts while messages wait
-RETRY_MAX = 1.0  # the pause grows to this
 
 
 @dataclass
@@ -49,6 +40,8 @@ class PoolStats:
 
 
 PoolKey = tuple[bytes, bytes, bytes]  # user, password, vhost: the client's bytes
+# Opens an upstream connection for a pool, handshake done (broker.Connector does it).
+Connect = Callable[["Pool"], Awaitable[Connection]]
 
 
 class Pool:
@@ -62,27 +55,25 @@ class Pool:
         self.vhost_bytes = key[2]
         self.user, self.vhost = display(key[0]), display(key[2])  # for logs and metrics
         self.stats = registry.stats[(self.user, self.vhost)]
-        self.upstreams: list[UpstreamConnection] = []
+        self.upstreams: list[Connection] = []
         self.parked: list[UpstreamChannel] = []
         self.settling: set[UpstreamChannel] = set()
-        self.clients: set[ClientConnection] = set()
-        self.exclusive_owners: dict[bytes, ClientConnection] = {}  # queue -> declaring client
-        self._connecting: asyncio.Future[UpstreamConnection] | None = None
-        self._verifying: asyncio.Future[UpstreamConnection] | None = None  # a credentials probe
+        self.clients: set[Client] = set()
+        self._connecting: asyncio.Future[Connection] | None = None
+        self._verifying: asyncio.Future[Connection] | None = None  # a credentials probe
         self.verified_at = float("-inf")  # when the broker last accepted these credentials
-        self.pending: deque[Message] = deque()  # outbox messages waiting for a channel
+        self.delivery = Redelivery(self)  # outbox messages waiting for a channel
         self.outage_since: float | None = None  # no upstream could be kept or opened since
         self._upstream_back = asyncio.Event()  # set while the pool is not in an outage
         self._upstream_back.set()
-        self._waiters = 0  # client channels waiting for the outage to end
-        self._recovery: asyncio.Task[None] | None = None
+        self.waiters = 0  # client channels waiting for the outage to end
 
     def __repr__(self) -> str:
         return f"<Pool {self.user}@{self.vhost}>"
 
     # ---- admission --------------------------------------------------------------------------
 
-    def live_upstream(self) -> UpstreamConnection | None:
+    def live_upstream(self) -> Connection | None:
         for conn in self.upstreams:
             if conn.open:
                 return conn
@@ -129,7 +120,7 @@ class Pool:
             return
         if self._verifying is None:
             self._verifying = asyncio.ensure_future(self._connect(keep=False))
-            self._verifying.add_done_callback(_retrieve)
+            self._verifying.add_done_callback(retrieve)
         attempt = self._verifying
         try:
             await asyncio.shield(attempt)
@@ -137,15 +128,15 @@ class Pool:
             if attempt.done() and self._verifying is attempt:
                 self._verifying = None
 
-    def max_channels(self, conn: UpstreamConnection) -> int:
+    def max_channels(self, conn: Connection) -> int:
         configured = self.settings.max_upstream_channels
         return min(configured, conn.channel_max) if configured else conn.channel_max
 
-    async def connect(self) -> UpstreamConnection:
+    async def connect(self) -> Connection:
         """Open one more upstream connection; concurrent callers share one attempt."""
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._connect())
-            self._connecting.add_done_callback(_retrieve)
+            self._connecting.add_done_callback(retrieve)
         attempt = self._connecting
         try:
             return await asyncio.shield(attempt)
@@ -153,51 +144,27 @@ class Pool:
             if attempt.done() and self._connecting is attempt:
                 self._connecting = None
 
-    async def _connect(self, keep: bool = True) -> UpstreamConnection:
+    def _connect_failed(self, exc: UpstreamRefused) -> None:
+        """Log a failed attempt once per outage, and start or extend the outage: a broker
+        that does not answer (or drops us in the handshake) is one, refused credentials not."""
+        if not exc.reachable or exc.code == c.CONNECTION_FORCED:
+            level = logging.WARNING if self.outage_since is None else logging.DEBUG
+            log.log(level, "upstream for %s@%s: %s", self.user, self.vhost, exc.text)
+            self.registry.upstream_reachable = exc.reachable
+            self._enter_outage()
+        else:
+            log.info("upstream refused %s@%s: %d %s", self.user, self.vhost, exc.code, exc.text)
+            self.registry.upstream_reachable = True
+
+    async def _connect(self, keep: bool = True) -> Connection:
         """A new upstream connection with the pool's credentials; ``keep``: it joins the pool,
         else it closes as soon as the broker accepted them (a probe)."""
-        settings = self.settings
         loop = asyncio.get_running_loop()
-        conn = UpstreamConnection(self, self.registry.next_serial())
         try:
-            await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: conn,
-                    settings.upstream_host,
-                    settings.upstream_port,
-                    ssl=self.registry.ssl_context,
-                    server_hostname=settings.upstream_host if settings.upstream_tls else None,
-                ),
-                settings.connect_timeout,
-            )
-        except (OSError, TimeoutError, ssl.SSLError) as exc:
-            self.stats.connect_failures += 1
-            reason = str(exc) or type(exc).__name__
-            level = logging.WARNING if self.outage_since is None else logging.DEBUG
-            log.log(level, "upstream connect to %s failed: %s", settings.upstream_address, reason)
-            self.registry.upstream_reachable = False
-            self._enter_outage()
-            raise UpstreamRefused(
-                c.CONNECTION_FORCED, f"CONNECTION_FORCED - broker unreachable: {reason}"
-            ) from None
-        try:
-            await asyncio.wait_for(asyncio.shield(conn.ready), settings.handshake_timeout)
-        except TimeoutError:
-            self.stats.connect_failures += 1
-            if conn.transport is not None:
-                conn.transport.abort()
-            log.warning("upstream handshake with %s timed out", settings.upstream_address)
-            self._enter_outage()
-            raise UpstreamRefused(
-                c.CONNECTION_FORCED, "CONNECTION_FORCED - broker handshake timed out"
-            ) from None
+            conn = await self.registry.connect(self)
         except UpstreamRefused as exc:
             self.stats.connect_failures += 1
-            log.info("upstream refused %s@%s: %d %s", self.user, self.vhost, exc.code, exc.text)
-            if exc.code == c.CONNECTION_FORCED:  # dropped in the handshake: the network or a
-                self._enter_outage()  # broker shutting down, not the credentials
-            else:
-                self.registry.upstream_reachable = True
+            self._connect_failed(exc)
             raise
         self.registry.upstream_reachable = True
         self.registry.frame_max = conn.frame_max
@@ -268,8 +235,8 @@ class Pool:
         loop = asyncio.get_running_loop()
         since = self.outage_since if self.outage_since is not None else loop.time()
         remaining = since + self.settings.outbox_hold - loop.time()
-        self._waiters += 1
-        self._ensure_recovery()
+        self.waiters += 1
+        self.delivery.ensure_recovery()
         try:
             await asyncio.wait_for(self._upstream_back.wait(), max(remaining, 0.0))
         except TimeoutError:
@@ -278,238 +245,52 @@ class Pool:
                 f"CONNECTION_FORCED - broker unreachable for {self.settings.outbox_hold:g}s",
             ) from None
         finally:
-            self._waiters -= 1
+            self.waiters -= 1
 
     def release(self, lease: Lease, why: str) -> None:
         """The client is done with this lease: park, settle or close the upstream channel."""
         up = lease.up
-        if up is not None and up.conn.pool is not self:  # the client moved (UpdateSecret)
-            up.conn.pool.release(lease, why)
-            return
         if up is None:
-            self._adopt_backlog(lease)
+            self.delivery.adopt_backlog(lease)
             return
         lease.unbind()
         if up.conn.closed or up.state is ChannelState.CLOSING:
             return
         if not self.settings.park_channels:
             up.mark_dirty("parking disabled")
-        if lease.pub_stage:
-            lease.drop_partial_publish()
-        self._settle_or_park(up, why)
+        lease.message.drop()
+        self.settle_or_park(up, why)
 
     def release_unleased(self, up: UpstreamChannel) -> None:
         """A channel that opened after its would-be client left."""
-        self._settle_or_park(up, "opened after its client left")
+        self.settle_or_park(up, "opened after its client left")
 
-    def _settle_or_park(self, up: UpstreamChannel, why: str) -> None:
+    def settle_or_park(self, up: UpstreamChannel, why: str) -> None:
+        now = asyncio.get_running_loop().time()
         if up.dirty is not None:
             log.debug("closing upstream channel %s/%d: %s", up.conn.name, up.id, up.dirty)
             up.conn.close_channel(up, f"amqproxy: {why}")
         elif up.settled:
-            up.settling_since = up.conn.loop.time()  # parked since, for PARKED_IDLE
+            up.settling_since = now  # parked since, for PARKED_IDLE
             self.parked.append(up)
         else:
-            up.settling_since = up.conn.loop.time()
+            up.settling_since = now
             self.settling.add(up)
 
     def maybe_settled(self, up: UpstreamChannel) -> None:
         """Called when a reply or confirm arrives for a channel nobody leases."""
         if up in self.settling and up.settled:
             self.settling.discard(up)
-            self._settle_or_park(up, "settled")
+            self.settle_or_park(up, "settled")
 
     def channel_gone(self, up: UpstreamChannel) -> None:
         self.settling.discard(up)
         if up in self.parked:
             self.parked.remove(up)
 
-    # ---- the outbox --------------------------------------------------------------------------
-
-    def _adopt_backlog(self, lease: Lease) -> None:
-        """A client left a channel that never got its upstream (an outage was held): its whole
-        publishes are the proxy's now, the rest of what it sent is dropped."""
-        data, counted = lease.take_backlog()
-        now = asyncio.get_running_loop().time()
-        origin = lease.client.identity
-        messages = [
-            Message(method, header, body, origin, now, 0)
-            for method, header, body in publishes_in(data)[0]
-        ]
-        if messages:
-            log.debug("%d message(s) of %s wait for the broker", len(messages), origin)
-            self.enqueue(messages)
-        self.registry.outbox.remove(counted, 0)
-
-    def enqueue(self, messages: list[Message]) -> None:
-        """Messages to publish on a channel of this pool as soon as there is one, in order."""
-        totals = self.registry.outbox
-        for message in messages:
-            if message.attempts >= MAX_ATTEMPTS:
-                self._refused(message, 0, f"lost its channel {message.attempts} times")
-                continue
-            self.pending.append(message)
-            totals.add(message.size, 1)
-        if self.pending and not self._send_pending():
-            self._ensure_recovery()
-
-    def _send_pending(self) -> bool:
-        """Publish the waiting messages on one channel; False when there is no channel yet."""
-        if not self.pending:
-            return True
-        up = self.take_parked() or self.open_now()
-        if up is None:
-            return False
-        conn = up.conn
-        pieces: list[Buffer] = []
-        replayed = 0
-        totals = self.registry.outbox
-        while self.pending:
-            message = self.pending.popleft()
-            totals.remove(message.size, 1)
-            frames = message.frames(up.id, conn.frame_max)
-            up.published += 1
-            up.outbox.add(
-                up.published, 1, tuple(frames), message.origin, message.since, message.attempts + 1
-            )
-            pieces.extend(frames)
-            replayed += message.attempts > 0
-        up.last_client = "amqproxy outbox"
-        conn.send(pieces)
-        self.stats.replayed += replayed
-        if replayed:
-            log.info("replayed %d message(s) on upstream %s channel %d", replayed, conn.name, up.id)
-        self._settle_or_park(up, "outbox sent")
-        return True
-
-    def _ensure_recovery(self) -> None:
-        if self._recovery is None or self._recovery.done():
-            self._recovery = asyncio.get_running_loop().create_task(
-                self._recover(), name=f"recover {self.user}@{self.vhost}"
-            )
-
-    async def _recover(self) -> None:
-        """Reconnect while messages or clients wait for the broker, pausing between attempts."""
-        delay = RETRY_FIRST
-        while (self.pending or self._waiters) and not self.registry.stopped:
-            if self._send_pending() and self.live_upstream() is not None:
-                return
-            try:
-                await self.connect()
-                delay = RETRY_FIRST
-            except UpstreamRefused as exc:
-                if exc.code != c.CONNECTION_FORCED:  # the credentials or vhost are refused:
-                    self._give_up(exc)  # these messages cannot be delivered any more
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, RETRY_MAX)
-
-    def _give_up(self, exc: UpstreamRefused) -> None:
-        totals = self.registry.outbox
-        while self.pending:
-            message = self.pending.popleft()
-            totals.remove(message.size, 1)
-            self._refused(message, exc.code, exc.text)
-
-    def upstream_lost(self, up: UpstreamChannel) -> None:
-        """``up`` died with its connection: publish its unconfirmed messages again."""
-        entries = up.outbox.take()
-        if entries:
-            self.enqueue(self._messages(unconfirmed(entries, up.confirmed, up.confirmed_ahead)))
-
-    def channel_closed_by_broker(
-        self,
-        up: UpstreamChannel,
-        reply_code: int,
-        reply_text: str,
-        failed_method: int,
-        *,
-        orphan: bool,
-    ) -> None:
-        """The broker closed ``up``: settle its outbox, and say so once in the log when the
-        client that caused it has left (``orphan``).
-
-        The broker handles a channel's frames in order and discards those after the failing
-        one, so: publishes before it were processed, the failing publish is refused (logged,
-        counted), those after it are published again. When the failing method cannot be
-        placed among the publishes, every unconfirmed one is published again.
-        """
-        if orphan:
-            self.stats.orphan_channel_errors += 1
-        entries = up.outbox.take()
-        messages = unconfirmed(entries, up.confirmed, up.confirmed_ahead) if entries else []
-        refused: Message | None = None
-        if not messages:
-            again = messages
-        elif failed_method == c.BASIC_PUBLISH:
-            index = refused_index(messages, reply_text)
-            refused = messages[index][1]
-            again = messages[index + 1 :]
-        elif up.requests:  # the oldest unanswered request failed: what came before it is done
-            boundary = up.requests[0]
-            again = [(tag, message) for tag, message in messages if tag > boundary]
-        else:
-            again = messages
-        if refused is not None:
-            self._refused(refused, reply_code, reply_text, after_left=orphan)
-        elif orphan:
-            log.warning(
-                "channel error after its client left (client %s, upstream %s channel %d): %d %s",
-                up.last_client or "?",
-                up.conn.name,
-                up.id,
-                reply_code,
-                reply_text,
-            )
-        if again:
-            self.enqueue(self._messages(again))
-
-    def nacked(self, up: UpstreamChannel, tag: int, multiple: bool) -> None:
-        """The broker nacked publishes of ``up``: those the proxy answered for are refused."""
-        low = up.confirmed if multiple else tag - 1
-        for entry in up.outbox.entries:
-            if entry.last_tag - entry.count >= tag:
-                break
-            for message_tag, message in entry.messages():
-                if low < message_tag <= tag and message_tag not in up.confirmed_ahead:
-                    self._refused(message, 0, "nacked by the broker")
-
-    @staticmethod
-    def _messages(tagged: list[tuple[int, Message]]) -> list[Message]:
-        return [message for _tag, message in tagged]
-
-    def _refused(self, message: Message, code: int, text: str, after_left: bool = True) -> None:
-        self.stats.refused += 1
-        log.warning(
-            "message of client %s to exchange %r refused by the broker%s: %s%s",
-            message.origin,
-            message.exchange,
-            " after the client left" if after_left else "",
-            f"{code} " if code else "",
-            text,
-        )
-
-    def outbox_counts(self) -> tuple[int, int, float | None]:
-        """(messages, bytes, oldest acceptance time) of this pool's outbox."""
-        messages = len(self.pending)
-        size = sum(message.size for message in self.pending)
-        size += sum(
-            lease.backlog_size for client in self.clients for lease in client.leases.values()
-        )
-        oldest = self.pending[0].since if self.pending else None
-        for conn in self.upstreams:
-            for up in conn.channels.values():
-                outbox = up.outbox
-                if outbox:
-                    messages += outbox.count
-                    size += outbox.size
-                    since = outbox.oldest()
-                    if since is not None and (oldest is None or since < oldest):
-                        oldest = since
-        return messages, size, oldest
-
     # ---- housekeeping -----------------------------------------------------------------------
 
-    def upstream_closed(self, conn: UpstreamConnection, lost: bool) -> None:
+    def upstream_closed(self, conn: Connection, lost: bool) -> None:
         """``conn`` is gone; ``lost``: it was open and we did not close it (an outage starts
         unless another connection of the pool is live)."""
         if conn in self.upstreams:
@@ -518,14 +299,14 @@ class Pool:
         self.settling = {up for up in self.settling if up.conn is not conn}
         if lost:
             self._enter_outage()
-        if self.pending:
-            self._ensure_recovery()
+        if self.delivery.pending:
+            self.delivery.ensure_recovery()
         self.registry.maybe_drop(self)
 
-    def client_added(self, client: ClientConnection) -> None:
+    def client_added(self, client: Client) -> None:
         self.clients.add(client)
 
-    def client_gone(self, client: ClientConnection) -> None:
+    def client_gone(self, client: Client) -> None:
         self.clients.discard(client)
         now = asyncio.get_running_loop().time()
         for conn in self.upstreams:
@@ -533,26 +314,11 @@ class Pool:
                 conn.last_used = max(conn.last_used, now)
         self.registry.maybe_drop(self)
 
-    def sweep(self, now: float) -> None:
-        """Close idle upstreams, channels that never settled and channels parked too long."""
-        for up in list(self.settling):
-            if now - up.settling_since > SETTLE_TIMEOUT and up.conn.blocked_reason is None:
-                up.mark_dirty("did not settle")
-                self.settling.discard(up)
-                up.conn.close_channel(up, "amqproxy: did not settle")
-        while self.parked and now - self.parked[0].settling_since > PARKED_IDLE:
-            up = self.parked.pop(0)
-            up.conn.close_channel(up, "amqproxy: parked unused")
-        timeout = self.settings.idle_connection_timeout
-        if timeout <= 0:
-            return
-        for conn in list(self.upstreams):
-            if not conn.open or conn.leased or now - conn.last_used < timeout:
-                continue
-            if self.clients and sum(1 for u in self.upstreams if u.open) == 1:
-                continue  # admitted clients keep one connection to open channels on
-            log.info("closing idle upstream %s (unused for %.1fs)", conn.name, now - conn.last_used)
-            conn.close("idle")
+    def close_channel(self, up: UpstreamChannel, why: str) -> None:
+        """Close a settling or parked channel the pool no longer wants."""
+        up.mark_dirty(why)
+        self.channel_gone(up)
+        up.conn.close_channel(up, f"amqproxy: {why}")
 
     @property
     def empty(self) -> bool:
@@ -561,8 +327,8 @@ class Pool:
             not self.clients
             and not self.upstreams
             and self._connecting is None
-            and not self.pending
-            and not self._waiters
+            and not self.delivery.pending
+            and not self.waiters
             and not self.holding()
         )
 
@@ -579,21 +345,15 @@ class Pool:
 class PoolRegistry:
     """All pools, the upstream address and what was learned from the broker."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, connect: Connect) -> None:
         self.settings = settings
+        self.connect = connect  # opens an upstream connection for a pool
         self.pools: dict[PoolKey, Pool] = {}
         self.stats: defaultdict[tuple[str, str], PoolStats] = defaultdict(PoolStats)
-        self.server_properties: dict[str, Any] | None = None
         self.upstream_reachable: bool | None = None
-        self.frame_max = DEFAULT_FRAME_MAX  # the broker's, once an upstream has tuned
-        self.ssl_context = settings.upstream_ssl_context()
+        self.frame_max = c.DEFAULT_FRAME_MAX  # the broker's, once an upstream has tuned
         self.outbox = Totals(settings.outbox_max_bytes)
         self.stopped = False  # shutting down: no more reconnection attempts
-        self._serial = 0
-
-    def next_serial(self) -> int:
-        self._serial += 1
-        return self._serial
 
     def pool(self, credentials: Credentials, vhost: bytes) -> Pool:
         key = (credentials.user, credentials.password, vhost)
@@ -607,14 +367,6 @@ class PoolRegistry:
         if pool.empty and self.pools.get(pool.key) is pool:
             del self.pools[pool.key]
 
-    def learn_server_properties(self, properties: dict[str, Any]) -> None:
-        self.server_properties = properties
-
-    def sweep(self, now: float) -> None:
-        for pool in list(self.pools.values()):
-            pool.sweep(now)
-            self.maybe_drop(pool)
-
     def holding(self) -> int:
         """How many pools hold an outage now."""
         return sum(1 for pool in self.pools.values() if pool.holding())
@@ -623,7 +375,7 @@ class PoolRegistry:
         """Messages still in the outbox, per ``user@vhost``."""
         counts: dict[str, int] = {}
         for pool in self.pools.values():
-            messages = pool.outbox_counts()[0]
+            messages = pool.delivery.counts()[0]
             if messages:
                 name = f"{pool.user}@{pool.vhost}"
                 counts[name] = counts.get(name, 0) + messages

@@ -453,6 +453,6 @@ def test_kombu_wrong_password_refused(proxy, tenant, login_method):
     with kombu.Connection(
         url.replace("amqp://", "pyamqp://", 1), login_method=login_method, connect_timeout=10
     ) as kconn:
-        with pytest.raises(Exception) as err:  # noqa: B017 - the code is asserted below
+        with pytest.raises(Exception) as err:
             kconn.connect()
     assert reply_code_of(err.value) == 403 or "ACCESS_REFUSED" in repr(err.value)

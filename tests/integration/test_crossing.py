@@ -23,7 +23,7 @@ def _close_outcome(conn: pika.BlockingConnection) -> str:
         return "closed"
     except pika.exceptions.ChannelClosedByBroker as exc:
         return f"channel closed {exc.reply_code}"
-    except Exception as exc:  # noqa: BLE001 - compared between direct and proxied
+    except Exception as exc:
         return type(exc).__name__
 
 

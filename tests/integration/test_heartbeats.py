@@ -183,7 +183,7 @@ def test_silent_upstream_is_declared_dead_and_its_clients_closed(
     while time.monotonic() - t0 < 8:
         try:
             c.process_data_events(time_limit=0.05)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             exc = e
             break
     elapsed = time.monotonic() - t0

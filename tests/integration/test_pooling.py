@@ -345,7 +345,7 @@ def test_concurrent_clients_do_not_mix_replies(proxy, tenant, queues):
                 method, _, body = ch.basic_get(qs[idx], auto_ack=True)
                 assert body == f"{idx}-{j}".encode(), (idx, j, body)
                 conn.close()
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]

@@ -35,7 +35,7 @@ def _wait_closed(conns, since: float, timeout: float = 3.0):
                 continue
             try:
                 c.process_data_events(time_limit=0.01)
-            except Exception as exc:  # noqa: BLE001 - inspected by the caller
+            except Exception as exc:
                 results[i] = (time.monotonic() - since, exc)
     return results
 

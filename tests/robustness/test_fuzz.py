@@ -278,7 +278,7 @@ def test_no_input_affects_another_client(proxy_factory, tenant, queues):
         seen[f"{stage} {name} -> {result.split()[0]}"] += 1
         try:
             channel.basic_publish("", q, b"witness %d" % i)
-        except Exception as exc:  # noqa: BLE001 - the failure under test
+        except Exception as exc:
             pytest.fail(
                 f"case {i} (seed {SEED}) broke the witness: {stage} {name} "
                 f"{data[:200].hex()} -> {result}: {exc!r}"

@@ -18,7 +18,7 @@ import pytest
 from support import ROOT, queue_counts, wait_for
 
 sys.path.insert(0, str(ROOT / "bench"))
-import fastamqp  # noqa: E402  (the bench's raw asyncio client: cheap enough for crowds)
+import fastamqp
 
 FULL = os.environ.get("AMQPROXY_STORM") == "full"
 CONCURRENT = 1000

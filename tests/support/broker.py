@@ -215,7 +215,7 @@ class QueueHelper:
                     for q in names:
                         try:
                             ch.queue_delete(q)
-                        except Exception:  # noqa: BLE001 - channel closed, reopen
+                        except Exception:
                             ch = ch.connection.channel()
-            except Exception:  # noqa: BLE001,S110 - vhost/user already deleted
+            except Exception:
                 pass

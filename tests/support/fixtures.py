@@ -40,7 +40,7 @@ def proxy(module_proxy_factory: _ProxyFactory) -> Proxy:
 
 # attach proxy logs to failing tests ----------------------------------------------------------
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  # noqa: ARG001
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     item._amqproxy_t0 = time.monotonic()  # type: ignore[attr-defined]
     yield
 
@@ -97,7 +97,7 @@ def tenant(tenant_factory: Callable[..., Tenant]) -> Tenant:
     return tenant_factory()
 
 
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:  # noqa: ARG001
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for p in _PROXIES:
         if p.alive:
             with contextlib.suppress(Exception):

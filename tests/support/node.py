@@ -251,7 +251,7 @@ class BrokerNode:
                     with socket.create_connection(("127.0.0.1", self.tls_port), timeout=2):
                         pass
                 return
-            except Exception as e:  # noqa: BLE001 - keep polling until the deadline
+            except Exception as e:
                 last = e
                 time.sleep(0.5)
         raise TimeoutError(f"node {self.nodename} not ready after {timeout}s: {last!r}")

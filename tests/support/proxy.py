@@ -69,7 +69,7 @@ class Proxy:
 
     def start(self, ready_timeout: float = 15.0, wait: bool = True, healthz: bool = True) -> Proxy:
         env = proxy_env(self.extra_env)
-        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log_file = open(self.log_path, "ab")
         self._log_file.write(f"$ {' '.join(self.command)}\n".encode())
         self._log_file.flush()
         self.proc = subprocess.Popen(
@@ -163,7 +163,7 @@ class Proxy:
     def http_get(self, path: str, timeout: float = 3.0) -> tuple[int, str]:
         url = f"http://{self.host}:{self.http_port}{path}"
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
                 return resp.status, resp.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode(errors="replace")
@@ -294,7 +294,7 @@ class _ProxyFactory:
         for p in self.started:
             try:
                 p.stop(timeout=10)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 errors.append(f"could not stop {p.log_path}: {exc!r}")
             log = p.log()
             if "Traceback (most recent call last)" in log:

@@ -60,7 +60,7 @@ def wait_for(
             value = predicate()
             if value:
                 return value
-        except Exception as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:
             last_exc = exc
         if time.monotonic() >= deadline:
             msg = message() if callable(message) else message

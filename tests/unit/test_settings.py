@@ -61,7 +61,32 @@ def test_bad_values_name_the_key(tmp_path: Path) -> None:
 def test_cli_reports_a_bad_setting_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--port", "99999", "amqp://h"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--listen-port" in err[0] and "99999" in err[0]
+    assert len(err) == 1 and "-p/--port" in err[0] and "99999" in err[0]
+
+
+def test_one_table_makes_the_flags_the_environment_and_the_file() -> None:
+    """Every setting of config.OPTIONS can be given each way it declares, and the three agree."""
+    from amqproxy.cli import build_parser, settings_from
+    from amqproxy.config import OPTIONS
+
+    parser = build_parser()
+    known = {flag for action in parser._actions for flag in action.option_strings}
+    for option in OPTIONS:
+        assert set(option.flags) <= known, option.key
+    samples = {"upstream": "amqp://h:1", "listen_address": "0.0.0.0", "log_level": "warning",
+               "upstream_heartbeat": "broker", "park_channels": "false",
+               "upstream_ca": "/etc/ca.pem"}  # fmt: skip
+    for option in OPTIONS:
+        text = samples.get(option.key, "7")
+        value = option.parse(text)
+        if option.env:
+            env = {"AMQP_URL": "amqp://h", option.env: text}  # the URL is needed; its own wins
+            assert getattr(load(None, env, {}), option.key) == value, option.key
+        if option.flags:
+            argv = [option.flags[-1]] if option.const else [option.flags[-1], text]
+            got, _ = settings_from([*argv, "amqp://h"] if option.key != "upstream" else argv)
+            if option.const is None or option.parse(option.const) == value:
+                assert getattr(got, option.key) == value, option.key
 
 
 def test_upstream_url() -> None:

@@ -12,6 +12,13 @@ FRAME_END: Final = 0xCE
 FRAME_HEADER_SIZE: Final = 7  # type (1) + channel (2) + payload size (4)
 FRAME_OVERHEAD: Final = 8  # header + frame-end octet
 FRAME_MIN_SIZE: Final = 4096  # the smallest frame_max a peer may negotiate
+DEFAULT_FRAME_MAX: Final = 131072  # RabbitMQ's
+FRAME_END_BYTE: Final = b"\xce"
+
+# Basic.Publish flag bits, and the one size of an ack's arguments the broker decodes.
+PUBLISH_MANDATORY: Final = 1
+PUBLISH_IMMEDIATE: Final = 2
+ACK_SIZE: Final = 13  # class, method, delivery tag (8), bits (1)
 
 # Reply codes (AMQP 0-9-1 section 1.9).
 REPLY_SUCCESS: Final = 200

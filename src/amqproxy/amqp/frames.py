@@ -7,8 +7,7 @@ channel id; only the methods the proxy must act on are decoded with pamqp.
 from __future__ import annotations
 
 import struct
-from collections.abc import Hashable, Iterable
-from typing import TypeVar
+from collections.abc import Iterable
 
 from pamqp import commands, frame
 from pamqp.base import Frame as Method
@@ -21,8 +20,6 @@ _HEADER = struct.Struct(">BHI")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _TAG_AND_BITS = struct.Struct(">QB")
-
-Destination = TypeVar("Destination", bound=Hashable)
 
 HEARTBEAT: bytes = b"\x08\x00\x00\x00\x00\x00\x00\xce"
 
@@ -51,7 +48,9 @@ def reply_text(text: str) -> str:
 
 def method_frame(channel: int, payload: bytes) -> bytes:
     """A method frame around an already encoded payload."""
-    return b"".join((_HEADER.pack(c.FRAME_METHOD, channel, len(payload)), payload, b"\xce"))
+    return b"".join(
+        (_HEADER.pack(c.FRAME_METHOD, channel, len(payload)), payload, c.FRAME_END_BYTE)
+    )
 
 
 class FrameError(Exception):
@@ -61,37 +60,6 @@ class FrameError(Exception):
         super().__init__(text)
         self.code = code
         self.text = text
-
-
-def content_expected() -> FrameError:
-    return FrameError(
-        c.UNEXPECTED_FRAME,
-        "UNEXPECTED_FRAME - expected content header for class 60, "
-        "got non content header frame instead",
-    )
-
-
-def header_without_publish(channel: int) -> FrameError:
-    return FrameError(
-        c.UNEXPECTED_FRAME,
-        f"UNEXPECTED_FRAME - content header on channel {channel} without a preceding basic.publish",
-    )
-
-
-def body_without_header(channel: int) -> FrameError:
-    return FrameError(
-        c.UNEXPECTED_FRAME,
-        f"UNEXPECTED_FRAME - content body on channel {channel} without a preceding content header",
-    )
-
-
-def body_too_long() -> FrameError:
-    return FrameError(c.FRAME_ERROR, "FRAME_ERROR - content body larger than its header announced")
-
-
-def bad_frame_type(ftype: int, channel: int) -> FrameError:
-    kind = "heartbeat" if ftype == c.FRAME_HEARTBEAT else f"type {ftype}"
-    return FrameError(c.FRAME_ERROR, f"FRAME_ERROR - {kind} frame on channel {channel}")
 
 
 # One scanned frame: (type, channel, payload start, payload end) as offsets into the buffer.
@@ -133,7 +101,7 @@ def header(ftype: int, channel: int, size: int) -> bytes:
 
 def encode(ftype: int, channel: int, payload: Buffer) -> bytes:
     """A whole frame around ``payload``."""
-    return b"".join((_HEADER.pack(ftype, channel, len(payload)), payload, b"\xce"))
+    return b"".join((_HEADER.pack(ftype, channel, len(payload)), payload, c.FRAME_END_BYTE))
 
 
 def encode_method(channel: int, method: Method) -> bytes:
@@ -161,6 +129,20 @@ def decode_method(payload: Buffer) -> Method:
     except Exception as exc:  # pamqp raises struct.error, ValueError, UnicodeDecodeError
         raise FrameError(c.SYNTAX_ERROR, f"SYNTAX_ERROR - malformed {method.name}: {exc}") from None
     return method
+
+
+def publish_flags_at(data: Buffer, start: int, end: int) -> int:
+    """Where the flags octet of the Basic.Publish payload ``data[start:end]`` lies, or -1
+    unless its arguments are exactly ticket, exchange, routing key and that octet (anything
+    else is for the full decoder)."""
+    at = start + 6  # class, method, reserved ticket
+    if at >= end:
+        return -1
+    at += 1 + data[at]  # exchange
+    if at >= end:
+        return -1
+    at += 1 + data[at]  # routing key
+    return at if at == end - 1 else -1
 
 
 def tag_position(mid: int, data: Buffer, start: int) -> int:
@@ -196,24 +178,4 @@ def split_body(channel: int, body: Buffer, max_payload: int) -> Iterable[bytes]:
         chunk = view[pos : pos + max_payload]
         yield _HEADER.pack(c.FRAME_BODY, channel, len(chunk))
         yield bytes(chunk)
-        yield b"\xce"
-
-
-def add_piece(outs: dict[Destination, list[Buffer]], dest: Destination, piece: Buffer) -> None:
-    """Queue ``piece`` for ``dest``; the caller writes each destination's pieces at once."""
-    out = outs.get(dest)
-    if out is None:
-        outs[dest] = [piece]
-    else:
-        out.append(piece)
-
-
-def add_pieces(
-    outs: dict[Destination, list[Buffer]], dest: Destination, pieces: list[Buffer]
-) -> None:
-    """Queue several pieces for ``dest`` (the list may be taken over)."""
-    out = outs.get(dest)
-    if out is None:
-        outs[dest] = pieces
-    else:
-        out.extend(pieces)
+        yield c.FRAME_END_BYTE

@@ -95,7 +95,7 @@ def open_vhost(payload: Buffer) -> bytes:
 
 def _method_frame(method_id: int, arguments: bytes) -> bytes:
     payload = _U32.pack(method_id) + arguments
-    return _FRAME_HEADER.pack(c.FRAME_METHOD, 0, len(payload)) + payload + b"\xce"
+    return _FRAME_HEADER.pack(c.FRAME_METHOD, 0, len(payload)) + payload + c.FRAME_END_BYTE
 
 
 def encode_start_ok(properties: dict[str, Any], mechanism: str, response: bytes) -> bytes:

@@ -18,13 +18,13 @@ import struct
 from collections.abc import Callable
 
 from amqproxy.amqp import constants as c
+from amqproxy.amqp.frames import publish_flags_at
 from amqproxy.amqp.methods import content_header_error
 
 _HEADER = struct.Struct(">BHI")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _ACKS = (c.BASIC_ACK, c.BASIC_NACK, c.BASIC_REJECT)
-_ACK_SIZE = 13  # class, method, delivery tag, bits
 
 ClientScanner = Callable[[bytes, int, int, int, bool, int], tuple[int, int, bytes | None]]
 BrokerScanner = Callable[
@@ -39,7 +39,7 @@ def _frame_at(data: bytes, pos: int, channel: int, max_size: int) -> tuple[int, 
     ftype, ch, size = _HEADER.unpack_from(data, pos)
     if size > max_size or ch != channel:
         return 0, -1
-    if size >= len(data) - pos - 7 or data[pos + 7 + size] != 0xCE:
+    if size >= len(data) - pos - 7 or data[pos + 7 + size] != c.FRAME_END:
         return 0, -1
     return ftype, size
 
@@ -113,19 +113,6 @@ def _moved_copy(
     return bytes(out)
 
 
-def _publish_flags_at(data: bytes, start: int, end: int) -> int:
-    """Where the flags octet lies, or -1 unless the arguments are exactly ticket, exchange,
-    routing key and that octet."""
-    at = start + 6  # class, method, reserved ticket
-    if at >= end:
-        return -1
-    at += 1 + data[at]  # exchange
-    if at >= end:
-        return -1
-    at += 1 + data[at]  # routing key
-    return at if at == end - 1 else -1
-
-
 def client_run_py(
     data: bytes, pos: int, channel: int, max_size: int, acks_ok: bool, to_channel: int
 ) -> tuple[int, int, bytes | None]:
@@ -144,13 +131,13 @@ def client_run_py(
         mid = _U32.unpack_from(data, pos + 7)[0]
         nxt = pos + size + 8
         if mid in _ACKS:
-            if not acks_ok or size != _ACK_SIZE:
+            if not acks_ok or size != c.ACK_SIZE:
                 break
             pos = nxt
             continue
         if mid != c.BASIC_PUBLISH:
             break
-        flags = _publish_flags_at(data, pos + 7, pos + 7 + size)
+        flags = publish_flags_at(data, pos + 7, pos + 7 + size)
         if flags < 0 or data[flags]:
             break
         ftype, hsize = _frame_at(data, nxt, channel, max_size)

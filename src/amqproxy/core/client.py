@@ -1,0 +1,326 @@
+"""One client connection, I/O-free: the proxy plays the broker here.
+
+``ClientSession`` owns the connection's state (docs/ARCHITECTURE.md, "The client session"):
+bytes come in through ``receive``, what to do goes out through its ``ClientHost`` (write,
+close, hold reading, start a round trip upstream), and the round trips report back through
+the methods under "Outcomes". Its parts, each in its own module: the handshake
+(``core.client_handshake``), the channel table and the methods the proxy acts on
+(``core.client_channels``), and the hot path (``core.client_stream``).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from typing import TYPE_CHECKING
+
+from pamqp import commands
+
+from amqproxy.amqp import auth, frames, methods
+from amqproxy.amqp import constants as c
+from amqproxy.amqp.frames import Buffer, FrameError
+from amqproxy.config import Settings
+from amqproxy.core.client_channels import ChannelTable
+from amqproxy.core.client_handshake import Handshake, Step
+from amqproxy.core.client_stream import ClientStream
+from amqproxy.core.host import BrokerFacts, ClientHost
+from amqproxy.logsetup import hot_info
+
+if TYPE_CHECKING:
+    from amqproxy.channel import Connection, Lease, UpstreamChannel
+    from amqproxy.pool import Pool, PoolRegistry
+
+log = logging.getLogger("amqproxy.client")
+
+CLOSE_OK_TIMEOUT = 5.0  # how long a client may take to answer our Connection.Close
+
+
+class State(enum.Enum):
+    HANDSHAKE = "handshake"  # protocol header to Connection.Open (``Handshake`` knows where)
+    AUTHENTICATING = "authenticating"  # proving the credentials upstream
+    OPEN = "open"
+    CLOSING = "closing"  # our Connection.Close sent, waiting for CloseOk
+    CLOSED = "closed"
+
+
+class ClientSession:
+    """One client of the proxy."""
+
+    def __init__(
+        self, host: ClientHost, settings: Settings, registry: PoolRegistry, broker: BrokerFacts
+    ) -> None:
+        self.host = host
+        self.settings = settings
+        self.registry = registry
+        self.broker = broker
+        self.state = State.HANDSHAKE
+        self.handshake = Handshake(self)
+        self.channels = ChannelTable(self)
+        self.stream = ClientStream(self, self.channels)
+        self.pool: Pool | None = None
+        self.user = ""  # for logs: the credentials stay bytes
+        self.vhost = ""
+        self.credentials = auth.Credentials(b"", b"")
+        self.vhost_bytes = b""
+        self.connection_name = ""
+        self.wants_blocked = False
+        self.frame_max = c.FRAME_MIN_SIZE  # until Tune: what RabbitMQ accepts before it
+        self.max_body = c.FRAME_MIN_SIZE - c.FRAME_OVERHEAD
+        self.channel_max = settings.channel_max
+        self.heartbeat = 0
+        self.identity = "?"  # describe() once admitted: outbox messages carry it for logs
+        self.close_reason = ""
+        self._rest = b""
+        self._sent_blocked = False  # we told the client Connection.Blocked (outbox full)
+
+    @property
+    def leases(self) -> dict[int, Lease]:
+        return self.channels.leases
+
+    @property
+    def is_open(self) -> bool:
+        return self.state is State.OPEN
+
+    @property
+    def _reads_later(self) -> bool:
+        return self.state is State.HANDSHAKE or self.state is State.AUTHENTICATING
+
+    def describe(self) -> str:
+        name = f" ({self.connection_name})" if self.connection_name else ""
+        return f"{self.user or '?'}@{self.vhost or '?'} from {self.host.peer}{name}"
+
+    # ---- bytes in ---------------------------------------------------------------------------
+
+    def receive(self, data: bytes) -> None:
+        """Bytes from the client."""
+        if self._rest:
+            data = self._rest + data
+            self._rest = b""
+        try:
+            if self.state is State.HANDSHAKE:
+                data = self.handshake.receive(data)
+                if not self.is_open:
+                    if self._reads_later:
+                        self._rest = data  # a partial frame, or what follows Open
+                    return
+                if not data:
+                    return
+            if self.state is State.OPEN:
+                self._rest = self.stream.process(data)
+            elif self.state is State.CLOSING:
+                self._rest = self._while_closing(data)
+            elif self.state is State.AUTHENTICATING:
+                self._rest = data  # read after OpenOk
+        except Exception as exc:  # a bug of ours: this client goes, the others stay
+            self.internal_error("handling data", exc)
+
+    def internal_error(self, doing: str, exc: BaseException) -> None:
+        log.error(
+            "internal error %s for client %s; closing it", doing, self.describe(), exc_info=exc
+        )
+        self.close_with(c.INTERNAL_ERROR, "INTERNAL_ERROR - amqproxy internal error")
+        self.host.abort()
+
+    def on_connection_frame(self, ftype: int, data: bytes, start: int, end: int) -> None:
+        """A frame on channel 0 of an open connection."""
+        if ftype == c.FRAME_HEARTBEAT:
+            return
+        if ftype != c.FRAME_METHOD:
+            raise FrameError(c.UNEXPECTED_FRAME, "UNEXPECTED_FRAME - content frame on channel 0")
+        mid = frames.method_id_at(data, start)
+        if mid == c.CONNECTION_CLOSE:
+            self.host.write(frames.method_frame(0, frames.CONNECTION_CLOSE_OK))
+            self.close_reason = "closed by client"
+            self.state = State.CLOSED
+            self.channels.release_all("client closed the connection")
+            self.host.close()
+        elif mid == c.CONNECTION_CLOSE_OK:
+            raise FrameError(c.COMMAND_INVALID, "COMMAND_INVALID - unexpected connection.close-ok")
+        elif mid == c.CONNECTION_UPDATE_SECRET:
+            args = methods.decode(mid, data, start, end)
+            credentials = self.credentials._replace(password=args["new_secret"])
+            pool = self.registry.pool(credentials, self.vhost_bytes)
+            self.host.update_secret(pool, credentials, auth.display(args["reason"]))
+        else:
+            raise FrameError(
+                c.COMMAND_INVALID,
+                f"COMMAND_INVALID - unexpected method {mid >> 16}.{mid & 0xFFFF} on channel 0",
+            )
+
+    def _while_closing(self, data: bytes) -> bytes:
+        """After our Connection.Close only CloseOk (or the client's own Close) matters."""
+        try:
+            found, pos = frames.scan(data, max(self.frame_max, c.FRAME_MIN_SIZE))
+        except FrameError:
+            self.host.abort()
+            return b""
+        for ftype, channel_id, start, _end in found:
+            if ftype != c.FRAME_METHOD or channel_id != 0:
+                continue
+            mid = frames.method_id_at(data, start)
+            if mid == c.CONNECTION_CLOSE:
+                self.host.write(frames.method_frame(0, frames.CONNECTION_CLOSE_OK))
+            if mid in (c.CONNECTION_CLOSE_OK, c.CONNECTION_CLOSE):
+                self.host.close()
+                return b""
+        return data[pos:]
+
+    # ---- bytes out --------------------------------------------------------------------------
+
+    def send(self, pieces: list[Buffer]) -> None:
+        """Frames from the broker for this client, in one write."""
+        if self.state is State.OPEN:
+            self.host.deliver(pieces)
+
+    def resume_reading(self) -> None:
+        """The upstream this client writes to has room again."""
+        self.host.release("upstream")
+
+    def hold_for_outbox(self) -> None:
+        """The outbox is full and this client adds to it: stop reading it (and tell it, if it
+        understands Connection.Blocked) until the broker has taken enough."""
+        self.host.hold("outbox")
+        self.registry.outbox.waiters.add(self)
+        if self.wants_blocked and not self._sent_blocked:
+            self._sent_blocked = True
+            blocked = commands.Connection.Blocked("amqproxy outbox full")
+            self.host.write(frames.encode_method(0, blocked))
+
+    def outbox_ready(self) -> None:
+        if self._sent_blocked:
+            self._sent_blocked = False
+            self.host.write(frames.method_frame(0, frames.CONNECTION_UNBLOCKED))
+        self.host.release("outbox")
+
+    # ---- the end ------------------------------------------------------------------------------
+
+    def close_with(self, code: int, text: str, class_id: int = 0, method_id: int = 0) -> None:
+        """Send Connection.Close and give up every lease; the client answers with CloseOk."""
+        if self.state in (State.CLOSING, State.CLOSED):
+            return
+        before_open = self.state is not State.OPEN
+        self.state = State.CLOSING
+        self.close_reason = f"closed by amqproxy: {code} {text}"
+        self.channels.release_all("connection closed")
+        level = logging.INFO if code in (c.REPLY_SUCCESS, c.CONNECTION_FORCED) else logging.WARNING
+        if before_open and code in (c.ACCESS_REFUSED, c.NOT_ALLOWED):
+            level = logging.WARNING
+        log.log(level, "closing client %s: %d %s", self.describe(), code, text)
+        close = commands.Connection.Close(code, frames.reply_text(text), class_id, method_id)
+        self.host.write(frames.encode_method(0, close))
+        self.host.close_after(CLOSE_OK_TIMEOUT)
+
+    def hang_up(self) -> None:
+        """Close the socket without a Connection.Close (before Tune, or a bad header)."""
+        self.state = State.CLOSED
+        self.host.close()
+
+    def heartbeat_missed(self) -> None:
+        self.close_reason = f"missed heartbeats ({self.heartbeat}s)"
+        log.warning("client %s missed heartbeats; closing", self.describe())
+        self.host.abort()
+
+    def handshake_expired(self) -> None:
+        if self.state is State.HANDSHAKE:
+            where = self.handshake.state.value
+            log.warning("client %s: handshake timed out in state %s", self.host.peer, where)
+            self.host.abort()
+
+    def lost(self, exc: Exception | None) -> None:
+        """The socket is gone."""
+        was_open = self.pool is not None
+        self.state = State.CLOSED
+        self.channels.release_all("client left")
+        self.registry.outbox.waiters.discard(self)
+        if self.pool is not None:
+            self.pool.client_gone(self)
+        if was_open:
+            reason = self.close_reason or (f"connection lost: {exc}" if exc else "connection lost")
+            hot_info(log, f"client {self.identity} disconnected: {reason}")
+
+    # ---- outcomes of the host's round trips ------------------------------------------------
+
+    def send_start(self, start: bytes) -> None:
+        """The broker's properties are known (or cannot be): Connection.Start goes out, and
+        what the client sent meanwhile is read."""
+        if self.state is not State.HANDSHAKE or self.handshake.state is not Step.LEARNING:
+            return
+        self.handshake.start(start)
+        rest, self._rest = self._rest, b""
+        if rest:
+            self.receive(rest)
+
+    def opened(self, vhost: bytes) -> None:
+        """Connection.Open: the credentials are proven upstream before OpenOk."""
+        self.vhost_bytes = vhost
+        self.vhost = auth.display(vhost)
+        self.state = State.AUTHENTICATING
+        pool = self.registry.pool(self.credentials, vhost)
+        if pool.trusted():
+            self.admitted(pool)  # proven recently: no round trip, no wait
+        else:
+            self.host.authenticate(pool)
+
+    def admitted(self, pool: Pool) -> None:
+        if self.state is not State.AUTHENTICATING:
+            self.registry.maybe_drop(pool)
+            return
+        self.identity = self.describe()
+        self.pool = pool
+        pool.client_added(self)
+        self.state = State.OPEN
+        self.host.write(frames.method_frame(0, frames.CONNECTION_OPEN_OK))
+        hot_info(log, f"client {self.identity} connected")
+        if self._rest:
+            data, self._rest = self._rest, b""
+            self.receive(data)
+
+    def refused(self, pool: Pool, code: int, text: str) -> None:
+        """The broker refused the credentials or vhost (or could not be reached)."""
+        self.registry.maybe_drop(pool)
+        if self.state is State.AUTHENTICATING:
+            self.close_with(code, text, 10, 40)
+
+    def secret_updated(self, pool: Pool, credentials: auth.Credentials, reason: str) -> None:
+        """Connection.UpdateSecret proven: later channels use a pool with the new secret;
+        channels already open stay where they are."""
+        old = self.pool
+        if self.state is not State.OPEN or old is None:
+            self.registry.maybe_drop(pool)
+            return
+        self.credentials = credentials
+        self.pool = pool
+        pool.client_added(self)
+        if old is not pool:
+            old.client_gone(self)
+        self.host.write(frames.method_frame(0, frames.CONNECTION_UPDATE_SECRET_OK))
+        log.info("client %s updated its secret (%s)", self.describe(), reason or "no reason given")
+
+    def secret_refused(self, pool: Pool, code: int, text: str) -> None:
+        self.registry.maybe_drop(pool)
+        self.close_with(code, text, 10, 70)
+
+    def channel_ready(self, lease: Lease, up: UpstreamChannel) -> None:
+        backlog, counted = self.channels.ready(lease, up)
+        if backlog:  # whole frames, read before what the session may keep of a partial one
+            self.stream.process(backlog)
+        self.registry.outbox.remove(counted, 0)
+        self.host.release("backlog")
+
+    def channel_failed(self, lease: Lease, code: int, text: str) -> None:
+        if self.leases.get(lease.channel_id) is lease:
+            self.close_with(code, text)
+
+    # ---- what upstream connections report (``channel.Client``) ------------------------------
+
+    def upstream_lost(self, leases: list[Lease], code: int, text: str, hold: bool) -> None:
+        self.channels.upstream_lost(leases, code, text, hold)
+
+    def channel_closed_by_broker(self, lease: Lease, close_payload: bytes) -> None:
+        self.channels.closed_by_broker(lease, close_payload)
+
+    def channel_closed_upstream(self, lease: Lease) -> None:
+        self.channels.closed_upstream(lease)
+
+    def own_exclusive_queue(self, name: bytes, conn: Connection) -> None:
+        self.channels.own_exclusive_queue(name, conn)

@@ -1,0 +1,93 @@
+"""What the I/O-free sessions ask of the side that owns sockets, loops and tasks.
+
+``amqproxy.io`` implements these with asyncio; the core tests implement them with lists. A
+session never blocks and never awaits: a round trip it needs (authenticate, open an upstream
+channel) is started by its host, which reports the outcome back through the session's
+methods named in each docstring.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from amqproxy.amqp.auth import Credentials
+from amqproxy.amqp.frames import Buffer
+
+if TYPE_CHECKING:
+    from amqproxy.channel import Lease
+    from amqproxy.pool import Pool
+
+
+class BrokerFacts(Protocol):
+    """What the client handshake mirrors of the broker (``broker.Broker``)."""
+
+    def start_frame(self) -> bytes | None:
+        """Connection.Start with the broker's properties; None until they are known."""
+
+    def tune_frame(self, frame_max: int) -> bytes:
+        """Connection.Tune offering ``frame_max`` (the broker's)."""
+
+
+class ClientHost(Protocol):
+    """The socket of one client, and the round trips its session cannot make itself."""
+
+    peer: str  # "address:port", for logs
+
+    def now(self) -> float:
+        """The event loop's time."""
+
+    def write(self, data: bytes) -> None:
+        """Bytes to the client, now (its replies are answers it waits for)."""
+
+    def deliver(self, pieces: list[Buffer]) -> None:
+        """Frames from the broker, in one write; a client that does not read is dropped."""
+
+    def close(self) -> None:
+        """Close the socket once what was written is sent."""
+
+    def abort(self) -> None:
+        """Drop the socket now."""
+
+    def close_after(self, seconds: float) -> None:
+        """Drop the socket if it is still open after ``seconds`` (our Close went unanswered)."""
+
+    def hold(self, reason: str) -> None:
+        """Stop reading until every reason given is released."""
+
+    def release(self, reason: str) -> None: ...
+
+    def start_heartbeat(self, seconds: int) -> None:
+        """Heartbeats on this leg: calls ``heartbeat_missed()`` when the client falls silent."""
+
+    def learn_broker(self) -> None:
+        """The broker's properties are not known yet: find them, then ``send_start()``."""
+
+    def authenticate(self, pool: Pool) -> None:
+        """Prove the pool's credentials: then ``admitted(pool)`` or ``refused(pool, error)``."""
+
+    def open_channel(self, pool: Pool, lease: Lease, confirm: bool) -> None:
+        """A new upstream channel of ``pool`` for ``lease`` (waiting for the broker while an
+        outage is held): ``channel_ready(lease, up)`` or ``channel_failed(lease, code, text)``."""
+
+    def update_secret(self, pool: Pool, credentials: Credentials, reason: str) -> None:
+        """Prove a new secret: ``secret_updated(...)`` or ``secret_refused(...)``."""
+
+
+class UpstreamHost(Protocol):
+    """The socket of one upstream connection."""
+
+    def flush_soon(self) -> None:
+        """Write the session's queued frames at the end of this turn of the event loop."""
+
+    def flush(self) -> None:
+        """Write the session's queued frames now."""
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def start_heartbeat(self, seconds: int) -> None:
+        """Heartbeats on this leg: calls ``heartbeat_missed()`` when the broker falls silent."""
+
+    def abort_after(self, seconds: float) -> None:
+        """Drop the socket if it is still open after ``seconds`` (our Close went unanswered)."""

@@ -1,0 +1,1 @@
+"""The asyncio side: sockets, timers and tasks, around the I/O-free sessions of ``core``."""

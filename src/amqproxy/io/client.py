@@ -1,0 +1,212 @@
+"""The asyncio side of a client connection: its socket, timers, flow control and round trips.
+
+Everything the connection decides is ``core.client.ClientSession``'s; this adapter feeds it
+bytes and socket events, and carries out what it asks (``core.host.ClientHost``): writes,
+closes, pausing reads, and the upstream round trips, run as tasks that report back to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any, cast
+
+from amqproxy.amqp import constants as c
+from amqproxy.amqp.auth import Credentials
+from amqproxy.amqp.frames import Buffer
+from amqproxy.broker import Broker
+from amqproxy.channel import Lease
+from amqproxy.config import Settings
+from amqproxy.core.client import ClientSession
+from amqproxy.errors import UpstreamRefused
+from amqproxy.io.heartbeat import Heartbeat
+from amqproxy.pool import Pool, PoolRegistry
+
+log = logging.getLogger("amqproxy.client")
+
+
+class FlowControl:
+    """Reading from one socket, paused while any reason to hold it stands (the upstream is
+    full, the outbox is full, a channel's backlog is too long)."""
+
+    __slots__ = ("held", "transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.held: set[str] = set()
+
+    def hold(self, reason: str) -> None:
+        if not self.held:
+            self.transport.pause_reading()
+        self.held.add(reason)
+
+    def release(self, reason: str) -> None:
+        if reason not in self.held:
+            return
+        self.held.discard(reason)
+        if not self.held and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+
+class ClientProtocol(asyncio.Protocol):
+    """One client socket, driving one ClientSession."""
+
+    def __init__(
+        self, settings: Settings, registry: PoolRegistry, broker: Broker, clients: set[Any]
+    ) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.clients = clients  # the server's: every open client socket
+        self.loop = asyncio.get_running_loop()
+        self.peer = "?"
+        self.transport: asyncio.Transport | None = None
+        self.flow: FlowControl | None = None
+        self.session = ClientSession(self, settings, registry, broker)
+        self.heartbeat = Heartbeat(self.loop, self._send_heartbeat, self.session.heartbeat_missed)
+        self._write_paused = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    # ---- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # TCP_NODELAY is already on: uvloop and asyncio set it on every TCP transport.
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.flow = FlowControl(self.transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = f"{peer[0]}:{peer[1]}"
+        self.clients.add(self)
+        timeout = self.settings.handshake_timeout
+        self._timer = self.loop.call_later(timeout, self.session.handshake_expired)
+
+    def data_received(self, data: bytes) -> None:
+        self.heartbeat.read_seen = True
+        self.session.receive(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.heartbeat.stop()
+        if self._timer is not None:
+            self._timer.cancel()
+        self.clients.discard(self)
+        self.session.lost(exc)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+
+    # ---- core.host.ClientHost: the socket -----------------------------------------------------
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            self.heartbeat.wrote = True
+            transport.write(data)
+
+    def deliver(self, pieces: list[Buffer]) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        self.heartbeat.wrote = True
+        transport.write(b"".join(pieces))
+        if (
+            self._write_paused
+            and transport.get_write_buffer_size() > self.settings.max_client_buffer
+        ):
+            self.session.close_reason = "client too slow: outbound buffer limit reached"
+            log.warning(
+                "client %s reads too slowly (%d bytes buffered); disconnecting",
+                self.session.describe(),
+                transport.get_write_buffer_size(),
+            )
+            transport.abort()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close_after(self, seconds: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(seconds, self.abort)
+
+    def hold(self, reason: str) -> None:
+        if self.flow is not None:
+            self.flow.hold(reason)
+
+    def release(self, reason: str) -> None:
+        if self.flow is not None:
+            self.flow.release(reason)
+
+    def start_heartbeat(self, seconds: int) -> None:
+        self.heartbeat.start(seconds)
+
+    def _send_heartbeat(self, frame: bytes) -> None:
+        self.write(frame)
+
+    # ---- core.host.ClientHost: round trips ----------------------------------------------------
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run control-path work (an upstream round trip) beside the hot path."""
+        task = self.loop.create_task(work, name=getattr(work, "__qualname__", "task"))
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            self.session.internal_error(f"in {task.get_name()}", exc)
+
+    def learn_broker(self) -> None:
+        self._spawn(self._learn_broker())
+
+    async def _learn_broker(self) -> None:
+        """First contact: the broker's properties are not known yet (bounded by timeouts)."""
+        await self.broker.properties()
+        self.session.send_start(self.broker.start_frame() or self.broker.fallback_start_frame())
+
+    def authenticate(self, pool: Pool) -> None:
+        self._spawn(self._authenticate(pool))
+
+    async def _authenticate(self, pool: Pool) -> None:
+        try:
+            await pool.authenticate()
+        except UpstreamRefused as exc:
+            self.session.refused(pool, exc.code, exc.text)
+            return
+        self.session.admitted(pool)
+
+    def open_channel(self, pool: Pool, lease: Lease, confirm: bool) -> None:
+        self._spawn(self._open_channel(pool, lease, confirm))
+
+    async def _open_channel(self, pool: Pool, lease: Lease, confirm: bool) -> None:
+        try:
+            up = await pool.new_channel(lease.channel_id, confirm)
+        except UpstreamRefused as exc:
+            self.session.channel_failed(lease, exc.code, exc.text)
+            return
+        except TimeoutError:
+            text = "CONNECTION_FORCED - upstream channel open timed out"
+            self.session.channel_failed(lease, c.CONNECTION_FORCED, text)
+            return
+        self.session.channel_ready(lease, up)
+
+    def update_secret(self, pool: Pool, credentials: Credentials, reason: str) -> None:
+        self._spawn(self._update_secret(pool, credentials, reason))
+
+    async def _update_secret(self, pool: Pool, credentials: Credentials, reason: str) -> None:
+        """Connection.UpdateSecret (OAuth 2 refresh): prove the new secret upstream."""
+        try:
+            await pool.authenticate()
+        except UpstreamRefused as exc:
+            self.session.secret_refused(pool, exc.code, exc.text)
+            return
+        self.session.secret_updated(pool, credentials, reason)

@@ -1,0 +1,102 @@
+"""The asyncio side of an upstream connection: its socket, timers and write batching.
+
+Everything the connection decides is ``core.upstream.UpstreamSession``'s; this adapter feeds it
+the bytes, the time and the socket's events, and carries out what it asks (``core.host``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+
+from amqproxy.core.upstream import UpstreamSession
+from amqproxy.errors import UpstreamRefused, retrieve
+from amqproxy.io.heartbeat import Heartbeat
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    """One TCP (or TLS) connection to the broker, driving one UpstreamSession."""
+
+    def __init__(self, session: UpstreamSession) -> None:
+        self.session = session
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.ready: asyncio.Future[UpstreamSession] = self.loop.create_future()
+        self.ready.add_done_callback(retrieve)  # a failed handshake nobody waits for any more
+        self.heartbeat = Heartbeat(self.loop, self._send_heartbeat, session.heartbeat_missed)
+        self._flush_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        session.on_ready = self._on_ready
+
+    # ---- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # TCP_NODELAY is already on: uvloop and asyncio set it on every TCP transport.
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        name = transport.get_extra_info("sockname")
+        peer = f"{name[0]}:{name[1]}" if isinstance(name, tuple) else ""
+        self.session.tick(self.loop.time())
+        self.session.connected(self, peer)
+
+    def data_received(self, data: bytes) -> None:
+        self.heartbeat.read_seen = True
+        self.session.tick(self.loop.time())
+        self.session.receive(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.heartbeat.stop()
+        if self._timer is not None:
+            self._timer.cancel()
+        self.session.tick(self.loop.time())
+        self.session.lost(exc)
+        self._on_ready()
+
+    def pause_writing(self) -> None:
+        self.session.set_paused(True)
+
+    def resume_writing(self) -> None:
+        self.session.set_paused(False)
+
+    # ---- core.host.UpstreamHost -------------------------------------------------------------
+
+    def flush_soon(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        pieces = self.session.take_output()
+        transport = self.transport
+        if pieces and transport is not None and not transport.is_closing():
+            self.heartbeat.wrote = True
+            transport.write(b"".join(pieces))
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def start_heartbeat(self, seconds: int) -> None:
+        self.heartbeat.start(seconds)
+
+    def abort_after(self, seconds: float) -> None:
+        self._timer = self.loop.call_later(seconds, self.abort)
+
+    # ---- the handshake ------------------------------------------------------------------------
+
+    def _on_ready(self) -> None:
+        if self.ready.done():
+            return
+        error = self.session.ready_error
+        if self.session.open:
+            self.ready.set_result(self.session)
+        else:
+            self.ready.set_exception(error or UpstreamRefused(320, "CONNECTION_FORCED - lost"))
+
+    def _send_heartbeat(self, frame: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame)

@@ -1,0 +1,81 @@
+"""Housekeeping, once a second: what nobody uses any more is closed, and memory goes back.
+
+Channels released while replies or confirms were still due get ``SETTLE_TIMEOUT`` to settle;
+parked channels nobody took for ``PARKED_IDLE`` close (a burst leaves many behind); upstream
+connections unused for ``--idle-connection-timeout`` close, except the last one of a pool with
+admitted clients; empty pools are forgotten; after a crowd of clients has left, freed heap
+pages go back to the operating system.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import gc
+import logging
+from collections.abc import Sized
+
+from amqproxy.pool import Pool, PoolRegistry
+
+log = logging.getLogger("amqproxy.pool")
+
+SWEEP_INTERVAL = 1.0
+SETTLE_TIMEOUT = 30.0  # a released channel whose replies never come is closed after this
+PARKED_IDLE = 60.0  # a parked channel nobody took for this long is closed
+TRIM_AFTER_CLIENTS_LEFT = 200  # hand memory back once this many clients have gone
+
+
+def sweep_pool(pool: Pool, now: float, idle_timeout: float) -> None:
+    """Close the channels that never settled, those parked too long, and idle upstreams."""
+    for up in list(pool.settling):
+        if now - up.settling_since > SETTLE_TIMEOUT and up.conn.blocked_reason is None:
+            pool.close_channel(up, "did not settle")
+    while pool.parked and now - pool.parked[0].settling_since > PARKED_IDLE:
+        pool.close_channel(pool.parked[0], "parked unused")
+    if idle_timeout <= 0:
+        return
+    for conn in list(pool.upstreams):
+        if not conn.open or conn.leased or now - conn.last_used < idle_timeout:
+            continue
+        if pool.clients and sum(1 for u in pool.upstreams if u.open) == 1:
+            continue  # admitted clients keep one connection to open channels on
+        log.info("closing idle upstream %s (unused for %.1fs)", conn.name, now - conn.last_used)
+        conn.close("idle")
+
+
+def return_memory() -> None:
+    """Give freed heap pages back to the OS (glibc); elsewhere the memory is only reused."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class Janitor:
+    """Sweeps the pools of ``registry``; watches ``clients`` (the open client sockets)."""
+
+    def __init__(self, registry: PoolRegistry, clients: Sized) -> None:
+        self.registry = registry
+        self.clients = clients
+        self._peak = 0
+
+    def sweep(self, now: float) -> None:
+        registry = self.registry
+        idle_timeout = registry.settings.idle_connection_timeout
+        for pool in list(registry.pools.values()):
+            sweep_pool(pool, now, idle_timeout)
+            registry.maybe_drop(pool)
+        count = len(self.clients)
+        self._peak = max(self._peak, count)
+        if self._peak - count >= TRIM_AFTER_CLIENTS_LEFT and count <= self._peak // 2:
+            return_memory()
+            self._peak = count
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            self.sweep(loop.time())
