@@ -13,6 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from support.fixtures import (
     fault_relay,
     module_proxy_factory,
+    node_user,
+    private_node,
     proxy,
     proxy_factory,
     pytest_runtest_makereport,
@@ -35,6 +37,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 __all__ = [
     "fault_relay",
     "module_proxy_factory",
+    "node_user",
+    "private_node",
     "proxy",
     "proxy_factory",
     "pytest_runtest_makereport",

@@ -3,10 +3,10 @@ transitions between them (docs/ARCHITECTURE.md, "The lease lifecycle").
 
 An UpstreamChannel outlives its leases: it remembers what the broker counts per channel
 (confirm sequence numbers, delivery tags) so that the next lease can translate tags, what makes
-it unfit for reuse (DESIGN.md section 4), and the publishes it carried that the broker has not
-confirmed yet (its outbox). A Lease is one client channel. Binding and unbinding happen here and
-nowhere else; parking, settling and closing are the pool's (``Pool.release`` and friends). No
-I/O here: the connection and the client are named by what this module needs of them.
+it unfit for reuse, and the publishes it carried that the broker has not confirmed yet (its
+outbox). A Lease is one client channel. Their states change only through their own methods
+here; parking, settling and closing are the pool's (``Pool.release`` and friends). No I/O
+here: the connection and the client are named by what this module needs of them.
 """
 
 from __future__ import annotations

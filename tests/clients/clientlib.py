@@ -67,39 +67,24 @@ def _sstr(s: str) -> bytes:
     return struct.pack(">B", len(b)) + b
 
 
+# Field types of a fixed size: tag -> struct format.
+_FIXED = {"b": ">b", "B": ">B", "s": ">h", "u": ">H", "I": ">i", "i": ">I", "l": ">q",
+          "f": ">f", "d": ">d", "T": ">Q"}  # fmt: skip
+
+
 def encode_value(tv: tuple[str, Any]) -> bytes:
     tag, v = tv
     t = tag.encode()
+    if tag in _FIXED:
+        return t + struct.pack(_FIXED[tag], v)
     if tag == "t":
         return t + struct.pack(">B", 1 if v else 0)
-    if tag == "b":
-        return t + struct.pack(">b", v)
-    if tag == "B":
-        return t + struct.pack(">B", v)
-    if tag == "s":
-        return t + struct.pack(">h", v)
-    if tag == "u":
-        return t + struct.pack(">H", v)
-    if tag == "I":
-        return t + struct.pack(">i", v)
-    if tag == "i":
-        return t + struct.pack(">I", v)
-    if tag == "l":
-        return t + struct.pack(">q", v)
-    if tag == "f":
-        return t + struct.pack(">f", v)
-    if tag == "d":
-        return t + struct.pack(">d", v)
     if tag == "D":
         places, digits = v
         return t + struct.pack(">Bi", places, digits)
-    if tag == "S":
+    if tag in ("S", "x"):
         b = v.encode() if isinstance(v, str) else v
         return t + struct.pack(">I", len(b)) + b
-    if tag == "x":
-        return t + struct.pack(">I", len(v)) + v
-    if tag == "T":
-        return t + struct.pack(">Q", v)
     if tag == "F":
         return t + encode_table(v)
     if tag == "A":
@@ -383,21 +368,21 @@ def raw_get(
     try:
         raw.send(1, commands.Basic.Get(queue=queue, no_ack=True))
         while True:
-            ftype, ch, payload = _read_raw_frame(raw, timeout)
+            ftype, _ch, payload = _read_raw_frame(raw, timeout)
             if ftype == 1:
                 class_id, method_id = struct.unpack_from(">HH", payload, 0)
                 if (class_id, method_id) == (60, 72):  # Get-Empty
                     return None
                 if (class_id, method_id) == (60, 71):  # Get-Ok
                     break
-        ftype, ch, payload = _read_raw_frame(raw, timeout)
+        ftype, _ch, payload = _read_raw_frame(raw, timeout)
         assert ftype == 2, f"expected a content header, got frame type {ftype}"
         _, _, size = struct.unpack_from(">HHQ", payload, 0)
         props_raw = payload[12:]
         body = b""
         sizes = []
         while len(body) < size:
-            ftype, ch, chunk = _read_raw_frame(raw, timeout)
+            ftype, _ch, chunk = _read_raw_frame(raw, timeout)
             assert ftype == 3, f"expected a body frame, got frame type {ftype}"
             sizes.append(len(chunk) + 8)
             body += chunk

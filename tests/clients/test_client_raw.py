@@ -62,7 +62,7 @@ def test_raw_frame_max_4096_gets_and_consumes_1_mib(proxy, tenant, queues):
         sizes = []
         received = b""
         while True:  # every frame, method and header included, fits 4096
-            ftype, ch, payload = _read_raw_frame(raw, 10)
+            ftype, _ch, payload = _read_raw_frame(raw, 10)
             assert len(payload) + 8 <= 4096, f"frame of {len(payload) + 8} bytes > frame_max"
             if ftype == 2:
                 (size,) = struct.unpack_from(">Q", payload, 4)

@@ -515,7 +515,7 @@ def test_exclusive_queue_is_locked_for_other_clients_of_the_pool(proxy, tenant, 
         assert "RESOURCE_LOCKED" in ei.value.reply_text
     other.channel().basic_publish("", "amq.fanout-nothing", b"")  # still connected
     och.basic_publish("amq.fanout", "", b"to the owner")
-    method, _, body = och.basic_get(name, auto_ack=True)
+    _method, _, body = och.basic_get(name, auto_ack=True)
     assert body == b"to the owner"
     och.queue_purge(name)
     other.close()

@@ -3,11 +3,10 @@ pool key: a client is admitted exactly when the broker would admit those bytes, 
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 
 import pytest
-from support import BROKER_HOST, BROKER_PORT, UPSTREAM_CONNECTIONS, rabbitmqctl
+from support import BROKER_HOST, BROKER_PORT, UPSTREAM_CONNECTIONS
 from support.raw import RawAMQP, RawClosed, RawConnectionClose
 
 REPLACEMENT = "\ufffd"  # what a decoder with errors="replace" makes of b"\xff"
@@ -42,10 +41,7 @@ def refused(outcome: str) -> bool:
 @pytest.fixture
 def odd_user(tenant_factory):
     """A user whose password contains U+FFFD (valid UTF-8: b"\\xef\\xbf\\xbd")."""
-    tenant = tenant_factory(own_user=True)
-    password = f"s{REPLACEMENT}cret-91"
-    rabbitmqctl("change_password", tenant.user, password)
-    return dataclasses.replace(tenant, password=password)
+    return tenant_factory(own_user=True, password=f"s{REPLACEMENT}cret-91")
 
 
 def plain(user: str, password: bytes) -> bytes:

@@ -1,7 +1,8 @@
-"""Fidelity of the connection itself, and slow clients (issue 4, DESIGN 2-3).
+"""Fidelity of the connection itself, and slow clients.
 
-* ``Connection.Blocked``/``Unblocked`` (memory alarm on the real broker) reach exactly the clients
-  on the blocked upstream that advertised the ``connection.blocked`` capability.
+* ``Connection.Blocked``/``Unblocked`` (memory alarm on a RabbitMQ node of the test's own) reach
+  exactly the clients on the blocked upstream that advertised the ``connection.blocked``
+  capability.
 * ``Connection.UpdateSecret`` proves the new secret upstream; later channels use an upstream
   authenticated with it; a wrong secret closes the client with the broker's 403.
 * Auto-delete queues whose last consumer's client leaves (cleanly or by a dropped socket) are
@@ -17,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
 import socket
 import statistics
 import subprocess
@@ -41,10 +41,10 @@ from support import (
     direct,
     drain,
     queue_counts,
-    rabbitmqctl,
     reply_code_of,
     wait_for,
 )
+from support.node import BrokerNode
 from support.raw import PROTOCOL_HEADER, RawAMQP
 
 # ---------------------------------------------------------------------------------------------
@@ -112,23 +112,13 @@ def _is_flow_notice(value: Any) -> bool:
 
 
 @contextlib.contextmanager
-def memory_alarm() -> Iterator[None]:
-    """Raise a memory alarm on the shared broker (watermark 0.0001) and restore exactly the
-    watermark that was set before, whatever happens."""
-    current = rabbitmqctl(
-        "eval", "vm_memory_monitor:get_vm_memory_high_watermark().", timeout=30
-    ).strip()
-    m = re.fullmatch(r"\{absolute,\s*(\d+)\}", current)
-    if m:
-        restore = ["absolute", m.group(1)]
-    else:
-        float(current)  # refuse to go on if we could not restore it
-        restore = [current]
+def memory_alarm(node: BrokerNode) -> Iterator[None]:
+    """A memory alarm on the test's own node (watermark 0.0001), lifted whatever happens."""
+    node.ctl("set_vm_memory_high_watermark", "0.0001")
     try:
-        rabbitmqctl("set_vm_memory_high_watermark", "0.0001", timeout=30)
         yield
     finally:
-        rabbitmqctl("set_vm_memory_high_watermark", *restore, timeout=30)
+        node.ctl("set_vm_memory_high_watermark", "0.4")
 
 
 def _queue_exists(tenant: Tenant, name: str) -> bool:
@@ -174,31 +164,36 @@ def _closed_within(sock: socket.socket, timeout: float) -> float:
 # ---------------------------------------------------------------------------------------------
 # 1. Connection.Blocked / Unblocked
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.timeout(90)
-def test_blocked_and_unblocked_reach_only_clients_with_the_capability(proxy, tenant, queues):
-    q = queues.declare(tenant)
+@pytest.mark.timeout(150)
+def test_blocked_and_unblocked_reach_only_clients_with_the_capability(
+    proxy_factory, private_node, queues
+):
+    """A memory alarm is broker-wide: it is raised on a node of the test run's own, never on
+    the shared broker other test runs use."""
+    proxy = proxy_factory(upstream=private_node.url)
+    guest = Tenant("guest", "guest", "/", private_node.plain_port)
+    q = queues.declare(guest)
     a = Raw(proxy.host, proxy.port)
     b = Raw(proxy.host, proxy.port)
     try:
-        a.login(tenant, CAPS_ALL, "itest-blocked-aware")
-        b.login(tenant, CAPS_NO_BLOCKED, "itest-blocked-unaware")
+        a.login(guest, CAPS_ALL, "itest-blocked-aware")
+        b.login(guest, CAPS_NO_BLOCKED, "itest-blocked-unaware")
         a.open_channel(1)
         b.open_channel(1)
-        # both lease a channel on the tenant's one upstream connection
-        assert proxy.metric(UPSTREAM_CONNECTIONS, **tenant.labels) == 1
+        # both lease a channel on the pool's one upstream connection
+        assert proxy.metric(UPSTREAM_CONNECTIONS, user="guest", vhost="/") == 1
         a.publish(1, "", q, b"before the alarm")
-        wait_for(lambda: queue_counts(tenant, q)[0] == 1, 10)
+        wait_for(lambda: queue_counts(guest, q)[0] == 1, 10)
 
         b_frames: list[tuple[int, Any]] = []
-        blocked_after = None
-        with memory_alarm():
+        with memory_alarm(private_node):
             # RabbitMQ blocks a connection (and tells it so) on its first publish under the
             # alarm; the broker holds that publish until the alarm clears
             t0 = time.monotonic()
             a.publish(1, "", q, b"under the alarm")
             blocked = a.expect(commands.Connection.Blocked, 0, timeout=10)
             blocked_after = time.monotonic() - t0
-            b_frames += b.frames_for(1.0)  # the proxy forwards to everyone at the same moment
+            b_frames += b.frames_for(1.0)  # the proxy tells everyone at the same moment
         assert blocked.reason, "Connection.Blocked without the broker's reason"
         a.expect(commands.Connection.Unblocked, 0, timeout=20)
         b_frames += b.frames_for(1.0)
@@ -211,7 +206,7 @@ def test_blocked_and_unblocked_reach_only_clients_with_the_capability(proxy, ten
         a.publish(1, "", q, b"after the alarm")
         b.publish(1, "", q, b"after the alarm too")
         b.rpc(1, commands.Basic.Qos(0, 1, False), commands.Basic.QosOk)
-        wait_for(lambda: queue_counts(tenant, q)[0] == 4, 10)
+        wait_for(lambda: queue_counts(guest, q)[0] == 4, 10)
     finally:
         a.abort()
         b.abort()
@@ -222,9 +217,10 @@ def test_blocked_and_unblocked_reach_only_clients_with_the_capability(proxy, ten
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.timeout(60)
 def test_update_secret_moves_later_channels_to_an_upstream_with_the_new_secret(
-    proxy, tenant_factory, queues
+    proxy_factory, private_node, node_user, queues
 ):
-    t = tenant_factory(own_user=True)
+    t = node_user()  # its password changes: on the test run's own node
+    proxy = proxy_factory(upstream=private_node.url)
     q = queues.declare(t)
     conn = proxy.connect(t)
     try:
@@ -235,7 +231,7 @@ def test_update_secret_moves_later_channels_to_an_upstream_with_the_new_secret(
         assert before == 1
 
         new_password = t.password + "-rotated"
-        rabbitmqctl("change_password", t.user, new_password)
+        private_node.ctl("change_password", t.user, new_password)
         # the broker now refuses the old password on a new connection
         with pytest.raises(pika.exceptions.AMQPConnectionError):
             with direct(t, attempts=1):
@@ -249,7 +245,7 @@ def test_update_secret_moves_later_channels_to_an_upstream_with_the_new_secret(
         ch2.basic_publish("", q, b"new secret")
         ch1.basic_publish("", q, b"old channel still works")
         assert proxy.metric(UPSTREAM_CONNECTS, **t.labels) == before + 1
-        new_t = Tenant(t.user, new_password, t.vhost)
+        new_t = dataclasses.replace(t, password=new_password)
         # a new client with the new secret shares the pool the update created
         with contextlib.closing(proxy.connect(new_t)) as other:
             och = other.channel()
@@ -295,17 +291,17 @@ def test_update_secret_with_a_wrong_secret_closes_the_client_with_403(
 @pytest.mark.timeout(60)
 @pytest.mark.timeout(60)
 def test_revoked_password_is_refused_once_the_credential_ttl_has_passed(
-    proxy_factory, tenant_factory
+    proxy_factory, private_node, node_user
 ):
     """The broker's "yes" to a password is trusted for --credential-ttl seconds (README:
     limitations); after that a client with a revoked password is refused with 403 even while a
     pool for that password is alive and in use, and the new password works."""
-    p = proxy_factory("--credential-ttl", "1", "-t", "60")
-    t = tenant_factory(own_user=True)
+    p = proxy_factory("--credential-ttl", "1", "-t", "60", upstream=private_node.url)
+    t = node_user()  # its password changes: on the test run's own node
     conn = p.connect(t)  # keeps the pool for the old password alive
     try:
         conn.channel()
-        rabbitmqctl("change_password", t.user, t.password + "-rotated")
+        private_node.ctl("change_password", t.user, t.password + "-rotated")
         time.sleep(1.5)
         with pytest.raises(pika.exceptions.AMQPConnectionError) as info:
             late = p.connect(t)  # old password: a direct connection gets 403 too

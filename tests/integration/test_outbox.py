@@ -330,7 +330,7 @@ def test_full_outbox_holds_publishers_and_drops_nothing(proxy_factory, fault_rel
     held = m.get("amqproxy_outbox_bytes", **tenant.labels)
     assert 256 * 1024 < held < 2 * 1024 * 1024, held
     assert m.get("amqproxy_outbox_full_seconds_total") >= 0
-    status, health = p.http_get("/healthz")
+    _status, health = p.http_get("/healthz")
     assert "outbox over half full" in health
     fault_relay.mode = "forward"
     c.process_data_events(time_limit=5)

@@ -342,7 +342,7 @@ def test_concurrent_clients_do_not_mix_replies(proxy, tenant, queues):
                 ch.basic_publish("", qs[idx], f"{idx}-{j}".encode())
                 ok = ch.queue_declare(qs[idx], passive=True)
                 assert ok.method.queue == qs[idx]
-                method, _, body = ch.basic_get(qs[idx], auto_ack=True)
+                _method, _, body = ch.basic_get(qs[idx], auto_ack=True)
                 assert body == f"{idx}-{j}".encode(), (idx, j, body)
                 conn.close()
         except BaseException as exc:
@@ -362,7 +362,7 @@ def test_wrong_protocol_header_gets_091_header_back(proxy):
     raw = RawAMQP(proxy.host, proxy.port)
     try:
         raw.send_raw(b"AMQP\x01\x01\x00\x0a")
-        ch, value = raw.read_frame(5)
+        _ch, value = raw.read_frame(5)
         assert bytes(value) == b"AMQP\x00\x00\x09\x01"
     finally:
         raw.abort()

@@ -59,6 +59,7 @@ class Tenant:
     user: str
     password: str
     vhost: str
+    port: int = BROKER_PORT  # the shared broker, or a private node's (support.node)
 
     @property
     def labels(self) -> dict[str, str]:
@@ -155,7 +156,7 @@ def direct(
     conn = pika.BlockingConnection(
         pika.ConnectionParameters(
             BROKER_HOST,
-            BROKER_PORT,
+            tenant.port,
             tenant.vhost,
             pika.PlainCredentials(tenant.user, tenant.password),
             connection_attempts=attempts,

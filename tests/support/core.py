@@ -139,8 +139,8 @@ class ClientPeer:
         """The handshake, up to OpenOk (the pool is trusted: no round trip)."""
         response = f"\0{USER.decode()}\0{PASSWORD.decode()}"
         self.send(PROTOCOL_HEADER)
-        self.send(method(0, commands.Connection.StartOk(client_properties={},
-                                                        mechanism="PLAIN", response=response)))  # fmt: skip
+        start_ok = commands.Connection.StartOk(mechanism="PLAIN", response=response)
+        self.send(method(0, start_ok))
         self.send(method(0, commands.Connection.TuneOk(0, frame_max, 0)))
         self.send(method(0, commands.Connection.Open(virtual_host=VHOST.decode())))
         replies = [type(m).__name__ for _, m in methods_of(self.take())]

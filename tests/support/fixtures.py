@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from support.broker import _PENDING_DELETES, _TENANTS, QueueHelper, Tenant, _ctl_async, rabbitmqctl
+from support.node import BrokerNode
 from support.proxy import _PROXIES, Proxy, _ProxyFactory
 from support.relay import FaultRelay
 
@@ -64,11 +66,12 @@ def tenant_factory() -> Iterator[Callable[..., Tenant]]:
     ``tenant_factory()``: a fresh vhost for the session user (own pool, own metric labels).
     ``tenant_factory(own_user=True)``: a fresh vhost and a new user with rights only there.
     ``tenant_factory(vhost=v)``: a new user with rights on the existing vhost ``v``.
+    ``password=``: the new user's password (a random one by default).
     """
     created_users: list[str] = []
     created_vhosts: list[str] = []
 
-    def make(vhost: str | None = None, own_user: bool = False) -> Tenant:
+    def make(vhost: str | None = None, own_user: bool = False, password: str = "") -> Tenant:
         if vhost is None:
             base = _TENANTS.take()
             created_vhosts.append(base.vhost)
@@ -76,7 +79,7 @@ def tenant_factory() -> Iterator[Callable[..., Tenant]]:
                 return base
             vhost = base.vhost
         user = f"itest-own-{uuid.uuid4().hex[:8]}"
-        password = f"pw-{uuid.uuid4().hex[:12]}"
+        password = password or f"pw-{uuid.uuid4().hex[:12]}"
         rabbitmqctl("add_user", user, password)
         created_users.append(user)
         rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
@@ -95,6 +98,31 @@ def tenant_factory() -> Iterator[Callable[..., Tenant]]:
 @pytest.fixture
 def tenant(tenant_factory: Callable[..., Tenant]) -> Tenant:
     return tenant_factory()
+
+
+@pytest.fixture(scope="session")
+def private_node() -> Iterator[BrokerNode]:
+    """A RabbitMQ node of this test run's own, for tests that change what other runs of the
+    shared broker would see (users' passwords, memory alarms); started on first use."""
+    node = BrokerNode(f"amqproxy-tests-{os.getpid()}@localhost").start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture
+def node_user(private_node: BrokerNode) -> Callable[..., Tenant]:
+    """``node_user(password=None)``: a new user on the private node, with rights on "/"."""
+
+    def make(password: str | None = None) -> Tenant:
+        user = f"itest-node-{uuid.uuid4().hex[:8]}"
+        password = password or f"pw-{uuid.uuid4().hex[:12]}"
+        for args in (("add_user", user, password),
+                     ("set_permissions", "-p", "/", user, ".*", ".*", ".*")):  # fmt: skip
+            done = private_node.ctl(*args)
+            assert done.returncode == 0, done.stderr
+        return Tenant(user, password, "/", private_node.plain_port)
+
+    return make
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -78,7 +78,7 @@ class RawAMQP:
             self._fill(8, deadline)
             hdr, self.buf = self.buf[:8], self.buf[8:]
             return -1, hdr
-        ftype, channel, size = struct.unpack_from(">BHI", self.buf, 0)
+        ftype, _channel, size = struct.unpack_from(">BHI", self.buf, 0)
         self._fill(7 + size + 1, deadline)
         raw = self.buf[: 7 + size + 1]
         self.buf = self.buf[7 + size + 1 :]
@@ -114,7 +114,7 @@ class RawAMQP:
             skipped.append((ch, value))
 
     def expect(self, cls, channel: int | None = None, timeout: float = 5.0):
-        ch, value, skipped = self.read_until(
+        _ch, value, _skipped = self.read_until(
             lambda c, v: isinstance(v, cls) and (channel is None or c == channel), timeout
         )
         return value

@@ -13,9 +13,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pamqp import commands
+from support.core import Rig, content, frames_of, message, method, methods_of
 
 from amqproxy.channel import ChannelState
-from support.core import Rig, content, frames_of, message, method, methods_of
 
 Test = Callable[[], Awaitable[None]]
 
@@ -141,12 +141,11 @@ async def test_a_client_channel_on_another_upstream_id_is_renumbered_both_ways()
     open_channel(first, rig)  # upstream channel 1
     up_frames = open_channel(second, rig)  # its channel 1 rides upstream channel 2
     assert {ch for _, ch, _ in frames_of(up_frames)} == {2}
-    second.send(message(1, b"hello") + method(1, commands.Basic.Qos(prefetch_count=5)))
+    traffic = message(1, b"hello") + method(1, commands.Basic.Qos(prefetch_count=5))
+    second.send(traffic)
     sent = frames_of(rig.broker.take())
     assert {ch for _, ch, _ in sent} == {2}
-    assert [payload for _, _, payload in sent] == [
-        payload for _, _, payload in frames_of(message(1, b"hello") + method(1, commands.Basic.Qos(prefetch_count=5)))
-    ]  # fmt: skip
+    assert [(t, p) for t, _, p in sent] == [(t, p) for t, _, p in frames_of(traffic)]
     rig.broker.send(method(2, commands.Basic.QosOk()))
     assert second.take() == method(1, commands.Basic.QosOk())
     assert first.take() == b""

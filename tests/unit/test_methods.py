@@ -29,7 +29,7 @@ SAMPLES = [
     commands.Channel.Close(404, "NOT_FOUND - x", 60, 40),
     commands.Exchange.Declare(
         exchange="e", exchange_type="topic", durable=True, arguments={"alternate-exchange": "ae"}
-    ),  # fmt: skip
+    ),
     commands.Exchange.Delete(exchange="e", if_unused=True),
     commands.Exchange.Bind(destination="d", source="s", routing_key="k", arguments={"a": 1}),
     commands.Exchange.Unbind(destination="d", source="s", routing_key="k"),
@@ -44,9 +44,7 @@ SAMPLES = [
     commands.Queue.Delete(queue="q", if_empty=True),
     commands.Queue.Unbind(queue="q", exchange="e", routing_key="k"),
     commands.Basic.Qos(prefetch_size=0, prefetch_count=10, global_=True),
-    commands.Basic.Consume(
-        queue="q", consumer_tag="t", no_ack=True, arguments={"x-priority": 3}
-    ),  # fmt: skip
+    commands.Basic.Consume(queue="q", consumer_tag="t", no_ack=True, arguments={"x-priority": 3}),
     commands.Basic.Cancel(consumer_tag="t"),
     commands.Basic.Publish(exchange="e", routing_key="k", mandatory=True),
     commands.Basic.Get(queue="q", no_ack=True),

@@ -162,15 +162,15 @@ def client_run_py(
     return pos, publishes, _moved_copy(data, start, pos, to_channel, 0)
 
 
-broker_run: BrokerScanner
-client_run: ClientScanner
-try:
-    # AMQPROXY_PURE_PYTHON_SCANNER=1 runs the pure-Python twin (tests, diagnosis).
-    if os.environ.get("AMQPROXY_PURE_PYTHON_SCANNER", "") not in ("", "0"):
-        raise ImportError("pure-Python scanner requested")
-    from amqproxy.amqp._scan import broker_run, client_run  # type: ignore[no-redef]
-
-    COMPILED = True
-except ImportError:  # no compiler where it was installed: same results, more CPU per frame
-    broker_run, client_run = broker_run_py, client_run_py
-    COMPILED = False
+broker_run: BrokerScanner = broker_run_py
+client_run: ClientScanner = client_run_py
+COMPILED = False
+# AMQPROXY_PURE_PYTHON_SCANNER=1 runs the pure-Python twins (tests, diagnosis).
+if os.environ.get("AMQPROXY_PURE_PYTHON_SCANNER", "") in ("", "0"):
+    try:
+        from amqproxy.amqp import _scan  # typed by _scan.pyi
+    except ImportError:  # no compiler where it was installed: same results, more CPU per frame
+        pass
+    else:
+        broker_run, client_run = _scan.broker_run, _scan.client_run
+        COMPILED = True

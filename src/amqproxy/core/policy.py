@@ -1,4 +1,4 @@
-"""What the proxy does with each method: the tables the sessions consult (DESIGN.md section 4)."""
+"""What the proxy does with each method: the tables the sessions consult (docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 

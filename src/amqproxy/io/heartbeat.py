@@ -1,4 +1,4 @@
-"""Heartbeats owned by the proxy, one leg at a time (DESIGN.md section 3).
+"""Heartbeats owned by the proxy, one leg at a time (docs/ARCHITECTURE.md).
 
 Every H/2: send a heartbeat if nothing was written since the last tick; after 2·H with nothing
 read, the peer is dead. The hot path only sets the two booleans.
