@@ -187,7 +187,9 @@ def test_broker_restart(proxy_factory, node, queue):
     node.restart(down=1.0)
     pub.join(10)
     assert not pub.is_alive(), "the confirm publisher hung"
-    assert _code(pub.ended) == 320 and pub.ended_at - t0 < 2.0, (pub.ended, pub.ended_at - t0)
+    # told as the broker goes down, not when heartbeats would notice (15 s): t0 is before
+    # rabbitmqctl even starts, which alone takes a second or two on a busy machine
+    assert _code(pub.ended) == 320 and pub.ended_at - t0 < 5.0, (pub.ended, pub.ended_at - t0)
     time.sleep(1.5)
     plain.stop.set()
     plain.join(30)

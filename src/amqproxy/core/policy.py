@@ -14,37 +14,6 @@ class Verdict(enum.Enum):
     DROP = "drop"  # answered or absorbed by the proxy
 
 
-# Client methods the proxy acts on before forwarding (or instead); the rest passes as it is.
-CLIENT_WATCHED = frozenset(
-    {
-        c.CHANNEL_OPEN,
-        c.CHANNEL_CLOSE,
-        c.CHANNEL_CLOSE_OK,
-        c.CHANNEL_FLOW,
-        c.EXCHANGE_DECLARE,
-        c.EXCHANGE_DELETE,
-        c.EXCHANGE_BIND,
-        c.EXCHANGE_UNBIND,
-        c.QUEUE_DECLARE,
-        c.QUEUE_BIND,
-        c.QUEUE_PURGE,
-        c.QUEUE_DELETE,
-        c.QUEUE_UNBIND,
-        c.BASIC_QOS,
-        c.BASIC_CONSUME,
-        c.BASIC_CANCEL,
-        c.BASIC_GET,
-        c.BASIC_ACK,
-        c.BASIC_NACK,
-        c.BASIC_REJECT,
-        c.BASIC_RECOVER,
-        c.BASIC_RECOVER_ASYNC,
-        c.CONFIRM_SELECT,
-        c.TX_SELECT,
-        c.TX_COMMIT,
-        c.TX_ROLLBACK,
-    }
-)
 # Synchronous methods with a ``nowait`` flag: a reply is due unless it is set.
 NOWAIT_METHODS = frozenset(
     {
@@ -108,4 +77,14 @@ BROKER_WATCHED = (
         }
     )
     | c.SYNC_REPLIES
+)
+
+# Client methods the proxy acts on before forwarding (or instead); the rest passes as it is.
+CLIENT_WATCHED = (
+    NOWAIT_METHODS
+    | ALWAYS_REPLIED
+    | QUEUE_METHODS
+    | ACKS
+    | DIRTYING.keys()
+    | {c.CHANNEL_OPEN, c.CHANNEL_CLOSE, c.CHANNEL_CLOSE_OK, c.CONFIRM_SELECT}
 )
