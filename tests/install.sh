@@ -4,6 +4,7 @@
 #        for), RabbitMQ (when missing; tests/conftest.py starts it if nothing answers on
 #        127.0.0.1:5672), and the real clients: php-cli php-amqplib amqp-tools nodejs npm
 #   npm: `npm ci` in tests/clients/node (amqplib, pinned by package-lock.json)
+#   packaging/build-deps.sh: what tests/packaging needs to build and check the Debian package
 # Python packages come from the project: pip install -e '.[test]'.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -33,3 +34,7 @@ have=$(node -p "try { require('./node_modules/amqplib/package.json').version } c
 if [ "$want" != "$have" ]; then
     npm ci --no-audit --no-fund --loglevel=error >/dev/null
 fi
+
+# tests/packaging builds, installs and removes the Debian package: its build tools and lintian.
+cd ../..
+bash ../packaging/build-deps.sh
