@@ -210,90 +210,108 @@ def unmount(root: Path) -> None:
         subprocess.run(["umount", str(root / "proc")], check=True)
 
 
+def _from(args: str, stages: dict[str, Stage], base: Path, work: Path) -> Stage:
+    """FROM: a new stage, a copy of the base root file system."""
+    words = args.split()
+    if words[0] != BASE_IMAGE:
+        raise SystemExit(f"FROM {words[0]}: only {BASE_IMAGE} is made here")
+    name = words[2] if len(words) == 3 and words[1].upper() == "AS" else str(len(stages))
+    root = work / f"stage-{name}"
+    if root.exists():
+        raise SystemExit(f"{root} exists: a stage starts from the base, remove it first")
+    subprocess.run(["cp", "-a", f"{base}/.", str(root)], check=True)
+    stage = stages[name] = Stage(name, root)
+    say(f"FROM {BASE_IMAGE} (stage {name}): {root}")
+    mount_runtime(root)
+    return stage
+
+
+def _run(stage: Stage, args: str, pip_cert: Path | None) -> None:
+    started = time.monotonic()
+    say(f"RUN {args[:90]}{'…' if len(args) > 90 else ''}")
+    (stage.root / stage.workdir.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    extra = {}
+    secret = stage.root / "run/host-ca.pem"
+    if pip_cert is not None:
+        # As a build secret: for this RUN only, never in the image.
+        shutil.copy(pip_cert, secret)
+        extra["PIP_CERT"] = "/run/host-ca.pem"
+    try:
+        subprocess.run(
+            ["/bin/sh", "-c", args],
+            env=container_env(stage, extra),
+            preexec_fn=in_root(stage),
+            stdin=subprocess.DEVNULL,
+            check=True,
+        )
+    finally:
+        secret.unlink(missing_ok=True)
+    say(f"  done in {time.monotonic() - started:.0f} s")
+
+
+def _copy(stage: Stage, args: str, stages: dict[str, Stage]) -> None:
+    words = shlex.split(args)
+    origin = None
+    while words[0].startswith("--"):
+        flag = words.pop(0)
+        if not flag.startswith("--from="):
+            raise SystemExit(f"COPY {flag}: not supported here")
+        origin = stages[flag.removeprefix("--from=")]
+    *patterns, dest = words
+    base_dir = origin.root if origin else REPO
+    sources = []
+    for pattern in patterns:
+        found = sorted(glob.glob(str(base_dir / pattern.lstrip("/"))))
+        if not found:
+            raise SystemExit(f"COPY {pattern}: nothing matches")
+        sources += [Path(p) for p in found]
+    say(f"COPY {args}")
+    copy_into(stage, sources, base_dir, dest, context=origin is None)
+
+
+def _setting(stage: Stage, keyword: str, args: str) -> None:
+    """The instructions that only record something in the image's configuration."""
+    if keyword == "WORKDIR":
+        stage.workdir = args if args.startswith("/") else f"{stage.workdir}/{args}"
+        (stage.root / stage.workdir.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    elif keyword == "ENV":
+        for word in shlex.split(args):
+            key, sep, value = word.partition("=")
+            if not sep:
+                raise SystemExit("ENV: only the key=value form is supported here")
+            stage.env[key] = value
+    elif keyword == "USER":
+        stage.user = args
+    elif keyword == "EXPOSE":
+        stage.expose += args.split()
+    elif keyword == "STOPSIGNAL":
+        stage.stopsignal = args
+    elif keyword in ("ENTRYPOINT", "CMD"):
+        setattr(stage, keyword.lower(), json.loads(args))
+    elif keyword == "HEALTHCHECK":
+        options, _, command = args.partition(" CMD ")
+        stage.healthcheck = json.loads(command)
+        stage.healthcheck_options = dict(o.lstrip("-").split("=") for o in options.split())
+    else:
+        raise SystemExit(f"{keyword}: not supported here")
+
+
 def build(dockerfile: Path, base: Path, work: Path, pip_cert: Path | None) -> Stage:
     stages: dict[str, Stage] = {}
     stage: Stage | None = None
     for keyword, args in instructions(dockerfile.read_text()):
-        started = time.monotonic()
         if keyword == "FROM":
-            words = args.split()
-            if words[0] != BASE_IMAGE:
-                raise SystemExit(f"FROM {words[0]}: only {BASE_IMAGE} is made here")
-            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else str(len(stages))
             if stage is not None:
                 unmount(stage.root)
-            root = work / f"stage-{name}"
-            if root.exists():
-                raise SystemExit(f"{root} exists: a stage starts from the base, remove it first")
-            subprocess.run(["cp", "-a", f"{base}/.", str(root)], check=True)
-            stage = stages[name] = Stage(name, root)
-            say(f"FROM {BASE_IMAGE} (stage {name}): {root}")
-            mount_runtime(root)
-            continue
-        if stage is None:
+            stage = _from(args, stages, base, work)
+        elif stage is None:
             raise SystemExit(f"{keyword} before FROM")
-        if keyword == "RUN":
-            say(f"RUN {args[:90]}{'…' if len(args) > 90 else ''}")
-            (stage.root / stage.workdir.lstrip("/")).mkdir(parents=True, exist_ok=True)
-            extra = {}
-            secret = stage.root / "run/host-ca.pem"
-            if pip_cert is not None:
-                # As a build secret: for this RUN only, never in the image.
-                shutil.copy(pip_cert, secret)
-                extra["PIP_CERT"] = "/run/host-ca.pem"
-            try:
-                subprocess.run(
-                    ["/bin/sh", "-c", args],
-                    env=container_env(stage, extra),
-                    preexec_fn=in_root(stage),
-                    stdin=subprocess.DEVNULL,
-                    check=True,
-                )
-            finally:
-                secret.unlink(missing_ok=True)
-        elif keyword == "WORKDIR":
-            stage.workdir = args if args.startswith("/") else f"{stage.workdir}/{args}"
-            (stage.root / stage.workdir.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        elif keyword == "RUN":
+            _run(stage, args, pip_cert)
         elif keyword == "COPY":
-            words = shlex.split(args)
-            origin = None
-            while words[0].startswith("--"):
-                flag = words.pop(0)
-                if not flag.startswith("--from="):
-                    raise SystemExit(f"COPY {flag}: not supported here")
-                origin = stages[flag.removeprefix("--from=")]
-            *patterns, dest = words
-            base_dir = origin.root if origin else REPO
-            sources = []
-            for pattern in patterns:
-                found = sorted(glob.glob(str(base_dir / pattern.lstrip("/"))))
-                if not found:
-                    raise SystemExit(f"COPY {pattern}: nothing matches")
-                sources += [Path(p) for p in found]
-            say(f"COPY {args}")
-            copy_into(stage, sources, base_dir, dest, context=origin is None)
-        elif keyword == "ENV":
-            for word in shlex.split(args):
-                key, sep, value = word.partition("=")
-                if not sep:
-                    raise SystemExit("ENV: only the key=value form is supported here")
-                stage.env[key] = value
-        elif keyword == "USER":
-            stage.user = args
-        elif keyword == "EXPOSE":
-            stage.expose += args.split()
-        elif keyword == "STOPSIGNAL":
-            stage.stopsignal = args
-        elif keyword in ("ENTRYPOINT", "CMD"):
-            setattr(stage, keyword.lower(), json.loads(args))
-        elif keyword == "HEALTHCHECK":
-            options, _, command = args.partition(" CMD ")
-            stage.healthcheck = json.loads(command)
-            stage.healthcheck_options = dict(o.lstrip("-").split("=") for o in options.split())
+            _copy(stage, args, stages)
         else:
-            raise SystemExit(f"{keyword}: not supported here")
-        if keyword == "RUN":
-            say(f"  done in {time.monotonic() - started:.0f} s")
+            _setting(stage, keyword, args)
     assert stage is not None
     for other in stages.values():
         if other is not stage:
