@@ -4,6 +4,7 @@ counters around a run, the loss report of the fault scenario. No scenario order 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import struct
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import fastamqp
@@ -23,6 +25,7 @@ from common import (
     cpu_seconds,
     percentile,
     rss_kib,
+    run_seconds,
     tree_cpu_seconds,
 )
 
@@ -110,14 +113,32 @@ async def prefill(port: int, queue: str, ids: list[int]) -> None:
     await conn.close()
 
 
-async def s2_client(port: int, queue: str, test: str, ids: list[int]) -> dict[str, Any]:
-    """One S2 measurement on one connection; the connect is not timed."""
+def cpu_probe(pids: dict[str, int | None]) -> Callable[[], dict[str, float]]:
+    """Reads the CPU seconds of each named process (with its live children) when called."""
+
+    def probe() -> dict[str, float]:
+        out = {}
+        for name, pid in pids.items():
+            with contextlib.suppress(OSError):
+                if pid:
+                    out[name] = run_seconds(pid)
+        return out
+
+    return probe
+
+
+async def s2_client(
+    port: int, queue: str, test: str, ids: list[int], probe: Callable[[], dict[str, float]]
+) -> dict[str, Any]:
+    """One S2 measurement on one connection; the connect is not timed. `probe` is read just
+    before and just after the timed part, while the connection (and socat's child) lives."""
     frames = fastamqp.build_publish_frames(queue, ids) if test in ("publish", "confirm") else []
     conn = await fastamqp.connect("127.0.0.1", port)
     out: dict[str, Any] = {}
     try:
         if test == "confirm":
             await conn.confirm_select()
+        cpu0 = probe()
         t0 = time.perf_counter()
         if test == "publish":
             await conn.publish_frames(frames)
@@ -129,6 +150,8 @@ async def s2_client(port: int, queue: str, test: str, ids: list[int]) -> dict[st
         else:
             out["ids"] = await conn.consume(queue, len(ids), no_ack=False, prefetch=1000)
         out["elapsed"] = time.perf_counter() - t0
+        cpu1 = probe()
+        out["cpu_s"] = {k: cpu1[k] - cpu0[k] for k in cpu1 if k in cpu0}
         await conn.close_channel()
         await conn.close()
     except BaseException:

@@ -345,15 +345,13 @@ class Bench:
             if test.startswith("consume"):
                 fastamqp.run(measure.prefill(BROKER_PORT, queue, ids))
                 admin.settled_count(queue, n)
-            cpu0, bcpu0 = measure.cpu(pid, True), measure.cpu(self.broker_pid, False)
-            res = fastamqp.run(measure.s2_client(port, queue, test, ids))
-            time.sleep(0.05 if mode != "socat" else 0.3)  # let socat's child exit and be reaped
-            cpu1, bcpu1 = measure.cpu(pid, True), measure.cpu(self.broker_pid, False)
+            probe = measure.cpu_probe({"relay": pid, "broker": self.broker_pid})
+            res = fastamqp.run(measure.s2_client(port, queue, test, ids, probe))
             run.metrics = {"msg_s": n / res["elapsed"], "elapsed_s": res["elapsed"], "n": n}
-            if cpu0 is not None and cpu1 is not None:
-                run.metrics["cpu_us_per_msg"] = (cpu1 - cpu0) / n * 1e6
-            if bcpu0 is not None and bcpu1 is not None:
-                run.metrics["broker_cpu_us_per_msg"] = (bcpu1 - bcpu0) / n * 1e6
+            if "relay" in res["cpu_s"]:
+                run.metrics["cpu_us_per_msg"] = res["cpu_s"]["relay"] / n * 1e6
+            if "broker" in res["cpu_s"]:
+                run.metrics["broker_cpu_us_per_msg"] = res["cpu_s"]["broker"] / n * 1e6
             if test.startswith("consume"):
                 run.verify = measure.consume_check(admin, queue, ids, res["ids"])
             else:
