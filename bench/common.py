@@ -24,7 +24,6 @@ import pika
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(BENCH_DIR)
 RESULTS_DIR = os.path.join(BENCH_DIR, "results")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
@@ -69,25 +68,6 @@ def wait_port(port: int, timeout: float, proc: subprocess.Popen[Any] | None = No
             return True
         time.sleep(0.05)
     return False
-
-
-def cpu_seconds(pid: int, children: bool = False) -> float:
-    """utime+stime (and reaped children's if asked) from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])
-    if children:
-        ticks += int(fields[13]) + int(fields[14])
-    return ticks / CLK_TCK
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU of a process and its live children (a proxy may fork workers)."""
-    total = 0.0
-    for p in [pid, *child_pids(pid)]:
-        with contextlib.suppress(OSError):
-            total += cpu_seconds(p, children=True)
-    return total
 
 
 def run_seconds(pid: int, children: bool = True) -> float:

@@ -4,7 +4,6 @@ counters around a run, the loss report of the fault scenario. No scenario order 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import struct
@@ -22,22 +21,20 @@ from common import (
     REPO_DIR,
     Admin,
     Proxy,
-    cpu_seconds,
     percentile,
     rss_kib,
     run_seconds,
-    tree_cpu_seconds,
 )
 
 # -- process accounting ---------------------------------------------------------------------
 
 
-def cpu(pid: int | None, children: bool) -> float | None:
-    """CPU seconds of `pid` (with its children: socat forks one per connection), or None."""
+def cpu(pid: int | None) -> float | None:
+    """CPU seconds of `pid` and its live children (ns resolution), or None."""
     if not pid:
         return None
     try:
-        return tree_cpu_seconds(pid) if children else cpu_seconds(pid)
+        return run_seconds(pid)
     except OSError:
         return None
 
@@ -54,14 +51,14 @@ class ProxyCounters:
 
     def __init__(self, proxy: Proxy | None) -> None:
         self.proxy = proxy
-        self.cpu0 = cpu(proxy.pid, True) if proxy else None
+        self.cpu0 = cpu(proxy.pid) if proxy else None
         self.start = {k: proxy.metric(m) for k, m in self.COUNTERS.items()} if proxy else {}
 
     def deltas(self, n: int, elapsed: float, replay: bool = False) -> dict[str, float]:
         if self.proxy is None or not self.proxy.alive():
             return {}
         out: dict[str, float] = {}
-        cpu1 = cpu(self.proxy.pid, True)
+        cpu1 = cpu(self.proxy.pid)
         if self.cpu0 is not None and cpu1 is not None and n:
             out["proxy_cpu_us_per_pub"] = (cpu1 - self.cpu0) / n * 1e6
             if elapsed:
@@ -117,12 +114,7 @@ def cpu_probe(pids: dict[str, int | None]) -> Callable[[], dict[str, float]]:
     """Reads the CPU seconds of each named process (with its live children) when called."""
 
     def probe() -> dict[str, float]:
-        out = {}
-        for name, pid in pids.items():
-            with contextlib.suppress(OSError):
-                if pid:
-                    out[name] = run_seconds(pid)
-        return out
+        return {name: s for name, pid in pids.items() if (s := cpu(pid)) is not None}
 
     return probe
 

@@ -395,14 +395,14 @@ class Bench:
         queue = admin.new_queue("s3")
         counters = measure.ProxyCounters(proxy)
         sampler = measure.MetricSampler(proxy) if proxy else None
-        bcpu0 = measure.cpu(self.broker_pid, False)
+        bcpu0 = measure.cpu(self.broker_pid)
         try:
             if sampler:
                 sampler.start()
             res = measure.run_s3_clients(port, queue, loops, self.mode.s3_duration, self.s3_procs)
             if sampler:
                 sampler.stop()
-            bcpu1 = measure.cpu(self.broker_pid, False)
+            bcpu1 = measure.cpu(self.broker_pid)
             n = len(res["ids"])
             run.metrics = {
                 "pub_s": n / res["elapsed_s"],
