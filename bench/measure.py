@@ -170,11 +170,12 @@ def consume_check(admin: Admin, queue: str, ids: list[int], got: list[int]) -> d
 
 
 def run_s3_clients(
-    port: int, queue: str, loops: int, duration: float, procs: int
+    port: int, queue: str, loops: int, duration: float, procs: int, delay: float = 1.0
 ) -> dict[str, Any]:
-    """Run the S3 loops in `procs` child processes that start together; merge their results."""
+    """Run the S3 loops in `procs` child processes that start together, `delay` seconds from
+    now (once every child has imported its modules); merge their results."""
     procs = max(1, min(procs, loops))
-    start_at = time.time() + 1.0  # after every child has imported its modules
+    start_at = time.time() + delay
     children = []
     for k in range(procs):
         share = loops // procs + (1 if k < loops % procs else 0)
