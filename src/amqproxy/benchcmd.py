@@ -51,7 +51,7 @@ class Broker:
     host: str
     port: int
     user: str
-    password: str
+    password: str = field(repr=False)
     vhost: str
     tls: bool
     ca: str | None = None
