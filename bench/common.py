@@ -16,6 +16,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import pika
@@ -23,7 +24,6 @@ import pika
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(BENCH_DIR)
 RESULTS_DIR = os.path.join(BENCH_DIR, "results")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
@@ -70,23 +70,17 @@ def wait_port(port: int, timeout: float, proc: subprocess.Popen[Any] | None = No
     return False
 
 
-def cpu_seconds(pid: int, children: bool = False) -> float:
-    """utime+stime (and reaped children's if asked) from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])
-    if children:
-        ticks += int(fields[13]) + int(fields[14])
-    return ticks / CLK_TCK
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU of a process and its live children (a proxy may fork workers)."""
-    total = 0.0
-    for p in [pid, *child_pids(pid)]:
-        with contextlib.suppress(OSError):
-            total += cpu_seconds(p, children=True)
-    return total
+def run_seconds(pid: int, children: bool = True) -> float:
+    """Time on a CPU of every thread of a process (and of its live children), from
+    /proc/PID/task/*/schedstat: nanosecond resolution where /proc/PID/stat counts 10 ms ticks.
+    Children that have exited are not counted: read it while they live (socat's per-connection
+    child)."""
+    total = 0
+    for p in [pid, *(child_pids(pid) if children else [])]:
+        for path in glob.glob(f"/proc/{p}/task/*/schedstat"):
+            with contextlib.suppress(OSError, ValueError), open(path) as f:
+                total += int(f.read().split()[0])
+    return total / 1e9
 
 
 def child_pids(pid: int) -> list[int]:
@@ -131,8 +125,19 @@ class ProxyUnavailable(RuntimeError):
     """The proxy under test could not be started (e.g. not implemented yet)."""
 
 
+# What the reference (cloudamqp/amqproxy 3.1.3) exports on /metrics: nothing else is asked of it.
+REFERENCE_METRICS = frozenset(
+    {"amqproxy_identity_info", "amqproxy_client_connections", "amqproxy_upstream_connections"}
+)
+# Configuration variables either proxy reads from its environment: never inherited.
+PROXY_ENV_VARS = ("AMQP_URL", "LISTEN_ADDRESS", "LISTEN_PORT", "HTTP_PORT", "LOG_LEVEL",
+                  "IDLE_CONNECTION_TIMEOUT", "MAX_UPSTREAM_CHANNELS", "TERM_TIMEOUT",
+                  "TERM_CLIENT_CLOSE_TIMEOUT")  # fmt: skip
+
+
 class Proxy:
-    """The proxy under test: `python -m amqproxy` from this repo's src/, on free ports."""
+    """A proxy measured by the bench, on free ports: ours (`python -m amqproxy` from this repo's
+    src/ or a baseline's) or an executable that takes the same command line (the reference)."""
 
     module = "amqproxy"  # the runner's --proxy-module changes it (e.g. to test the skip path)
 
@@ -142,11 +147,15 @@ class Proxy:
         ca: str | None = None,
         idle: float | None = None,
         src: str | None = None,
+        binary: str | None = None,
     ) -> None:
         self.upstream = upstream
         self.ca = ca
         self.idle = idle
         self.src = src  # another checkout's src/ (A/B against a baseline), else this repo's
+        self.binary = binary  # the reference's executable instead of python -m amqproxy
+        # metrics it exports (None: all of ours); others read as None, never as 0
+        self.known_metrics = REFERENCE_METRICS if binary else None
         self.port = 0
         self.http_port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -171,10 +180,9 @@ class Proxy:
 
     def start(self, timeout: float = 15.0) -> Proxy:
         self.port, self.http_port = free_port(), free_port()
+        exe = [self.binary] if self.binary else [sys.executable, "-m", Proxy.module]
         cmd = [
-            sys.executable,
-            "-m",
-            Proxy.module,
+            *exe,
             "-l",
             "127.0.0.1",
             "-p",
@@ -188,8 +196,10 @@ class Proxy:
         env = proxy_env(self.src)
         if self.ca:
             env["AMQPROXY_UPSTREAM_CA"] = self.ca
+            env["SSL_CERT_FILE"] = self.ca  # the reference trusts OpenSSL's default paths
         os.makedirs(RESULTS_DIR, exist_ok=True)
         tag = re.sub(r"[^A-Za-z0-9]+", "_", self.upstream)
+        tag = f"{tag}-ref" if self.binary else tag
         self.log_path = os.path.join(RESULTS_DIR, f"proxy-{tag}-{self.port}.log")
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -216,6 +226,8 @@ class Proxy:
 
     def frame_scanner(self) -> str:
         """Which frame scanner the proxy runs ("compiled" or "pure Python"), from its log."""
+        if self.binary:
+            return "n/a"
         with contextlib.suppress(OSError), open(self.log_path, errors="replace") as f:
             for line in f:
                 if "frame scanner: " in line:
@@ -238,7 +250,10 @@ class Proxy:
         return out
 
     def metric(self, name: str) -> float | None:
-        """Sum of one metric; 0 if not exported yet (no label set), None if unreachable."""
+        """Sum of one metric; 0 if not exported yet (no label set), None if unreachable or
+        if this proxy never exports it (the reference has three metrics)."""
+        if self.known_metrics is not None and name not in self.known_metrics:
+            return None
         try:
             return self.metrics().get(name, 0.0)
         except Exception:  # noqa: BLE001 - metrics are best effort
@@ -259,7 +274,7 @@ class Proxy:
 
 def proxy_env(src: str | None = None) -> dict[str, str]:
     """The environment to run `python -m amqproxy` from `src` (this repo's src/ by default)."""
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in PROXY_ENV_VARS}
     src = src or os.path.join(REPO_DIR, "src")
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
@@ -287,6 +302,50 @@ def baseline_src(ref: str) -> str:
         [sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tree, capture_output=True
     )
     return os.path.join(tree, "src")
+
+
+PEERS_DIR = os.path.normpath(os.path.join(REPO_DIR, "..", "shared", "peers"))
+REFERENCE_VERSION = "3.1.3"
+
+
+def build_reference(script: str | None = None, timeout: float = 900) -> str:
+    """Path of the reference proxy (cloudamqp/amqproxy 3.1.3), built by the peers' script the
+    first time (about a minute; the binary is cached). Raises RuntimeError with the reason."""
+    script = script or os.path.join(PEERS_DIR, "build-amqproxy.sh")
+    if not os.path.exists(script):
+        raise RuntimeError(f"{script} not found")
+    r = subprocess.run([script], capture_output=True, text=True, timeout=timeout)
+    path = (r.stdout.strip().splitlines() or [""])[-1]
+    if r.returncode != 0 or not os.access(path, os.X_OK):
+        tail = " | ".join(r.stderr.strip().splitlines()[-3:])
+        raise RuntimeError(f"{script} failed (exit {r.returncode}): {tail}")
+    return check_reference(path)
+
+
+def check_reference(path: str) -> str:
+    """`path` if it runs and says it is the expected version, else RuntimeError."""
+    try:
+        r = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
+    except OSError as e:
+        raise RuntimeError(f"{path}: {e}") from None
+    if r.returncode != 0:
+        raise RuntimeError(f"{path} --version: exit {r.returncode}")
+    if r.stdout.strip() != REFERENCE_VERSION:
+        raise RuntimeError(f"{path} is version {r.stdout.strip()!r}, not {REFERENCE_VERSION}")
+    return path
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One proxy measured beside direct: ours ("proxy"), the reference (cloudamqp/amqproxy,
+    "reference") or an earlier version of ours ("baseline"). The name is the run's mode."""
+
+    name: str
+    binary: str | None = None  # the reference's executable
+    src: str | None = None  # the baseline's src/
+
+    def proxy(self, upstream: str, ca: str | None = None, idle: float | None = None) -> Proxy:
+        return Proxy(upstream, ca=ca, idle=idle, src=self.src, binary=self.binary)
 
 
 class Socat:
@@ -360,8 +419,10 @@ class Admin:
     def count(self, queue: str) -> int:
         return int(self._channel().queue_declare(queue, passive=True).method.message_count)
 
-    def settled_count(self, queue: str, expect: int, timeout: float = 10.0) -> int:
-        """Message count once it equals `expect` or has stopped changing for 0.5 s."""
+    def settled_count(
+        self, queue: str, expect: int, timeout: float = 10.0, stable_s: float = 0.5
+    ) -> int:
+        """Message count once it equals `expect` or has stopped changing for `stable_s`."""
         deadline = time.monotonic() + timeout
         last, since = -1, time.monotonic()
         while time.monotonic() < deadline:
@@ -370,7 +431,7 @@ class Admin:
                 return c
             if c != last:
                 last, since = c, time.monotonic()
-            elif time.monotonic() - since > 0.5:
+            elif time.monotonic() - since > stable_s:
                 return c
             time.sleep(0.05)
         return last

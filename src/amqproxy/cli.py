@@ -62,6 +62,11 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":  # `amqproxy bench URL`: what the proxy gains here
+        from amqproxy import benchcmd
+
+        return benchcmd.main(list(argv[1:]))
     try:
         settings, print_only = settings_from(argv)
     except ConfigError as exc:
