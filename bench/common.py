@@ -35,7 +35,7 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     s = sorted(values)
-    k = max(0, min(len(s) - 1, int(round(q / 100 * len(s) + 0.5)) - 1))
+    k = max(0, min(len(s) - 1, round(q / 100 * len(s) + 0.5) - 1))
     return s[k]
 
 
@@ -256,7 +256,7 @@ class Proxy:
             return None
         try:
             return self.metrics().get(name, 0.0)
-        except Exception:  # noqa: BLE001 - metrics are best effort
+        except Exception:
             return None
 
     def stop(self) -> None:

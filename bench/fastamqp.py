@@ -353,7 +353,7 @@ class FastConn(asyncio.Protocol):
         return self.confirm_nacks
 
     async def consume(
-        self, queue: str, n: int, no_ack: bool = True, prefetch: int = 0, timeout: float = 120
+        self, queue: str, n: int, no_ack: bool = True, prefetch: int = 0, within: float = 120
     ) -> list[int]:
         """Consume until `n` deliveries arrived; returns their ids."""
         if prefetch:
@@ -369,7 +369,7 @@ class FastConn(asyncio.Protocol):
         )
         await self.expect(60, 21)
         if n:
-            await asyncio.wait_for(self.consume_done, timeout)
+            await asyncio.wait_for(self.consume_done, within)
         self.consuming = False
         self.write(_method(1, commands.Basic.Cancel(consumer_tag="bench")))
         await self.expect(60, 31)
@@ -432,7 +432,7 @@ async def s3_loops(
             t0 = time.perf_counter()
             try:
                 await short_cycle(host, port, queue, msg_id)
-            except Exception as e:  # noqa: BLE001 - counted and reported
+            except Exception as e:
                 errors.append(repr(e)[:200])
                 maybe.append(msg_id)
                 await asyncio.sleep(0.01)
@@ -455,17 +455,17 @@ async def s3_loops(
 
 
 async def drain_ids(
-    host: str, port: int, queue: str, expected: int, timeout: float = 60, **kw: Any
+    host: str, port: int, queue: str, expected: int, within: float = 60, **kw: Any
 ) -> list[int]:
     """Consume everything in `queue` (no-ack) and return the ids; used for verification.
     `kw`: user, password, vhost for connect()."""
     conn = await connect(host, port, **kw)
     try:
         count = await conn.declare_passive(queue)
-        ids = await conn.consume(queue, count, no_ack=True, timeout=timeout) if count else []
+        ids = await conn.consume(queue, count, no_ack=True, within=within) if count else []
         rest = await conn.declare_passive(queue)
         if rest:
-            ids += await conn.consume(queue, rest, no_ack=True, timeout=timeout)
+            ids += await conn.consume(queue, rest, no_ack=True, within=within)
         await conn.close_channel()
         await conn.close()
         return ids

@@ -132,7 +132,7 @@ def s1_lines(gr: Groups, summary: dict[str, Any]) -> list[str]:
         row += [num(ratio(med(g.get(k, []), "mean_ms"), d)) for k in gr.kinds]
         rows.append([*row, gr.checks(g, modes)])
     lines = ["S1 short-lived publisher: ms per connect-publish-close cycle, mean [min–max], p99"]
-    lines += table(head, rows) + [""]
+    lines += [*table(head, rows), ""]
     lines.append("S1 targets: proxied at RTT 50 / the same client direct at RTT 0 (mean per cycle)")
     for tls in (False, True):
         for client in CLIENTS:
@@ -179,7 +179,7 @@ def s2_lines(gr: Groups, summary: dict[str, Any]) -> list[str]:
         row += [num(ratio(med(g.get(m, []), "msg_s"), d)) for m in relays]
         rows.append([*row, gr.checks(g, modes)])
     lines = ["S2 one long-lived connection, RTT 0: msg/s, median [min–max]"]
-    lines += table([*head, "check"], rows) + [""]
+    lines += [*table([*head, "check"], rows), ""]
     head = ["test", *(f"{LABEL[m]} µs/msg" for m in relays)]
     head += [f"broker µs/msg {LABEL[m]}" for m in modes]
     rows = []
@@ -187,7 +187,7 @@ def s2_lines(gr: Groups, summary: dict[str, Any]) -> list[str]:
         row = [case["test"], *(fmt(g.get(m, []), "cpu_us_per_msg") for m in relays)]
         rows.append(row + [num(med(g.get(m, []), "broker_cpu_us_per_msg")) for m in modes])
     lines += ["S2 CPU per message: of the relay or proxy, and of the broker (schedstat, ns)"]
-    lines += table(head, rows) + [""]
+    lines += [*table(head, rows), ""]
     lines.append(
         f"S2 verdicts against the floor (socat, same run): msg/s ≥ {S2_VS_SOCAT} × socat, "
         f"CPU/msg ≤ {S2_CPU_VS_SOCAT} × socat's, msg/s ≥ reference; /direct for information"
@@ -246,7 +246,7 @@ def s3_lines(gr: Groups, summary: dict[str, Any]) -> list[str]:
         row += [num(ratio(med(g.get(k, []), "pub_s"), d)) for k in gr.kinds]
         rows.append([*row, gr.checks(g, modes)])
     lines = ["S3 concurrent short-lived publishers: publishes/s median [min–max], cycle ms"]
-    lines += table(head, rows) + [""] + s3_costs(gr, cases, modes)
+    lines += [*table(head, rows), "", *s3_costs(gr, cases, modes)]
     return [*lines, *s3_verdicts(gr, summary), ""]
 
 

@@ -25,9 +25,9 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import RESULTS_DIR, Kind, Proxy, baseline_src  # noqa: E402
-from report import summarize  # noqa: E402
-from scenarios import FULL, QUICK, SCENARIOS, Bench, Mode, log  # noqa: E402
+from common import RESULTS_DIR, Kind, Proxy, baseline_src
+from report import summarize
+from scenarios import FULL, QUICK, SCENARIOS, Bench, Mode, log
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -75,7 +75,7 @@ def pika_loop(target: Target, queue: str, id_base: int, n_max: int, budget_s: fl
             ch.basic_publish("", queue, body_for(msg_id))
             ch.close()
             conn.close()
-        except Exception as e:  # noqa: BLE001 - reported with the run
+        except Exception as e:
             res.maybe_ids.append(msg_id)
             res.error = f"pika cycle {i}: {e!r}"[:300]
             break

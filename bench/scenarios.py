@@ -163,7 +163,7 @@ class Bench:
                 path = check_reference(reference_bin) if reference_bin else build_reference()
                 self.kinds["reference"] = Kind("reference", binary=path)
                 log(f"reference proxy: {path}")
-            except Exception as e:  # noqa: BLE001 - the reference column says why it is empty
+            except Exception as e:
                 self.unavailable["reference"] = f"reference proxy unavailable: {e}"[:300]
                 log(self.unavailable["reference"])
 
@@ -245,7 +245,7 @@ class Bench:
         for name, stop in steps:
             try:
                 stop()
-            except Exception as e:  # noqa: BLE001 - report and go on with the rest
+            except Exception as e:
                 log(f"cleanup of {name} failed: {e!r}")
         self.tls = None
         self.socat = None
@@ -256,7 +256,7 @@ class Bench:
 
     def add(self, run: Run) -> Run:
         self.runs.append(run)
-        tag = run.skipped and f"SKIPPED ({run.skipped})" or run.error or ""
+        tag = (run.skipped and f"SKIPPED ({run.skipped})") or run.error or ""
         v = run.verify
         vtxt = "" if v is None else (" verify ok" if v["ok"] else f" VERIFY FAILED {v}")
         brief = {k: round(x, 3) if isinstance(x, float) else x for k, x in run.metrics.items()}
@@ -272,7 +272,7 @@ class Bench:
             try:
                 self.tls_broker()
                 cases += [(c, True, r) for r in m.s1_tls_rtts for c in CLIENTS]
-            except Exception as e:  # noqa: BLE001 - TLS cases reported as skipped
+            except Exception as e:
                 self.notes.append(f"TLS node failed to start, TLS cases skipped: {e!r}")
         for rep in range(m.repeats):
             for client, tls, rtt in cases:
@@ -304,7 +304,7 @@ class Bench:
             run.metrics = summarize_ms(res.times_ms[1:])  # first cycle is a warm-up
             run.error = res.error
             run.verify = verify_queue(admin, queue, res.ids, res.maybe_ids, delete=False)
-        except Exception as e:  # noqa: BLE001 - one failed run must not end the session
+        except Exception as e:
             run.error = repr(e)[:300]
         finally:
             admin.delete(queue)
@@ -357,7 +357,7 @@ class Bench:
             else:
                 run.metrics["nacks"] = res.get("nacks", 0)
                 run.verify = verify_queue(admin, queue, ids, delete=False)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             run.error = repr(e)[:300]
         finally:
             admin.delete(queue)
@@ -420,7 +420,7 @@ class Bench:
             if res["n_errors"]:
                 run.error = f"{res['n_errors']} failed cycles, e.g. {res['errors'][:2]}"
             run.verify = verify_queue(admin, queue, res["ids"], res["maybe_ids"], delete=False)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             run.error = repr(e)[:300]
         finally:
             if sampler:
@@ -476,7 +476,7 @@ class Bench:
             }
             if res["error"]:
                 run.error = res["error"]
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             run.error = repr(e)[:300]
         self.add(run)
 
@@ -522,7 +522,7 @@ class Bench:
                 "ok": run.metrics["lost"] == 0 and run.metrics["unexpected"] == 0,
                 **{k: run.metrics[k] for k in keys},
             }
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             run.error = repr(e)[:300]
         finally:
             if proxy is not None:
@@ -561,7 +561,7 @@ class Bench:
             run.metrics = {k: v for k, v in res.items() if k not in ("ids", "maybe_ids")}
             run.metrics.update(counters.deltas(len(res["ids"]), 0.0))
             run.verify = verify_queue(admin, queue, res["ids"], res["maybe_ids"], delete=False)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             run.error = repr(e)[:300]
         finally:
             admin.delete(queue)

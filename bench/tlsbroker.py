@@ -17,12 +17,12 @@ sys.path.insert(
     0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
 )
 
-from support.node import BrokerNode  # noqa: E402
+from support.node import BrokerNode
 
 NODENAME = "bench-tls@localhost"
 
 
-def TLSBroker() -> BrokerNode:  # noqa: N802 - the bench's name for it
+def TLSBroker() -> BrokerNode:
     """The bench's TLS node on fixed ports (plain 5682, TLS 5681, distribution 25682)."""
     return BrokerNode(NODENAME, plain_port=5682, tls_port=5681, dist_port=25682)
 

@@ -117,7 +117,7 @@ class Client:
             head = await self.reader.readexactly(7)
             size = struct.unpack_from(">I", head, 3)[0]
             data = head + await self.reader.readexactly(size + 1)
-            _, channel, value = frame.unmarshal(data)
+            _, _channel, value = frame.unmarshal(data)
             if isinstance(value, commands.Connection.Close | commands.Channel.Close):
                 what = "connection" if isinstance(value, commands.Connection.Close) else "channel"
                 raise BenchError(f"the broker closed the {what}: {value.reply_text}")
@@ -232,9 +232,8 @@ class InProcessProxy:
 
     def stop(self, timeout: float = 20.0) -> None:
         """Drain as on SIGTERM: what the proxy answered for is delivered before it stops."""
-        stop_event = getattr(self.proxy, "_stop", None)
-        if self.loop is not None and stop_event is not None and self.thread.is_alive():
-            self.loop.call_soon_threadsafe(stop_event.set)
+        if self.loop is not None and self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.proxy.stop)
         self.thread.join(timeout)
 
 
@@ -315,9 +314,9 @@ async def cycles(
     return direct, proxied
 
 
-async def settled_count(admin: Client, queue: str, expect: int, timeout: float = 10.0) -> int:
+async def settled_count(admin: Client, queue: str, expect: int, within: float = 10.0) -> int:
     """Messages in the queue once they reach `expect` or stop changing for a second."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     last, since = -1, time.monotonic()
     while True:
         declare = commands.Queue.Declare(queue=queue, passive=True)

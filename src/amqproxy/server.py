@@ -79,6 +79,10 @@ class Proxy:
         await self._stop.wait()
         await self._drain()
 
+    def stop(self) -> None:
+        """Drain and stop, as on SIGTERM (call it on the proxy's event loop)."""
+        self._stop.set()
+
     def _on_signal(self, sig: signal.Signals) -> None:
         self._signals += 1
         if self._signals > 1:
