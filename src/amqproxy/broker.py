@@ -18,6 +18,7 @@ from pamqp import commands
 from amqproxy import __version__
 from amqproxy.amqp import auth, frames
 from amqproxy.amqp import constants as c
+from amqproxy.amqp.auth import Credentials
 from amqproxy.config import Settings
 from amqproxy.core.upstream import UpstreamSession
 from amqproxy.errors import UpstreamRefused
@@ -46,14 +47,33 @@ class Broker:
 
         UpstreamRefused: the broker could not be reached (``reachable`` False), did not finish
         the handshake in time, or refused the credentials or vhost (the broker's code)."""
-        settings = self.settings
-        loop = asyncio.get_running_loop()
         self._serial += 1
-        session = UpstreamSession(pool, self._serial, settings, loop.time())
+        session = UpstreamSession(pool, self._serial, self.settings, self._now())
+        protocol = await self._open(session)
+        await self._handshake(protocol, protocol.ready)
+        return self._connected(session)
+
+    async def login(self, credentials: Credentials, mechanism: str = "PLAIN") -> Login:
+        """An upstream connection whose broker accepted ``credentials`` (its Tune arrived),
+        waiting for the vhost: ``Login.finish(pool)`` completes it, ``abandon()`` drops it.
+        UpstreamRefused as for ``connect``; a wrong password is the broker's 403."""
+        self._serial += 1
+        now = self._now()
+        session = UpstreamSession(None, self._serial, self.settings, now, credentials, mechanism)
+        protocol = await self._open(session)
+        await self._handshake(protocol, protocol.tuned)
+        return Login(self, session, protocol)
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def _open(self, session: UpstreamSession) -> UpstreamProtocol:
+        """TCP (and TLS) to the broker, within --connect-timeout."""
+        settings = self.settings
         protocol = UpstreamProtocol(session)
         try:
             await asyncio.wait_for(
-                loop.create_connection(
+                asyncio.get_running_loop().create_connection(
                     lambda: protocol,
                     settings.upstream_host,
                     settings.upstream_port,
@@ -66,13 +86,19 @@ class Broker:
             reason = str(exc) or type(exc).__name__
             text = f"CONNECTION_FORCED - broker unreachable: {reason}"
             raise UpstreamRefused(c.CONNECTION_FORCED, text, reachable=False) from None
+        return protocol
+
+    async def _handshake(self, protocol: UpstreamProtocol, step: asyncio.Future[Any]) -> None:
+        """Wait for a step of the AMQP handshake, within --handshake-timeout."""
         try:
-            await asyncio.wait_for(asyncio.shield(protocol.ready), settings.handshake_timeout)
+            await asyncio.wait_for(asyncio.shield(step), self.settings.handshake_timeout)
         except TimeoutError:
             protocol.abort()
             raise UpstreamRefused(
                 c.CONNECTION_FORCED, "CONNECTION_FORCED - broker handshake timed out"
             ) from None
+
+    def _connected(self, session: UpstreamSession) -> UpstreamSession:
         if session.server_properties:
             self.server_properties = session.server_properties
         return session
@@ -153,3 +179,21 @@ class Broker:
         if self._tune_cache is None or self._tune_cache[0] != key:
             self._tune_cache = (key, frames.encode_method(0, commands.Connection.Tune(*key)))
         return self._tune_cache[1]
+
+
+class Login:
+    """The broker accepted a client's credentials on this upstream connection; the client's
+    vhost, once its Connection.Open arrives, finishes it into a connection of that pool."""
+
+    def __init__(self, broker: Broker, session: UpstreamSession, protocol: UpstreamProtocol):
+        self.broker = broker
+        self.session = session
+        self.protocol = protocol
+
+    async def finish(self, pool: Pool) -> UpstreamSession:
+        self.session.open_vhost(pool)
+        await self.broker._handshake(self.protocol, self.protocol.ready)
+        return self.broker._connected(self.session)
+
+    def abandon(self) -> None:
+        self.session.abandon()

@@ -13,6 +13,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from amqproxy.amqp import constants as c
 from amqproxy.amqp.auth import Credentials, display
@@ -40,8 +41,18 @@ class PoolStats:
 
 
 PoolKey = tuple[bytes, bytes, bytes]  # user, password, vhost: the client's bytes
-# Opens an upstream connection for a pool, handshake done (broker.Connector does it).
+# Opens an upstream connection for a pool, handshake done (``broker.Broker.connect``), or
+# finishes one whose broker already accepted the credentials (``broker.Login.finish``).
 Connect = Callable[["Pool"], Awaitable[Connection]]
+
+
+class Login(Protocol):
+    """An upstream connection whose broker accepted the credentials, waiting for a vhost
+    (``broker.Login``)."""
+
+    async def finish(self, pool: Pool) -> Connection: ...
+
+    def abandon(self) -> None: ...
 
 
 class Pool:
@@ -108,11 +119,16 @@ class Pool:
         self.outage_since = None
         self._upstream_back.set()
 
-    async def authenticate(self) -> None:
+    async def authenticate(self, login: Login | None = None) -> None:
         """Prove the credentials: trusted recently, or by the broker again. With no live
         connection the new one then serves the pool; with one, the proof is a probe that
         closes at once (otherwise every ``credential_ttl`` would leave one more connection
-        behind while the pool is busy)."""
+        behind while the pool is busy). ``login``: the broker accepted the password on it
+        already; its Open for this pool's vhost is the rest of the proof, and it joins the
+        pool."""
+        if login is not None:
+            await self._connect(opener=login.finish)
+            return
         if self.trusted():
             return
         if self.live_upstream() is None:
@@ -153,15 +169,15 @@ class Pool:
             self.registry.upstream_reachable = exc.reachable
             self._enter_outage()
         else:
-            log.info("upstream refused %s@%s: %d %s", self.user, self.vhost, exc.code, exc.text)
+            log.debug("upstream refused %s@%s: %d %s", self.user, self.vhost, exc.code, exc.text)
             self.registry.upstream_reachable = True
 
-    async def _connect(self, keep: bool = True) -> Connection:
+    async def _connect(self, keep: bool = True, opener: Connect | None = None) -> Connection:
         """A new upstream connection with the pool's credentials; ``keep``: it joins the pool,
         else it closes as soon as the broker accepted them (a probe)."""
         loop = asyncio.get_running_loop()
         try:
-            conn = await self.registry.connect(self)
+            conn = await (opener or self.registry.connect)(self)
         except UpstreamRefused as exc:
             self.stats.connect_failures += 1
             self._connect_failed(exc)
@@ -361,6 +377,15 @@ class PoolRegistry:
         if pool is None:
             pool = self.pools[key] = Pool(self, key)
         return pool
+
+    def credentials_trusted(self, credentials: Credentials) -> bool:
+        """A pool with exactly these user and password bytes (any vhost) is trusted: the
+        broker accepted them less than --credential-ttl ago."""
+        user, password = credentials
+        return any(
+            key[0] == user and key[1] == password and pool.trusted()
+            for key, pool in self.pools.items()
+        )
 
     def maybe_drop(self, pool: Pool) -> None:
         """Forget a pool with no clients and no connections (e.g. failed credentials)."""

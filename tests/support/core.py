@@ -118,7 +118,10 @@ class ClientPeer:
     def learn_broker(self) -> None:
         self.session.send_start(self.rig.start_frame())
 
-    def authenticate(self, pool: Pool) -> None:
+    def check_credentials(self, credentials: Credentials, mechanism: str) -> None:
+        self.session.credentials_checked(None)
+
+    def authenticate(self, pool: Pool, login: Any) -> None:
         self.session.admitted(pool)
 
     def open_channel(self, pool: Pool, lease: Lease, confirm: bool) -> None:

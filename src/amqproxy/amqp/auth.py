@@ -22,10 +22,11 @@ class Credentials(NamedTuple):
     user: bytes
     password: bytes
 
-    def login(self) -> tuple[str, bytes]:
-        """(mechanism, response) that presents exactly these bytes to the broker: PLAIN,
-        unless a NUL inside a field needs AMQPLAIN's length-prefixed strings."""
-        if b"\x00" in self.user or b"\x00" in self.password:
+    def login(self, mechanism: str = "PLAIN") -> tuple[str, bytes]:
+        """(mechanism, response) that presents exactly these bytes to the broker: the one
+        asked for (a client's own, so the broker's answer reads as for that client), but
+        AMQPLAIN when a NUL inside a field needs its length-prefixed strings."""
+        if mechanism == "AMQPLAIN" or b"\x00" in self.user or b"\x00" in self.password:
             table = encode_long_strings({b"LOGIN": self.user, b"PASSWORD": self.password})
             return "AMQPLAIN", table
         return "PLAIN", b"\x00" + self.user + b"\x00" + self.password

@@ -28,10 +28,19 @@ _TRUE = ord("t")
 
 class StartOk(NamedTuple):
     connection_name: str  # the client's "connection_name" property, for logs
-    wants_blocked: bool  # it announced the connection.blocked capability
+    capabilities: frozenset[bytes]  # those it announced as true
     mechanism: str
     response: bytes
     locale: str
+
+    @property
+    def wants_blocked(self) -> bool:
+        return b"connection.blocked" in self.capabilities
+
+    @property
+    def wants_auth_close(self) -> bool:
+        """A refused login gets Connection.Close (else RabbitMQ just drops the socket)."""
+        return b"authentication_failure_close" in self.capabilities
 
 
 def _short_str(payload: Buffer, pos: int) -> tuple[str, int]:
@@ -42,17 +51,17 @@ def _short_str(payload: Buffer, pos: int) -> tuple[str, int]:
     return bytes(payload[pos + 1 : end]).decode("utf-8", "replace"), end
 
 
-def _client_properties(table: memoryview) -> tuple[str, bool]:
-    """(connection name, connection.blocked capability) from the properties table."""
-    name, blocked = "", False
+def _client_properties(table: memoryview) -> tuple[str, frozenset[bytes]]:
+    """(connection name, the capabilities announced as true) from the properties table."""
+    name, capabilities = "", set()
     for key, kind, value in items(table):
         if key == b"connection_name" and kind == LONG_STRING:
             name = long_string(value).decode("utf-8", "replace")
         elif key == b"capabilities" and kind == TABLE:
             for cap, cap_kind, cap_value in items(value[4:]):
-                if cap == b"connection.blocked" and cap_kind == _TRUE:
-                    blocked = bool(cap_value[0])
-    return name, blocked
+                if cap_kind == _TRUE and cap_value[0]:
+                    capabilities.add(bytes(cap))
+    return name, frozenset(capabilities)
 
 
 def start_ok(payload: Buffer) -> StartOk:
@@ -63,7 +72,7 @@ def start_ok(payload: Buffer) -> StartOk:
         pos = 8 + table_size
         if pos > len(view) or table_error(view, 8, pos) is not None:
             raise ValueError
-        name, blocked = _client_properties(view[8:pos])
+        name, capabilities = _client_properties(view[8:pos])
         mechanism, pos = _short_str(view, pos)
         response_size = _U32.unpack_from(view, pos)[0]
         pos += 4
@@ -73,7 +82,7 @@ def start_ok(payload: Buffer) -> StartOk:
         locale, _ = _short_str(view, pos + response_size)
     except (IndexError, ValueError, struct.error):
         raise FrameError(c.SYNTAX_ERROR, "SYNTAX_ERROR - malformed connection.start-ok") from None
-    return StartOk(name, blocked, mechanism, response, locale)
+    return StartOk(name, capabilities, mechanism, response, locale)
 
 
 def tune_ok(payload: Buffer) -> tuple[int, int, int]:

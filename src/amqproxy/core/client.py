@@ -28,7 +28,7 @@ from amqproxy.logsetup import hot_info
 
 if TYPE_CHECKING:
     from amqproxy.channel import Connection, Lease, UpstreamChannel
-    from amqproxy.pool import Pool, PoolRegistry
+    from amqproxy.pool import Login, Pool, PoolRegistry
 
 log = logging.getLogger("amqproxy.client")
 
@@ -72,6 +72,8 @@ class ClientSession:
         self.close_reason = ""
         self._rest = b""
         self._sent_blocked = False  # we told the client Connection.Blocked (outbox full)
+        self.login: Login | None = None  # the broker accepted the password; the vhost is next
+        self.unreachable = ""  # why the broker could not check the password at StartOk
 
     @property
     def leases(self) -> dict[int, Lease]:
@@ -220,16 +222,26 @@ class ClientSession:
         log.warning("client %s missed heartbeats; closing", self.describe())
         self.host.abort()
 
-    def handshake_expired(self) -> None:
-        if self.state is State.HANDSHAKE:
-            where = self.handshake.state.value
-            log.warning("client %s: handshake timed out in state %s", self.host.peer, where)
-            self.host.abort()
+    def handshake_expired(self) -> bool:
+        """--handshake-timeout since the client connected: drop it if its handshake is not
+        done. False: not now, the proxy is waiting for the broker (which has timeouts of its
+        own); ask again after another timeout."""
+        if self.state is not State.HANDSHAKE:
+            return True
+        step = self.handshake.state
+        if step is Step.LEARNING or step is Step.CHECKING:
+            return False
+        log.warning("client %s: handshake timed out in state %s", self.host.peer, step.value)
+        self.host.abort()
+        return True
 
     def lost(self, exc: Exception | None) -> None:
         """The socket is gone."""
         was_open = self.pool is not None
         self.state = State.CLOSED
+        if self.login is not None:
+            self.login.abandon()
+            self.login = None
         self.channels.release_all("client left")
         self.registry.outbox.waiters.discard(self)
         if self.pool is not None:
@@ -250,16 +262,40 @@ class ClientSession:
         if rest:
             self.receive(rest)
 
+    def credentials_checked(self, login: Login | None, unreachable: str = "") -> None:
+        """The broker accepted the credentials on ``login``, or could not be reached
+        (``unreachable``: why; Connection.Open says so then, unless an outage is held for
+        these credentials): Tune goes out."""
+        if self.state is not State.HANDSHAKE or self.handshake.state is not Step.CHECKING:
+            if login is not None:
+                login.abandon()
+            return
+        self.login = login
+        self.unreachable = unreachable
+        self.handshake.tune()
+        rest, self._rest = self._rest, b""
+        if rest:
+            self.receive(rest)
+
+    def credentials_refused(self, code: int, text: str) -> None:
+        if self.state is State.HANDSHAKE and self.handshake.state is Step.CHECKING:
+            self.handshake.refused(code, text)
+
     def opened(self, vhost: bytes) -> None:
-        """Connection.Open: the credentials are proven upstream before OpenOk."""
+        """Connection.Open: the vhost is proven upstream before OpenOk."""
         self.vhost_bytes = vhost
         self.vhost = auth.display(vhost)
         self.state = State.AUTHENTICATING
         pool = self.registry.pool(self.credentials, vhost)
-        if pool.trusted():
+        login, self.login = self.login, None
+        if login is not None:
+            self.host.authenticate(pool, login)  # its Open names the vhost
+        elif pool.trusted():
             self.admitted(pool)  # proven recently: no round trip, no wait
+        elif self.unreachable:  # tried at StartOk already: no second wait for the timeout
+            self.refused(pool, c.CONNECTION_FORCED, self.unreachable)
         else:
-            self.host.authenticate(pool)
+            self.host.authenticate(pool, None)
 
     def admitted(self, pool: Pool) -> None:
         if self.state is not State.AUTHENTICATING:

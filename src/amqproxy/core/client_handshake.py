@@ -22,6 +22,7 @@ class Step(enum.Enum):
     HEADER = "header"  # waiting for the protocol header
     LEARNING = "learning"  # header read; the broker's properties are being learned
     START = "start"  # Connection.Start sent
+    CHECKING = "checking"  # StartOk read; the broker is checking the credentials
     TUNE = "tune"  # Connection.Tune sent
     OPEN_WAIT = "open-wait"  # TuneOk received, waiting for Connection.Open
     DONE = "done"  # Connection.Open received (or the handshake ended)
@@ -33,6 +34,7 @@ class Handshake:
     def __init__(self, session: Session) -> None:
         self.session = session
         self.state = Step.HEADER
+        self.wants_auth_close = False
 
     def receive(self, data: bytes) -> bytes:
         """Bytes during the handshake; returns what is kept for later (a partial frame, or
@@ -50,7 +52,7 @@ class Handshake:
                 self.session.host.learn_broker()
                 return data
             self.start(start)
-        if self.state is Step.LEARNING:
+        if self.state is Step.LEARNING or self.state is Step.CHECKING:
             return data
         try:
             return self._frames(data)
@@ -129,10 +131,31 @@ class Handshake:
         method = handshake.start_ok(payload)
         session.connection_name = method.connection_name
         session.wants_blocked = method.wants_blocked
+        self.wants_auth_close = method.wants_auth_close
         session.credentials = auth.credentials(method.mechanism, method.response)
         session.user = auth.display(session.credentials.user)
+        if session.registry.credentials_trusted(session.credentials):
+            self.tune()  # proven recently: no round trip, no wait
+        else:  # the broker checks the password now, as it would for a direct client
+            self.state = Step.CHECKING
+            session.host.check_credentials(session.credentials, method.mechanism)
+
+    def tune(self) -> None:
+        """Connection.Tune: the credentials are good (or the broker cannot tell now)."""
+        session = self.session
         self.state = Step.TUNE
         session.host.write(session.broker.tune_frame(session.registry.frame_max))
+
+    def refused(self, code: int, text: str) -> None:
+        """The broker refused the credentials: as from RabbitMQ, Connection.Close before Tune
+        to a client that announced authentication_failure_close, else the socket closes."""
+        self.state = Step.DONE
+        session = self.session
+        if self.wants_auth_close:
+            session.close_with(code, text)
+        else:
+            log.warning("client %s: %d %s", session.describe(), code, text)
+            session.hang_up()
 
     def _tune_ok(self, payload: bytes) -> None:
         session = self.session

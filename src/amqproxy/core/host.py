@@ -15,7 +15,7 @@ from amqproxy.amqp.frames import Buffer
 
 if TYPE_CHECKING:
     from amqproxy.channel import Lease
-    from amqproxy.pool import Pool
+    from amqproxy.pool import Login, Pool
 
 
 class BrokerFacts(Protocol):
@@ -62,8 +62,14 @@ class ClientHost(Protocol):
     def learn_broker(self) -> None:
         """The broker's properties are not known yet: find them, then ``send_start()``."""
 
-    def authenticate(self, pool: Pool) -> None:
-        """Prove the pool's credentials: then ``admitted(pool)`` or ``refused(pool, error)``."""
+    def check_credentials(self, credentials: Credentials, mechanism: str) -> None:
+        """Have the broker check user and password (a login upstream that stops at its Tune):
+        then ``credentials_checked(login)`` (login None: the broker cannot be reached now) or
+        ``credentials_refused(code, text)``."""
+
+    def authenticate(self, pool: Pool, login: Login | None) -> None:
+        """Prove the pool's credentials and vhost (finishing ``login`` when there is one):
+        then ``admitted(pool)`` or ``refused(pool, code, text)``."""
 
     def open_channel(self, pool: Pool, lease: Lease, confirm: bool) -> None:
         """A new upstream channel of ``pool`` for ``lease`` (waiting for the broker while an

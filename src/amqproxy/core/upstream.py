@@ -18,7 +18,7 @@ from pamqp import commands
 from amqproxy import __version__
 from amqproxy.amqp import constants as c
 from amqproxy.amqp import frames, handshake, methods
-from amqproxy.amqp.auth import display
+from amqproxy.amqp.auth import Credentials, display
 from amqproxy.amqp.frames import Buffer, FrameError
 from amqproxy.channel import ChannelState, Client, Lease, UpstreamChannel
 from amqproxy.config import Settings
@@ -47,10 +47,25 @@ _TAG_AND_BITS = struct.Struct(">QB")
 class UpstreamSession:
     """One AMQP connection to the broker, shared by the leases of one pool."""
 
-    def __init__(self, pool: Pool, serial: int, settings: Settings, now: float) -> None:
-        self.pool = pool
+    def __init__(
+        self,
+        pool: Pool | None,
+        serial: int,
+        settings: Settings,
+        now: float,
+        credentials: Credentials | None = None,
+        mechanism: str = "PLAIN",
+    ) -> None:
+        """``pool`` None: a login only (``credentials``), which stops after the broker's Tune
+        until ``open(pool)`` names the vhost: the broker checks the password first, as when a
+        client connects to it directly, and the vhost when the client's Open arrives."""
+        self._pool = pool
+        self.credentials = credentials or (pool.credentials if pool else Credentials(b"", b""))
+        self.serial = serial
+        self.mechanism = mechanism  # a login presents the credentials as its client did
         self.settings = settings
-        self.name = f"amqproxy {pool.user}@{pool.vhost} #{serial}"
+        vhost = pool.vhost if pool else "?"
+        self.name = f"amqproxy {display(self.credentials.user)}@{vhost} #{serial}"
         self.host: UpstreamHost | None = None  # set by the I/O side once connected
         self.peer = ""
         self.open = False  # handshake done and not closing
@@ -68,13 +83,21 @@ class UpstreamSession:
         self.waiting_clients: set[Client] = set()  # they stopped reading until we drain
         self.exclusive_owners: dict[bytes, Client] = {}  # exclusive queues declared here
         self.handshaking = True  # until OpenOk, or until the broker refuses or drops us
+        self.tuned = False  # the broker accepted the credentials (its Tune arrived)
         self.ready_error: UpstreamRefused | None = None  # why the handshake failed
         self.on_ready: Callable[[], None] | None = None  # the host waits for the handshake
+        self._tune_ok = b""  # a login waiting for its vhost: TuneOk goes with the Open
         self.stream = BrokerStream(self)
         self._next_id = 1
         self._rest = b""
         self._out: list[Buffer] = []  # frames for the broker, written by the host
         self._close_reason: tuple[int, str] | None = None
+
+    @property
+    def pool(self) -> Pool:
+        """The pool this connection serves (a login has none until ``open``)."""
+        assert self._pool is not None, "a login without its pool yet"
+        return self._pool
 
     # ---- time and output ----------------------------------------------------------------------
 
@@ -175,6 +198,10 @@ class UpstreamSession:
         self.open = False
         if self.handshaking:
             self._handshake_done(UpstreamRefused(code, text))
+        if self._pool is None:  # a login that never got its vhost: nothing else to undo
+            if self.host is not None:
+                self.host.close()
+            return
         leases: dict[Client, list[Lease]] = {}
         for up in self.channels.values():
             if up.lease is not None:
@@ -315,7 +342,7 @@ class UpstreamSession:
             method = frames.decode_method(data[start:end])
             if isinstance(method, commands.Connection.Start):
                 self.server_properties = dict(method.server_properties or {})
-                mechanism, response = self.pool.credentials.login()
+                mechanism, response = self.credentials.login(self.mechanism)
                 self.write(
                     handshake.encode_start_ok(self._client_properties(), mechanism, response)
                 )
@@ -337,9 +364,27 @@ class UpstreamSession:
         wanted = self.settings.upstream_heartbeat
         self.heartbeat = tune.heartbeat if wanted is None else wanted
         tune_ok = commands.Connection.TuneOk(self.channel_max, self.frame_max, self.heartbeat)
-        self.write(frames.encode_method(0, tune_ok) + handshake.encode_open(self.pool.vhost_bytes))
+        self._tune_ok = frames.encode_method(0, tune_ok)
+        self.tuned = True
+        if self._pool is not None:
+            self.open_vhost(self._pool)
+        elif self.on_ready is not None:
+            self.on_ready()  # a login: the credentials are good, the vhost comes later
         if self.host is not None:
             self.host.start_heartbeat(self.heartbeat)
+
+    def abandon(self) -> None:
+        """A login whose client left before its Open: drop the socket (AMQP has no polite way
+        out before Connection.Open; the broker logs the connection as closed early)."""
+        if self.host is not None and not self.closed:
+            self._close_reason = (c.REPLY_SUCCESS, "login abandoned: its client left")
+            self.host.abort()
+
+    def open_vhost(self, pool: Pool) -> None:
+        """Finish the handshake for ``pool``'s vhost (a login waits for this after Tune)."""
+        self._pool = pool
+        self.name = f"amqproxy {pool.user}@{pool.vhost} #{self.serial}"
+        self.write(self._tune_ok + handshake.encode_open(pool.vhost_bytes))
 
     def _refused_in_handshake(self, data: bytes, start: int, end: int) -> None:
         """The broker's Connection.Close before OpenOk: wrong credentials, vhost, limits."""

@@ -21,7 +21,7 @@ from amqproxy.config import Settings
 from amqproxy.core.client import ClientSession
 from amqproxy.errors import UpstreamRefused
 from amqproxy.io.heartbeat import Heartbeat
-from amqproxy.pool import Pool, PoolRegistry
+from amqproxy.pool import Login, Pool, PoolRegistry
 
 log = logging.getLogger("amqproxy.client")
 
@@ -78,7 +78,12 @@ class ClientProtocol(asyncio.Protocol):
             self.peer = f"{peer[0]}:{peer[1]}"
         self.clients.add(self)
         timeout = self.settings.handshake_timeout
-        self._timer = self.loop.call_later(timeout, self.session.handshake_expired)
+        self._timer = self.loop.call_later(timeout, self._handshake_expired)
+
+    def _handshake_expired(self) -> None:
+        if not self.session.handshake_expired():
+            timeout = self.settings.handshake_timeout
+            self._timer = self.loop.call_later(timeout, self._handshake_expired)
 
     def data_received(self, data: bytes) -> None:
         self.heartbeat.read_seen = True
@@ -173,12 +178,26 @@ class ClientProtocol(asyncio.Protocol):
         await self.broker.properties()
         self.session.send_start(self.broker.start_frame() or self.broker.fallback_start_frame())
 
-    def authenticate(self, pool: Pool) -> None:
-        self._spawn(self._authenticate(pool))
+    def check_credentials(self, credentials: Credentials, mechanism: str) -> None:
+        self._spawn(self._check_credentials(credentials, mechanism))
 
-    async def _authenticate(self, pool: Pool) -> None:
+    async def _check_credentials(self, credentials: Credentials, mechanism: str) -> None:
         try:
-            await pool.authenticate()
+            login = await self.broker.login(credentials, mechanism)
+        except UpstreamRefused as exc:
+            if exc.reachable and exc.code != c.CONNECTION_FORCED:
+                self.session.credentials_refused(exc.code, exc.text)
+            else:  # the broker cannot say now: Connection.Open will get the answer
+                self.session.credentials_checked(None, exc.text)
+            return
+        self.session.credentials_checked(login)
+
+    def authenticate(self, pool: Pool, login: Login | None) -> None:
+        self._spawn(self._authenticate(pool, login))
+
+    async def _authenticate(self, pool: Pool, login: Login | None) -> None:
+        try:
+            await pool.authenticate(login)
         except UpstreamRefused as exc:
             self.session.refused(pool, exc.code, exc.text)
             return

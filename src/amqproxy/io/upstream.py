@@ -23,6 +23,8 @@ class UpstreamProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.ready: asyncio.Future[UpstreamSession] = self.loop.create_future()
         self.ready.add_done_callback(retrieve)  # a failed handshake nobody waits for any more
+        self.tuned: asyncio.Future[None] = self.loop.create_future()  # credentials accepted
+        self.tuned.add_done_callback(retrieve)
         self.heartbeat = Heartbeat(self.loop, self._send_heartbeat, session.heartbeat_missed)
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
@@ -89,13 +91,22 @@ class UpstreamProtocol(asyncio.Protocol):
     # ---- the handshake ------------------------------------------------------------------------
 
     def _on_ready(self) -> None:
-        if self.ready.done():
+        """The session's handshake moved: the broker's Tune (credentials accepted), OpenOk,
+        or its end without one."""
+        session = self.session
+        failure = session.ready_error or UpstreamRefused(320, "CONNECTION_FORCED - lost")
+        ended = not session.handshaking or session.closed
+        if not self.tuned.done():
+            if session.tuned:
+                self.tuned.set_result(None)
+            elif ended:
+                self.tuned.set_exception(failure)
+        if self.ready.done() or not ended:
             return
-        error = self.session.ready_error
-        if self.session.open:
-            self.ready.set_result(self.session)
+        if session.open:
+            self.ready.set_result(session)
         else:
-            self.ready.set_exception(error or UpstreamRefused(320, "CONNECTION_FORCED - lost"))
+            self.ready.set_exception(failure)
 
     def _send_heartbeat(self, frame: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():

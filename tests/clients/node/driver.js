@@ -67,6 +67,16 @@ async function consumeN(ch, queue, n) {
 }
 
 const commands = {
+  // Connect and close; a refusal is reported, not thrown: {"ok": false, "error": message}.
+  async login() {
+    try {
+      const conn = await connect();
+      await conn.close();
+      return { ok: true };
+    } catch (err) {
+      return { ok: false, error: String(err && err.message ? err.message : err) };
+    }
+  },
   // Read the reference message by get and by deliver; publish a message with typed headers.
   async props() {
     const conn = await connect();

@@ -100,6 +100,17 @@ function quiet($ch, float $seconds = 0.2): void
 
 $commands = [];
 
+// Connect and close; a refusal is reported, not thrown.
+$commands['login'] = function (array $a): array {
+    try {
+        $conn = connect($a);
+        $conn->close();
+        return ['ok' => true];
+    } catch (Throwable $e) {
+        return ['ok' => false, 'error' => get_class($e) . ': ' . $e->getMessage()];
+    }
+};
+
 // One publish per process (PHP-FPM style): connect, publish, close.
 $commands['publish_one'] = function (array $a): array {
     $conn = connect($a);
