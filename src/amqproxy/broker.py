@@ -37,6 +37,7 @@ class Broker:
         self.server_properties: dict[str, Any] | None = None  # learned from Connection.Start
         self._serial = 0
         self._probe: asyncio.Future[dict[str, Any]] | None = None
+        self._probe_failing = False  # the last probe failed (logged already)
         self._start_cache: tuple[dict[str, Any], bytes] | None = None
         self._tune_cache: tuple[tuple[int, int, int], bytes] | None = None
 
@@ -115,7 +116,10 @@ class Broker:
         try:
             return await asyncio.shield(self._probe)
         except Exception as exc:  # unreachable, not AMQP, too slow: the client learns at Open
-            log.warning("cannot read the broker's properties: %s", exc or type(exc).__name__)
+            # Once per failing streak, not once per client that waited for it.
+            level = logging.DEBUG if self._probe_failing else logging.WARNING
+            self._probe_failing = True
+            log.log(level, "cannot read the broker's properties: %s", str(exc) or type(exc).__name__)
             return {}
 
     async def _read_start(self) -> dict[str, Any]:
@@ -143,6 +147,7 @@ class Broker:
                 raise ConnectionError(f"expected Connection.Start, got {method.name}")
             properties = dict(method.server_properties or {})
             self.server_properties = properties
+            self._probe_failing = False
             return properties
         finally:
             writer.close()

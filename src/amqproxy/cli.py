@@ -12,7 +12,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from amqproxy import __version__, logsetup
-from amqproxy.config import BY_KEY, OPTIONS, ConfigError, Settings, load, warn_ignored_url_parts
+from amqproxy.config import BY_KEY, OPTIONS, ConfigError, Settings, load, warnings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,10 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"amqproxy: configuration error: {exc}", file=sys.stderr)
         return 2
     if print_only:
+        for warning in warnings(settings):
+            print(f"amqproxy: warning: {warning}", file=sys.stderr)
         print(json.dumps(settings.public(), indent=2, sort_keys=True))
         return 0
-    logsetup.configure(settings.log_level, sys.stderr)
-    warn_ignored_url_parts(settings)
+    logsetup.configure(settings.log_level, sys.stderr, settings.log_format)
+    for warning in warnings(settings):
+        logging.getLogger("amqproxy").warning("%s", warning)
     from amqproxy.server import Proxy
 
     try:

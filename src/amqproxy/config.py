@@ -65,6 +65,23 @@ def _log_level(value: str) -> str:
     return lowered
 
 
+def _log_format(value: str) -> str:
+    lowered = value.strip().lower()
+    if lowered not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return lowered
+
+
+def _readable_file(value: str) -> str:
+    """A file the proxy can read now (checked at start, not at the first connection)."""
+    try:
+        with open(value, "rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read {value}: {exc.strerror}") from None
+    return value
+
+
 def _upstream(value: str) -> str:
     parse_upstream(value)
     return value
@@ -79,6 +96,7 @@ class Settings:
     listen_port: int = 5673
     http_port: int = 15673
     log_level: str = "info"
+    log_format: str = "text"
     idle_connection_timeout: float = 5.0
     max_upstream_channels: int = 0  # 0: the broker's channel_max
     term_timeout: float = 10.0
@@ -121,9 +139,11 @@ class Settings:
         return context
 
     def public(self) -> dict[str, Any]:
-        """The settings as plain values (for --print-config and the status API)."""
+        """The settings as plain values (for --print-config and the status API); the
+        upstream URL without the credentials it may carry."""
         values = dataclasses.asdict(self)
         values.pop("sources")
+        values["upstream"] = redacted(self.upstream)
         return values
 
 
@@ -164,6 +184,10 @@ OPTIONS: tuple[Option, ...] = (
            ("-b", "--http-port"), "HTTP_PORT", "listen", ("http_port",), "PORT"),
     Option("log_level", _log_level, f"log level, one of {', '.join(LOG_LEVELS)} (default info)",
            ("--log-level",), "LOG_LEVEL", metavar="LEVEL"),
+    Option("log_format", _log_format,
+           "log lines as text (default) or json: one object per line with the event, client "
+           "address, user, vhost, connection name, pool and reason", ("--log-format",),
+           "LOG_FORMAT", metavar="FORMAT"),
     Option("idle_connection_timeout", _seconds,
            "close upstream connections unused for this long (default 5; 0 never)",
            ("-t", "--idle-connection-timeout"), "IDLE_CONNECTION_TIMEOUT"),
@@ -204,7 +228,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("outbox_max_bytes", _non_negative_int,
            "unconfirmed messages the proxy holds before it stops reading publishers "
            "(default 256 MiB)", ("--outbox-max-bytes",), metavar="BYTES"),
-    Option("upstream_ca", str, "CA bundle to verify an amqps:// upstream", ("--upstream-ca",),
+    Option("upstream_ca", _readable_file, "CA bundle to verify an amqps:// upstream",
+           ("--upstream-ca",),
            "AMQPROXY_UPSTREAM_CA", metavar="FILE"),
 )  # fmt: skip
 BY_KEY = {option.key: option for option in OPTIONS}
@@ -283,11 +308,24 @@ def load(
     return settings
 
 
-def warn_ignored_url_parts(settings: Settings) -> None:
-    """Credentials and vhost come from each client; say so if the URL carries them."""
+def redacted(url: str) -> str:
+    """``url`` without user and password."""
+    parts = urlsplit(url)
+    if not (parts.username or parts.password):
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=host).geturl()
+
+
+def warnings(settings: Settings) -> list[str]:
+    """What a start says about the settings at WARNING (--print-config prints the same)."""
+    found = []
     ignored = parse_upstream(settings.upstream)[3]
     if ignored:
-        log.warning(
-            "the upstream URL's %s ignored: each client's own credentials and vhost are used",
-            " and ".join(ignored) + (" is" if len(ignored) == 1 else " are"),
+        what = " and ".join(ignored) + (" is" if len(ignored) == 1 else " are")
+        found.append(
+            f"the upstream URL's {what} ignored: each client's own credentials and vhost are used"
         )
+    if settings.upstream_ca and not settings.upstream_tls:
+        found.append("--upstream-ca is set but the upstream URL is amqp://, not amqps://")
+    return found

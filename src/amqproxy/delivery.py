@@ -206,7 +206,9 @@ class Redelivery:
                 up.id,
                 reply_code,
                 reply_text,
-            )
+                extra={"event": "channel.orphan_error", "client": up.last_client,
+                       "upstream": up.conn.name, "code": reply_code, "reason": reply_text},
+            )  # fmt: skip
         if again:
             self.enqueue(self._messages(again))
 
@@ -233,7 +235,9 @@ class Redelivery:
             " after the client left" if after_left else "",
             f"{code} " if code else "",
             text,
-        )
+            extra={"event": "message.refused", "client": message.origin, "code": code,
+                   "reason": text, "pool": f"{self.pool.user}@{self.pool.vhost}"},
+        )  # fmt: skip
 
     def counts(self) -> tuple[int, int, float | None]:
         """(messages, bytes, oldest acceptance time) of this pool's outbox."""

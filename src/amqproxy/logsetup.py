@@ -10,16 +10,22 @@ with one system call (``TurnBufferedHandler``), the date-time string is rendered
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any, TextIO
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMATS = ("text", "json")
+# What a line may say about its subject, as keys of a JSON line (``extra=`` of a log call).
+FIELDS = ("event", "client", "user", "vhost", "connection_name", "pool", "upstream", "code",
+          "reason")  # fmt: skip
 _handler: TurnBufferedHandler | None = None  # the proxy's handler, once configure() ran
 
 
-def configure(level: str, stream: TextIO) -> None:
-    """The proxy's logging: ``level`` and up, to ``stream``, buffered per loop turn."""
+def configure(level: str, stream: TextIO, fmt: str = "text") -> None:
+    """The proxy's logging: ``level`` and up, to ``stream``, buffered per loop turn, as text
+    lines or (``fmt`` "json") one JSON object per line."""
     global _handler
     # No caller, thread or process lookups per record.
     logging._srcfile = None
@@ -27,20 +33,42 @@ def configure(level: str, stream: TextIO) -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     handler = TurnBufferedHandler(stream)
-    handler.setFormatter(LogFormatter(FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else LogFormatter(FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     _handler = handler
 
 
-def hot_info(logger: logging.Logger, message: str) -> None:
+def hot_info(logger: logging.Logger, message: str, **fields: Any) -> None:
     """An INFO line on a hot path (a client came or went): the same line as ``logger.info``
-    would write, without the record machinery when the proxy's handler is the one in use."""
+    would write, without the record machinery when the proxy's text handler is in use."""
     if not logger.isEnabledFor(logging.INFO):
         return
-    if _handler is None:
-        logger.info("%s", message)
+    if _handler is None or not isinstance(_handler.formatter, LogFormatter):
+        logger.info("%s", message, extra=fields)
     else:
         _handler.emit_line("INFO", logger.name, message)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, event, message, and the subject's
+    fields (client address, user, vhost, connection name, pool, reason) where known."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": getattr(record, "event", "") or record.name.rsplit(".", 1)[-1],
+            "message": record.getMessage(),
+        }
+        for key in FIELDS[1:]:
+            value = getattr(record, key, None)
+            if value not in (None, ""):
+                line[key] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False, default=str)
 
 
 class LogFormatter(logging.Formatter):

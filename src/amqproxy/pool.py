@@ -80,7 +80,12 @@ class Pool:
         self.waiters = 0  # client channels waiting for the outage to end
 
     def __repr__(self) -> str:
-        return f"<Pool {self.user}@{self.vhost}>"
+        return f"<Pool {self.name}>"
+
+    @property
+    def name(self) -> str:
+        """user@vhost, for logs and metrics (the password never appears)."""
+        return f"{self.user}@{self.vhost}"
 
     # ---- admission --------------------------------------------------------------------------
 
@@ -165,7 +170,8 @@ class Pool:
         that does not answer (or drops us in the handshake) is one, refused credentials not."""
         if not exc.reachable or exc.code == c.CONNECTION_FORCED:
             level = logging.WARNING if self.outage_since is None else logging.DEBUG
-            log.log(level, "upstream for %s@%s: %s", self.user, self.vhost, exc.text)
+            fields = {"event": "upstream.unreachable", "pool": self.name, "reason": exc.text}
+            log.log(level, "upstream for %s: %s", self.name, exc.text, extra=fields)
             self.registry.upstream_reachable = exc.reachable
             self._enter_outage()
         else:
@@ -199,6 +205,7 @@ class Pool:
             conn.channel_max,
             conn.frame_max,
             conn.heartbeat,
+            extra={"event": "upstream.connected", "pool": self.name, "upstream": conn.name},
         )
         return conn
 

@@ -9,7 +9,8 @@ import os
 import signal
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from amqproxy.admin import AdminServer
 from amqproxy.amqp import constants as c
@@ -21,6 +22,7 @@ from amqproxy.janitor import Janitor
 from amqproxy.pool import PoolRegistry
 
 log = logging.getLogger("amqproxy.server")
+T = TypeVar("T")
 
 
 class Proxy:
@@ -45,14 +47,24 @@ class Proxy:
     # ---- running ----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Listen (HTTP first: a port that is taken stops the start before the proxy says it
+        listens), then the signals, the janitor and a first look at the broker."""
         settings = self.settings
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._client,
-            settings.listen_address,
+        if settings.http_port:
+            self._admin = AdminServer(self)
+            await _listen("HTTP", "-b/--http-port", settings.http_port, self._admin.start())
+        self._server = await _listen(
+            "AMQP",
+            "-p/--port",
             settings.listen_port,
-            reuse_address=True,
-            backlog=1024,
+            loop.create_server(
+                self._client,
+                settings.listen_address,
+                settings.listen_port,
+                reuse_address=True,
+                backlog=1024,
+            ),
         )
         sockets: list[socket.socket] = list(self._server.sockets or [])
         addresses = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in sockets)
@@ -63,9 +75,6 @@ class Proxy:
             settings.upstream_address,
             "compiled" if scan.COMPILED else "pure Python",
         )
-        if settings.http_port:
-            self._admin = AdminServer(self)
-            await self._admin.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         self._janitor = loop.create_task(self.janitor.run(), name="janitor")
@@ -121,6 +130,7 @@ class Proxy:
                 "%d message(s) the proxy answered for could not be delivered: %s",
                 sum(undelivered.values()),
                 ", ".join(f"{pool}: {count}" for pool, count in sorted(undelivered.items())),
+                extra={"event": "outbox.undelivered", "reason": str(undelivered)},
             )
         if self._admin is not None:
             await self._admin.stop()
@@ -134,3 +144,15 @@ async def _until(done: Callable[[], bool], seconds: float) -> None:
             # The counts change in callbacks all over the proxy that signal nobody: poll them.
             while not done():  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
+
+
+class ListenError(OSError):
+    """A listening socket could not be opened; the text names the port's setting."""
+
+
+async def _listen(what: str, flag: str, port: int, opening: Awaitable[T]) -> T:
+    try:
+        return await opening
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ListenError(f"cannot listen for {what} on port {port} ({flag}): {reason}") from None

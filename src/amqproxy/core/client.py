@@ -87,6 +87,18 @@ class ClientSession:
     def _reads_later(self) -> bool:
         return self.state is State.HANDSHAKE or self.state is State.AUTHENTICATING
 
+    def log_fields(self, event: str, **more: object) -> dict[str, object]:
+        """What a JSON log line says about this client (``logsetup.FIELDS``)."""
+        return {
+            "event": event,
+            "client": self.host.peer,
+            "user": self.user,
+            "vhost": self.vhost,
+            "connection_name": self.connection_name,
+            "pool": f"{self.user}@{self.vhost}" if self.vhost else "",
+            **more,
+        }
+
     def describe(self) -> str:
         name = f" ({self.connection_name})" if self.connection_name else ""
         return f"{self.user or '?'}@{self.vhost or '?'} from {self.host.peer}{name}"
@@ -207,7 +219,8 @@ class ClientSession:
         level = logging.INFO if code in (c.REPLY_SUCCESS, c.CONNECTION_FORCED) else logging.WARNING
         if before_open and code in (c.ACCESS_REFUSED, c.NOT_ALLOWED):
             level = logging.WARNING
-        log.log(level, "closing client %s: %d %s", self.describe(), code, text)
+        fields = self.log_fields("client.closed", code=code, reason=text)
+        log.log(level, "closing client %s: %d %s", self.describe(), code, text, extra=fields)
         close = commands.Connection.Close(code, frames.reply_text(text), class_id, method_id)
         self.host.write(frames.encode_method(0, close))
         self.host.close_after(CLOSE_OK_TIMEOUT)
@@ -219,7 +232,8 @@ class ClientSession:
 
     def heartbeat_missed(self) -> None:
         self.close_reason = f"missed heartbeats ({self.heartbeat}s)"
-        log.warning("client %s missed heartbeats; closing", self.describe())
+        fields = self.log_fields("client.heartbeat_missed", reason=self.close_reason)
+        log.warning("client %s missed heartbeats; closing", self.describe(), extra=fields)
         self.host.abort()
 
     def handshake_expired(self) -> bool:
@@ -248,7 +262,8 @@ class ClientSession:
             self.pool.client_gone(self)
         if was_open:
             reason = self.close_reason or (f"connection lost: {exc}" if exc else "connection lost")
-            hot_info(log, f"client {self.identity} disconnected: {reason}")
+            fields = self.log_fields("client.disconnected", reason=reason)
+            hot_info(log, f"client {self.identity} disconnected: {reason}", **fields)
 
     # ---- outcomes of the host's round trips ------------------------------------------------
 
@@ -306,7 +321,7 @@ class ClientSession:
         pool.client_added(self)
         self.state = State.OPEN
         self.host.write(frames.method_frame(0, frames.CONNECTION_OPEN_OK))
-        hot_info(log, f"client {self.identity} connected")
+        hot_info(log, f"client {self.identity} connected", **self.log_fields("client.connected"))
         if self._rest:
             data, self._rest = self._rest, b""
             self.receive(data)

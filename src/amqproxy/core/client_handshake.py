@@ -154,7 +154,8 @@ class Handshake:
         if self.wants_auth_close:
             session.close_with(code, text)
         else:
-            log.warning("client %s: %d %s", session.describe(), code, text)
+            fields = session.log_fields("client.refused", code=code, reason=text)
+            log.warning("client %s: %d %s", session.describe(), code, text, extra=fields)
             session.hang_up()
 
     def _tune_ok(self, payload: bytes) -> None:

@@ -218,7 +218,10 @@ class UpstreamSession:
         self.leased = 0
         if was_open:
             level = logging.INFO if expected else logging.WARNING
-            log.log(level, "upstream %s closed (%s): %d %s", self.name, self.peer, code, text)
+            fields = {"event": "upstream.closed", "upstream": self.name, "code": code,
+                      "reason": text, "pool": f"{self.pool.user}@{self.pool.vhost}"}  # fmt: skip
+            log.log(level, "upstream %s closed (%s): %d %s", self.name, self.peer, code, text,
+                    extra=fields)  # fmt: skip
         self.pool.upstream_closed(self, lost=was_open and not expected)
         if self.host is not None:
             self.host.flush()
