@@ -75,7 +75,7 @@ def test_one_table_makes_the_flags_the_environment_and_the_file() -> None:
         assert set(option.flags) <= known, option.key
     samples = {"upstream": "amqp://h:1", "listen_address": "0.0.0.0", "log_level": "warning",
                "upstream_heartbeat": "broker", "park_channels": "false",
-               "upstream_ca": "/etc/ca.pem"}  # fmt: skip
+               "upstream_ca": __file__, "log_format": "json"}  # fmt: skip
     for option in OPTIONS:
         text = samples.get(option.key, "7")
         value = option.parse(text)
@@ -95,3 +95,50 @@ def test_upstream_url() -> None:
     assert parse_upstream("amqp://u:p@broker/vh")[3] == ["credentials", "vhost"]
     with pytest.raises(ValueError):
         parse_upstream("http://broker")
+
+
+def test_print_config_hides_url_credentials_and_warns_as_a_start_would(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+
+    assert main(["--print-config", "amqp://bob:secret@broker:5672/vh"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["upstream"] == "amqp://broker:5672/vh"
+    assert "secret" not in out + err
+    assert "warning: the upstream URL's credentials and vhost are ignored" in err
+
+
+def test_an_unreadable_ca_file_exits_2_naming_the_setting_and_the_path(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-ca.pem"
+    assert main(["--upstream-ca", str(missing), "amqps://broker"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--upstream-ca" in err[0] and str(missing) in err[0]
+
+
+def test_channel_max_is_accepted_in_the_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "amqproxy.ini"
+    config.write_text("[main]\nupstream = amqp://broker\nchannel_max = 100\n")
+    assert load(str(config), {}, {}).channel_max == 100
+
+
+def test_a_taken_http_port_names_the_http_port_before_amqp_listens(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            amqp_port = free.getsockname()[1]
+        argv = [sys.executable, "-m", "amqproxy", "-l", "127.0.0.1", "-p", str(amqp_port),
+                "-b", str(port), "amqp://127.0.0.1:5672"]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert f"cannot listen for HTTP on port {port} (-b/--http-port)" in done.stderr
+    assert "listening on" not in done.stderr
