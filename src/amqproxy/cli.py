@@ -70,12 +70,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if print_only:
         print(json.dumps(settings.public(), indent=2, sort_keys=True))
         return 0
+    from amqproxy import tls
+
+    try:
+        contexts = tls.load(settings)  # every certificate and key file, before anything starts
+    except ConfigError as exc:
+        print(f"amqproxy: configuration error: {exc}", file=sys.stderr)
+        return 2
     logsetup.configure(settings.log_level, sys.stderr)
     warn_ignored_url_parts(settings)
     from amqproxy.server import Proxy
 
     try:
-        _run(Proxy(settings).run())
+        _run(Proxy(settings, contexts).run())
     except OSError as exc:
         logging.getLogger("amqproxy").error("cannot start: %s", exc)
         return 1
