@@ -6,9 +6,11 @@ bytes matter; the broker for mutual TLS is a private node that requires a client
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import struct
@@ -180,7 +182,6 @@ def test_php_amqplib_over_tls_bodies_round_trip(amqps, pki, tenant, queues):
     q = queues.declare(tenant)
     sizes = [0, 1, 131065, 131066, 1024 * 1024]
     out = php("bodies", php_args(port, tenant, {"cafile": pki.ca}, q=q, sizes=sizes))
-    import hashlib
 
     def body_of(size: int, seed: int) -> bytes:  # the driver's bodies
         block = bytes((i * 7 + seed) & 0xFF for i in range(251))
@@ -190,20 +191,23 @@ def test_php_amqplib_over_tls_bodies_round_trip(amqps, pki, tenant, queues):
     assert out["get"] == want and out["deliver"] == want
 
 
-def test_a_client_refuses_a_proxy_certificate_it_does_not_trust(amqps, pki):
-    """The listener's certificate is what a client verifies: with another CA it fails."""
+def test_the_listener_presents_the_configured_certificate(amqps, pki):
+    """What a client verifies is --tls-cert; a client that trusts another CA refuses it."""
     _, port = amqps
-    stranger_ca = trustme.CA()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with client_context(pki).wrap_socket(raw, server_hostname="localhost") as conn:
+            presented = conn.getpeercert(binary_form=True)
+    assert presented == ssl.PEM_cert_to_DER_cert(Path(pki.server[0]).read_text())
     context = ssl.create_default_context()
-    stranger_ca.configure_trust(context)
+    trustme.CA().configure_trust(context)
     with pytest.raises(ssl.SSLCertVerificationError):
         amqp_start(port, context)
 
 
 def test_first_bytes_in_the_packet_of_the_finished_message_are_not_lost(amqps, pki):
-    """TLS 1.3: the client's Finished and its protocol header in one TCP write. The proxy's TLS
-    layer has them both before the client's connection is handed over; the header must still
-    reach it (the answer is Connection.Start)."""
+    """TLS 1.3: the client's Finished and its protocol header in one TCP write, so the proxy's
+    TLS layer completes the handshake and has application data in the same read. The header
+    must reach the client's session all the same (the answer is Connection.Start)."""
     _, port = amqps
     context = client_context(pki)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -253,6 +257,30 @@ def test_silent_client_is_dropped_within_the_handshake_timeout(proxy_factory, pk
     assert time.monotonic() - started < 15  # 1 s asked; far below the 20 s socket timeout
     wait_for(lambda: proxy.log().count("no handshake within the handshake timeout") == 2, 5)
     assert amqp_start(port, client_context(pki))[:1] == b"\x01"
+
+
+def test_sigterm_drains_tls_clients_and_closes_the_tls_port(proxy_factory, pki, tenant):
+    """The drain covers the TLS listener: no new TLS connection, a connected TLS client gets
+    Connection.Close 320, the proxy exits 0 (and its log has no traceback)."""
+    proxy, port = tls_proxy(
+        proxy_factory, pki, "--term-client-close-timeout", "0.5", "--term-timeout", "2"
+    )
+    conn = pika.BlockingConnection(tls_params(port, tenant, client_context(pki)))
+    conn.channel()
+    proxy.send_signal(signal.SIGTERM)
+
+    def refused() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    wait_for(refused, 5)
+    with pytest.raises(pika.exceptions.ConnectionClosed) as err:
+        conn.process_data_events(time_limit=10)
+    assert "320" in str(err.value)
+    assert proxy.wait_exit(15) == 0
 
 
 # ---- client certificates ------------------------------------------------------------------

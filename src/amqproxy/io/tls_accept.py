@@ -79,7 +79,7 @@ class TlsListener:
                 peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else "?"
                 task = loop.create_task(self._handshake(sock, peer), name="tls handshake")
                 self._handshakes.add(task)
-                task.add_done_callback(self._handshakes.discard)
+                task.add_done_callback(self._handshake_done)
         finally:
             listener.close()
 
@@ -93,6 +93,12 @@ class TlsListener:
             # the transport owns the socket and closes it (uvloop detaches it then: a close
             # of ours could hit a descriptor already reused)
             log.info("client %s: TLS handshake failed: %s", peer, _reason(exc))
+
+    def _handshake_done(self, task: asyncio.Task[None]) -> None:
+        self._handshakes.discard(task)
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:  # a bug, not the client: say so once, without a traceback
+            log.error("TLS port: handshake task failed: %r", exc)
 
 
 def _bind(
@@ -112,9 +118,8 @@ def _bind(
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise OSError(
-            exc.errno, f"error while attempting to bind on address {address!r}: {exc.strerror}"
-        ) from None
+        where = ":".join(str(part) for part in address[:2])
+        raise OSError(f"TLS port: cannot bind {where}: {exc.strerror}") from None
     return sock
 
 
