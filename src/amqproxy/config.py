@@ -295,17 +295,21 @@ def load(
 
 
 def warn_ignored_url_parts(settings: Settings) -> None:
-    """Credentials and vhost come from each client; say so if the URL carries them."""
+    """Credentials and vhost come from each client; say so if the URL carries them. TLS
+    settings that do nothing (upstream files with amqp://, a TLS port without a certificate)
+    are named too."""
     ignored = parse_upstream(settings.upstream)[3]
     if ignored:
         log.warning(
             "the upstream URL's %s ignored: each client's own credentials and vhost are used",
             " and ".join(ignored) + (" is" if len(ignored) == 1 else " are"),
         )
-    tls_files = [key for key in ("upstream_ca", "upstream_cert", "upstream_key") if
-                 getattr(settings, key)]  # fmt: skip
+    upstream_files = ("upstream_ca", "upstream_cert", "upstream_key")
+    tls_files = [key for key in upstream_files if getattr(settings, key)]
     if tls_files and not settings.upstream_tls:
         log.warning(
             "%s ignored: the upstream URL is amqp:// (amqps:// for TLS)",
             ", ".join(settings.sources.get(key) or BY_KEY[key].where for key in tls_files),
         )
+    if "tls_port" in settings.sources and not settings.tls_cert:
+        log.warning("%s ignored: no TLS listener without --tls-cert", settings.sources["tls_port"])

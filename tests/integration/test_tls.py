@@ -323,14 +323,19 @@ def test_client_without_an_accepted_certificate_is_refused_at_the_handshake(
 
 
 def test_php_amqplib_with_a_client_certificate(mutual, pki, tenant, queues):
-    _, port = mutual
+    """Admitted with a certificate from the CA; without one, refused in the handshake (php
+    reports a closed connection) and nothing is published."""
+    proxy, port = mutual
     q = queues.declare(tenant)
     cert, key = pki.client
     tls = {"cafile": pki.ca, "cert": cert, "key": key}
     assert php("publish_one", php_args(port, tenant, tls, q=q, body="php-mtls")) == {"ok": True}
     assert [b for b, _, _ in drain(tenant, q)] == [b"php-mtls"]
+    refusals = proxy.log().count("did not return a certificate")
     with pytest.raises(AssertionError, match="php publish_one failed"):
         php("publish_one", php_args(port, tenant, {"cafile": pki.ca}, q=q, body="no"), timeout=30)
+    wait_for(lambda: proxy.log().count("did not return a certificate") == refusals + 1, 5)
+    assert drain(tenant, q) == []
 
 
 # ---- the broker over mutual TLS -------------------------------------------------------------
@@ -449,6 +454,7 @@ def test_bad_files_exit_2_with_one_line_naming_the_setting_and_the_path(pki, tmp
         assert "Traceback" not in done.stderr
 
 
-def test_upstream_tls_files_with_an_amqp_url_are_named_as_ignored(proxy_factory, pki):
-    proxy = proxy_factory("--upstream-ca", pki.ca)
+def test_tls_settings_that_do_nothing_are_named_as_ignored(proxy_factory, pki):
+    proxy = proxy_factory("--upstream-ca", pki.ca, "--tls-port", str(free_port()))
     wait_for(lambda: "--upstream-ca ignored: the upstream URL is amqp://" in proxy.log(), 5)
+    assert "--tls-port ignored: no TLS listener without --tls-cert" in proxy.log()
