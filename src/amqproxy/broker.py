@@ -24,6 +24,7 @@ from amqproxy.core.upstream import UpstreamSession
 from amqproxy.errors import UpstreamRefused
 from amqproxy.io.upstream import UpstreamProtocol
 from amqproxy.pool import Pool
+from amqproxy.tls import describe
 
 log = logging.getLogger("amqproxy.broker")
 
@@ -31,9 +32,9 @@ log = logging.getLogger("amqproxy.broker")
 class Broker:
     """The upstream broker, as far as the proxy knows it."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, ssl_context: ssl.SSLContext | None) -> None:
         self.settings = settings
-        self.ssl_context = settings.upstream_ssl_context()
+        self.ssl_context = ssl_context  # tls.upstream_context: verifies the URL's host name
         self.server_properties: dict[str, Any] | None = None  # learned from Connection.Start
         self._serial = 0
         self._probe: asyncio.Future[dict[str, Any]] | None = None
@@ -84,8 +85,7 @@ class Broker:
                 settings.connect_timeout,
             )
         except (OSError, TimeoutError, ssl.SSLError) as exc:
-            reason = str(exc) or type(exc).__name__
-            text = f"CONNECTION_FORCED - broker unreachable: {reason}"
+            text = f"CONNECTION_FORCED - {_unreachable(exc)}"
             raise UpstreamRefused(c.CONNECTION_FORCED, text, reachable=False) from None
         return protocol
 
@@ -119,7 +119,7 @@ class Broker:
             # Once per failing streak, not once per client that waited for it.
             level = logging.DEBUG if self._probe_failing else logging.WARNING
             self._probe_failing = True
-            log.log(level, "cannot read the broker's properties: %s", str(exc) or type(exc).__name__)
+            log.log(level, "cannot read the broker's properties: %s", describe(exc))
             return {}
 
     async def _read_start(self) -> dict[str, Any]:
@@ -184,6 +184,16 @@ class Broker:
         if self._tune_cache is None or self._tune_cache[0] != key:
             self._tune_cache = (key, frames.encode_method(0, commands.Connection.Tune(*key)))
         return self._tune_cache[1]
+
+
+def _unreachable(exc: BaseException) -> str:
+    """Why the broker could not be reached, in words; a certificate it was refused for (not
+    signed by --upstream-ca, not for the URL's host) or a TLS alert it sent says so."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"broker certificate not accepted: {exc.verify_message or describe(exc)}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS with the broker failed: {describe(exc)}"
+    return f"broker unreachable: {describe(exc)}"
 
 
 class Login:

@@ -77,13 +77,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"amqproxy: warning: {warning}", file=sys.stderr)
         print(json.dumps(settings.public(), indent=2, sort_keys=True))
         return 0
+    from amqproxy import tls
+
+    try:
+        contexts = tls.load(settings)  # every certificate and key file, before anything starts
+    except ConfigError as exc:
+        print(f"amqproxy: configuration error: {exc}", file=sys.stderr)
+        return 2
     logsetup.configure(settings.log_level, sys.stderr, settings.log_format)
     for warning in warnings(settings):
         logging.getLogger("amqproxy").warning("%s", warning)
     from amqproxy.server import Proxy
 
     try:
-        _run(Proxy(settings).run())
+        _run(Proxy(settings, contexts).run())
     except OSError as exc:
         logging.getLogger("amqproxy").error("cannot start: %s", exc)
         return 1

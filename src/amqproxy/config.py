@@ -5,7 +5,6 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import logging
-import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,16 +71,6 @@ def _log_format(value: str) -> str:
     return lowered
 
 
-def _readable_file(value: str) -> str:
-    """A file the proxy can read now (checked at start, not at the first connection)."""
-    try:
-        with open(value, "rb"):
-            pass
-    except OSError as exc:
-        raise ValueError(f"cannot read {value}: {exc.strerror}") from None
-    return value
-
-
 def _upstream(value: str) -> str:
     parse_upstream(value)
     return value
@@ -114,6 +103,12 @@ class Settings:
     outbox_hold: float = 30.0  # how long an unreachable broker is hidden from admitted clients
     outbox_max_bytes: int = 256 * 1024 * 1024  # unconfirmed messages held, at most
     upstream_ca: str = ""
+    upstream_cert: str = ""  # client certificate for mutual TLS with the broker
+    upstream_key: str = ""
+    tls_cert: str = ""  # set: a TLS listener for clients on tls_port
+    tls_key: str = ""
+    tls_port: int = 5671
+    tls_client_ca: str = ""  # set: clients must present a certificate this CA signed
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -131,12 +126,6 @@ class Settings:
     @property
     def upstream_address(self) -> str:
         return f"{self.upstream_host}:{self.upstream_port}"
-
-    def upstream_ssl_context(self) -> ssl.SSLContext | None:
-        if not self.upstream_tls:
-            return None
-        context = ssl.create_default_context(cafile=self.upstream_ca or None)
-        return context
 
     def public(self) -> dict[str, Any]:
         """The settings as plain values (for --print-config and the status API); the
@@ -228,9 +217,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("outbox_max_bytes", _non_negative_int,
            "unconfirmed messages the proxy holds before it stops reading publishers "
            "(default 256 MiB)", ("--outbox-max-bytes",), metavar="BYTES"),
-    Option("upstream_ca", _readable_file, "CA bundle to verify an amqps:// upstream",
-           ("--upstream-ca",),
+    Option("upstream_ca", str, "CA bundle to verify an amqps:// upstream", ("--upstream-ca",),
            "AMQPROXY_UPSTREAM_CA", metavar="FILE"),
+    Option("upstream_cert", str, "client certificate (PEM) for mutual TLS with an amqps:// "
+           "upstream", ("--upstream-cert",), "AMQPROXY_UPSTREAM_CERT", metavar="FILE"),
+    Option("upstream_key", str, "private key (PEM) of --upstream-cert", ("--upstream-key",),
+           "AMQPROXY_UPSTREAM_KEY", metavar="FILE"),
+    Option("tls_cert", str, "certificate (PEM, chain) of a TLS listener for clients",
+           ("--tls-cert",), "AMQPROXY_TLS_CERT", "listen", metavar="FILE"),
+    Option("tls_key", str, "private key (PEM) of --tls-cert", ("--tls-key",),
+           "AMQPROXY_TLS_KEY", "listen", metavar="FILE"),
+    Option("tls_port", _port, "AMQPS port, with --tls-cert (default 5671)", ("--tls-port",),
+           "AMQPROXY_TLS_PORT", "listen", metavar="PORT"),
+    Option("tls_client_ca", str, "CA bundle: TLS clients must present a certificate it signed",
+           ("--tls-client-ca",), "AMQPROXY_TLS_CLIENT_CA", "listen", metavar="FILE"),
 )  # fmt: skip
 BY_KEY = {option.key: option for option in OPTIONS}
 _BY_FILE_KEY = {
@@ -318,7 +318,9 @@ def redacted(url: str) -> str:
 
 
 def warnings(settings: Settings) -> list[str]:
-    """What a start says about the settings at WARNING (--print-config prints the same)."""
+    """What a start says about the settings at WARNING (--print-config prints the same):
+    URL parts the proxy does not use, TLS settings that do nothing (upstream files with
+    amqp://, a TLS port without a certificate)."""
     found = []
     ignored = parse_upstream(settings.upstream)[3]
     if ignored:
@@ -326,6 +328,11 @@ def warnings(settings: Settings) -> list[str]:
         found.append(
             f"the upstream URL's {what} ignored: each client's own credentials and vhost are used"
         )
-    if settings.upstream_ca and not settings.upstream_tls:
-        found.append("--upstream-ca is set but the upstream URL is amqp://, not amqps://")
+    upstream_files = ("upstream_ca", "upstream_cert", "upstream_key")
+    tls_files = [key for key in upstream_files if getattr(settings, key)]
+    if tls_files and not settings.upstream_tls:
+        names = ", ".join(settings.sources.get(key) or BY_KEY[key].where for key in tls_files)
+        found.append(f"{names} ignored: the upstream URL is amqp:// (amqps:// for TLS)")
+    if "tls_port" in settings.sources and not settings.tls_cert:
+        found.append(f"{settings.sources['tls_port']} ignored: no TLS listener without --tls-cert")
     return found

@@ -385,6 +385,15 @@ class PoolRegistry:
             pool = self.pools[key] = Pool(self, key)
         return pool
 
+    def login_failed(self, credentials: Credentials, exc: UpstreamRefused) -> None:
+        """A client's login found the broker unreachable (or dropped by it): a WARNING once
+        per outage (each client it refuses gets its own line when it is closed)."""
+        if self.upstream_reachable is not False:
+            user = display(credentials.user)
+            fields = {"event": "upstream.unreachable", "user": user, "reason": exc.text}
+            log.warning("upstream for %s (login): %s", user, exc.text, extra=fields)
+        self.upstream_reachable = False
+
     def credentials_trusted(self, credentials: Credentials) -> bool:
         """A pool with exactly these user and password bytes (any vhost) is trusted: the
         broker accepted them less than --credential-ttl ago."""

@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 from amqproxy.admin import AdminServer
@@ -18,8 +18,11 @@ from amqproxy.amqp import scan
 from amqproxy.broker import Broker
 from amqproxy.config import Settings
 from amqproxy.io.client import ClientProtocol
+from amqproxy.io.tls_accept import TlsListener
 from amqproxy.janitor import Janitor
 from amqproxy.pool import PoolRegistry
+from amqproxy.tls import Contexts
+from amqproxy.tls import load as load_tls
 
 log = logging.getLogger("amqproxy.server")
 T = TypeVar("T")
@@ -28,14 +31,16 @@ T = TypeVar("T")
 class Proxy:
     """Owns everything that lives as long as the process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, tls: Contexts | None = None) -> None:
         self.settings = settings
-        self.broker = Broker(settings)
+        self.tls = tls or load_tls(settings)
+        self.broker = Broker(settings, self.tls.upstream)
         self.registry = PoolRegistry(settings, self.broker.connect)
         self.clients: set[ClientProtocol] = set()
         self.janitor = Janitor(self.registry, self.clients)
         self.draining = False
         self._server: asyncio.Server | None = None
+        self._tls_listener: TlsListener | None = None
         self._admin: AdminServer | None = None
         self._stop = asyncio.Event()
         self._signals = 0
@@ -43,6 +48,10 @@ class Proxy:
 
     def _client(self) -> ClientProtocol:
         return ClientProtocol(self.settings, self.registry, self.broker, self.clients)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        assert self.tls.client is not None
+        return self.tls.client
 
     # ---- running ----------------------------------------------------------------------------
 
@@ -66,8 +75,15 @@ class Proxy:
                 backlog=1024,
             ),
         )
-        sockets: list[socket.socket] = list(self._server.sockets or [])
-        addresses = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in sockets)
+        addresses = _addresses(self._server.sockets or [])
+        if self.tls.client is not None:
+            # asyncio needs a positive handshake timeout; 0 ("none") is its default of 60 s
+            timeout = settings.handshake_timeout or 60.0
+            self._tls_listener = TlsListener(self._client, self._tls_context, timeout)
+            await self._tls_listener.start(settings.listen_address, settings.tls_port)
+            addresses += f", TLS on {_addresses(self._tls_listener.sockets)}"
+            if settings.tls_client_ca:
+                addresses += " (client certificates required)"
         log.info(
             "amqproxy listening on %s, upstream %s%s, frame scanner: %s",
             addresses,
@@ -108,6 +124,8 @@ class Proxy:
         self.draining = True
         if self._server is not None:
             self._server.close()
+        if self._tls_listener is not None:
+            self._tls_listener.close()
         await _until(lambda: not self.clients, settings.term_client_close_timeout)
         if self.clients:
             log.info("closing %d remaining client(s)", len(self.clients))
@@ -135,6 +153,10 @@ class Proxy:
         if self._admin is not None:
             await self._admin.stop()
         log.info("amqproxy stopped")
+
+
+def _addresses(sockets: Iterable[socket.socket]) -> str:
+    return ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in sockets)
 
 
 async def _until(done: Callable[[], bool], seconds: float) -> None:

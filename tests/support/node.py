@@ -124,7 +124,9 @@ class BrokerNode:
     """Start/stop a private RabbitMQ node; never addresses rabbit@localhost.
 
     ``tls_port``: also a TLS listener (a CA and server certificate are generated; ``ca`` is the
-    CA's path). Ports default to free ones. ``restart()`` stops and starts the broker
+    CA's path), or with ``certs`` ({"ca", "cert", "key"} paths) those. ``verify_peer``: the TLS
+    listener requires a client certificate signed by that CA (mutual TLS); off by default.
+    Ports default to free ones. ``restart()`` stops and starts the broker
     application inside the running node (seconds, not a new Erlang VM)."""
 
     def __init__(
@@ -133,6 +135,8 @@ class BrokerNode:
         plain_port: int = 0,
         tls_port: int | None = None,
         dist_port: int = 0,
+        certs: dict[str, str] | None = None,
+        verify_peer: bool = False,
     ) -> None:
         assert not nodename.startswith("rabbit@"), "never touch the shared node"
         plain_port = plain_port or _free_port()
@@ -142,7 +146,9 @@ class BrokerNode:
         self.dist_port = dist_port
         self.nodename = nodename
         self.base = ""
+        self.given_certs = dict(certs or {})
         self.certs: dict[str, str] = {}
+        self.verify_peer = verify_peer
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -198,14 +204,15 @@ class BrokerNode:
         os.chmod(cookie, 0o400)
         tls = ""
         if self.tls_port is not None:
-            self.certs = make_certs(os.path.join(b, "certs"))
+            self.certs = dict(self.given_certs) or make_certs(os.path.join(b, "certs"))
+            verify = ("verify_peer", "true") if self.verify_peer else ("verify_none", "false")
             tls = (
                 f"listeners.ssl.1 = 127.0.0.1:{self.tls_port}\n"
                 f"ssl_options.cacertfile = {self.certs['ca']}\n"
                 f"ssl_options.certfile = {self.certs['cert']}\n"
                 f"ssl_options.keyfile = {self.certs['key']}\n"
-                "ssl_options.verify = verify_none\n"
-                "ssl_options.fail_if_no_peer_cert = false\n"
+                f"ssl_options.verify = {verify[0]}\n"
+                f"ssl_options.fail_if_no_peer_cert = {verify[1]}\n"
             )
         with open(os.path.join(b, "rabbitmq-env.conf"), "w") as f:
             f.write("# private node: intentionally empty\n")

@@ -22,6 +22,7 @@ from amqproxy.core.client import ClientSession
 from amqproxy.errors import UpstreamRefused
 from amqproxy.io.heartbeat import Heartbeat
 from amqproxy.pool import Login, Pool, PoolRegistry
+from amqproxy.tls import subject
 
 log = logging.getLogger("amqproxy.client")
 
@@ -59,7 +60,8 @@ class ClientProtocol(asyncio.Protocol):
         self.broker = broker
         self.clients = clients  # the server's: every open client socket
         self.loop = asyncio.get_running_loop()
-        self.peer = "?"
+        self.peer = "?"  # "address:port", and " [subject]" of a TLS client's certificate
+        self.certificate = ""  # that subject, e.g. "CN=app1,O=Example"
         self.transport: asyncio.Transport | None = None
         self.flow: FlowControl | None = None
         self.session = ClientSession(self, settings, registry, broker)
@@ -76,6 +78,9 @@ class ClientProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = f"{peer[0]}:{peer[1]}"
+        self.certificate = subject(transport.get_extra_info("peercert"))
+        if self.certificate:  # --tls-client-ca: who the certificate says it is, in every line
+            self.peer += f" [{self.certificate}]"
         self.clients.add(self)
         timeout = self.settings.handshake_timeout
         self._timer = self.loop.call_later(timeout, self._handshake_expired)
@@ -188,8 +193,10 @@ class ClientProtocol(asyncio.Protocol):
             if exc.reachable and exc.code != c.CONNECTION_FORCED:
                 self.session.credentials_refused(exc.code, exc.text)
             else:  # the broker cannot say now: Connection.Open will get the answer
+                self.session.registry.login_failed(credentials, exc)
                 self.session.credentials_checked(None, exc.text)
             return
+        self.session.registry.upstream_reachable = True
         self.session.credentials_checked(login)
 
     def authenticate(self, pool: Pool, login: Login | None) -> None:

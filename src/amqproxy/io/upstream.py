@@ -7,11 +7,13 @@ the bytes, the time and the socket's events, and carries out what it asks (``cor
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import cast
 
 from amqproxy.core.upstream import UpstreamSession
 from amqproxy.errors import UpstreamRefused, retrieve
 from amqproxy.io.heartbeat import Heartbeat
+from amqproxy.tls import describe
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -50,6 +52,8 @@ class UpstreamProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         self.session.tick(self.loop.time())
+        if isinstance(exc, ssl.SSLError):  # e.g. the broker's alert: it wants a certificate
+            exc = ConnectionError(f"TLS: {describe(exc)}")
         self.session.lost(exc)
         self._on_ready()
 

@@ -8,6 +8,7 @@ declare(strict_types=1);
 
 require_once '/usr/share/php/PhpAmqpLib/autoload.php';
 
+use PhpAmqpLib\Connection\AMQPSSLConnection;
 use PhpAmqpLib\Connection\AMQPStreamConnection;
 use PhpAmqpLib\Exception\AMQPBasicCancelException;
 use PhpAmqpLib\Exception\AMQPProtocolChannelException;
@@ -21,8 +22,24 @@ use PhpAmqpLib\Wire\AMQPTable;
 $command = $argv[1] ?? '';
 $args = json_decode($argv[2] ?? '{}', true);
 
+// "tls" => {"cafile", "peer_name", optional "cert" and "key"}: amqps, the server's certificate
+// verified against cafile and peer_name, a client certificate when given.
 function connect(array $args): AMQPStreamConnection
 {
+    $tls = $args['tls'] ?? null;
+    if ($tls !== null) {
+        $ssl = ['cafile' => $tls['cafile'], 'verify_peer' => true, 'verify_peer_name' => true,
+                'peer_name' => $tls['peer_name']];
+        if (isset($tls['cert'])) {
+            $ssl['local_cert'] = $tls['cert'];
+            $ssl['local_pk'] = $tls['key'];
+        }
+        return new AMQPSSLConnection(
+            $args['host'], $args['port'], $args['user'], $args['password'], $args['vhost'], $ssl,
+            ['login_method' => $args['login'] ?? 'AMQPLAIN', 'connection_timeout' => 10.0,
+             'read_write_timeout' => 10.0]
+        );
+    }
     return new AMQPStreamConnection(
         $args['host'], $args['port'], $args['user'], $args['password'], $args['vhost'],
         false, $args['login'] ?? 'AMQPLAIN', null, 'en_US', 10.0, 10.0, null, false, 0
