@@ -32,6 +32,11 @@ def configure(level: str, stream: TextIO) -> None:
     _handler = handler
 
 
+def set_level(level: str) -> None:
+    """A new log level (SIGHUP), for every logger of the proxy at once."""
+    logging.getLogger().setLevel(level.upper())
+
+
 def hot_info(logger: logging.Logger, message: str) -> None:
     """An INFO line on a hot path (a client came or went): the same line as ``logger.info``
     would write, without the record machinery when the proxy's handler is the one in use."""

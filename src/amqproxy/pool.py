@@ -9,6 +9,7 @@ accepted while the broker was unreachable (the outage hold).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -19,8 +20,9 @@ from amqproxy.amqp.auth import Credentials, display
 from amqproxy.channel import ChannelState, Client, Connection, Lease, UpstreamChannel
 from amqproxy.config import Settings
 from amqproxy.delivery import Redelivery
-from amqproxy.errors import UpstreamRefused, retrieve
+from amqproxy.errors import NoChannelFree, UpstreamRefused, retrieve
 from amqproxy.outbox import Totals
+from amqproxy.waitqueue import WaitQueue
 
 log = logging.getLogger("amqproxy.pool")
 
@@ -37,6 +39,9 @@ class PoolStats:
     replayed: int = 0  # messages published again after their channel or connection died
     refused: int = 0  # messages the broker refused (nack or channel error) for a client that
     #                   did not select confirms: logged, never retried
+    channel_waits: int = 0  # Channel.Open that waited at --max-upstream-connections
+    channel_wait_seconds: float = 0.0  # how long they waited, together
+    channel_wait_timeouts: int = 0  # ... and got no channel within --pool-wait-timeout
 
 
 PoolKey = tuple[bytes, bytes, bytes]  # user, password, vhost: the client's bytes
@@ -56,6 +61,10 @@ class Pool:
         self.user, self.vhost = display(key[0]), display(key[2])  # for logs and metrics
         self.stats = registry.stats[(self.user, self.vhost)]
         self.upstreams: list[Connection] = []
+        # Connected to an upstream address a reload replaced: they serve the channels they
+        # have, take no new ones, and close once nothing is leased or settling on them.
+        self.retired: set[Connection] = set()
+        self.room = WaitQueue()  # Channel.Open waiting at --max-upstream-connections
         self.parked: list[UpstreamChannel] = []
         self.settling: set[UpstreamChannel] = set()
         self.clients: set[Client] = set()
@@ -74,8 +83,9 @@ class Pool:
     # ---- admission --------------------------------------------------------------------------
 
     def live_upstream(self) -> Connection | None:
+        """An open connection to the current upstream address."""
         for conn in self.upstreams:
-            if conn.open:
+            if conn.open and conn not in self.retired:
                 return conn
         return None
 
@@ -210,25 +220,77 @@ class Pool:
         (and Confirm.Select) go out now and the client's frames follow them, so nobody waits
         for the broker's OpenOk. None when every connection is full or none is live."""
         for conn in self.upstreams:
-            if conn.open and conn.free_channels > 0:
+            if conn.open and conn.free_channels > 0 and conn not in self.retired:
                 self.stats.channel_opens += 1
                 return conn.open_channel(preferred, confirm)
         return None
 
     async def new_channel(self, preferred: int = 0, confirm: bool = True) -> UpstreamChannel:
-        """A new upstream channel, connecting first when no live connection has room; while an
-        outage is held, waiting (up to ``outbox_hold``) for the broker to come back."""
-        while True:
-            up = self.open_now(preferred, confirm)
-            if up is not None:
-                return up
-            try:
-                await self.connect()
-                continue
-            except UpstreamRefused as exc:
-                if exc.code != c.CONNECTION_FORCED or not self.holding():
-                    raise
-            await self._wait_for_upstream()
+        """An upstream channel: a new one, connecting first when no live connection has room;
+        at ``--max-upstream-connections``, the next one freed (parked or closed), waiting up to
+        ``--pool-wait-timeout``; while an outage is held, waiting (up to ``outbox_hold``) for
+        the broker to come back."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        waited = False
+        try:
+            while True:
+                up = (self.take_parked(preferred) if confirm and waited else None) or (
+                    self.open_now(preferred, confirm)
+                )
+                if up is not None:
+                    if waited and self.room:
+                        self.room.wake_one()  # there may be room for the next one too
+                    return up
+                if self.at_connection_limit():
+                    self.stats.channel_waits += not waited
+                    await self._wait_for_room(started, first=waited)
+                    waited = True
+                    continue
+                try:
+                    await self.connect()
+                    continue
+                except UpstreamRefused as exc:
+                    if exc.code != c.CONNECTION_FORCED or not self.holding():
+                        raise
+                await self._wait_for_upstream()
+        finally:
+            if waited:
+                self.stats.channel_wait_seconds += loop.time() - started
+
+    def at_connection_limit(self) -> bool:
+        """``--max-upstream-connections`` to the current address are open or opening (one
+        opening attempt is shared by everyone, so it does not block the others)."""
+        limit = self.settings.max_upstream_connections
+        if not limit or self._connecting is not None:
+            return False
+        return len(self.upstreams) - len(self.retired) >= limit
+
+    async def _wait_for_room(self, started: float, first: bool) -> None:
+        """Wait for a channel or connection to be freed; NoChannelFree when
+        ``--pool-wait-timeout`` seconds after ``started`` none was."""
+        timeout = self.settings.pool_wait_timeout
+        try:
+            await self.room.wait(started + timeout, first)
+        except TimeoutError:
+            self.stats.channel_wait_timeouts += 1
+            limit = self.settings.max_upstream_connections
+            raise NoChannelFree(
+                c.RESOURCE_ERROR,
+                f"RESOURCE_ERROR - no upstream channel free within {timeout:g}s "
+                f"(max-upstream-connections {limit})",
+            ) from None
+
+    async def more_room(self) -> None:
+        """Room for the outbox's messages: a new connection, or at the connection limit a
+        wait for a channel to be freed (retried by the caller, never an error)."""
+        if not self.at_connection_limit():
+            await self.connect()
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(self.settings.pool_wait_timeout, 1.0)
+        with contextlib.suppress(TimeoutError):
+            await self.room.wait(deadline)
 
     async def _wait_for_upstream(self) -> None:
         """Wait until the outage ends; UpstreamRefused 320 when the hold runs out first."""
@@ -267,12 +329,16 @@ class Pool:
 
     def settle_or_park(self, up: UpstreamChannel, why: str) -> None:
         now = asyncio.get_running_loop().time()
+        if up.dirty is None and up.conn in self.retired:
+            up.mark_dirty("its upstream address was replaced")
         if up.dirty is not None:
             log.debug("closing upstream channel %s/%d: %s", up.conn.name, up.id, up.dirty)
             up.conn.close_channel(up, f"amqproxy: {why}")
         elif up.settled:
             up.settling_since = now  # parked since, for PARKED_IDLE
             self.parked.append(up)
+            if self.room:
+                self.room.wake_one()
         else:
             up.settling_since = now
             self.settling.add(up)
@@ -287,6 +353,8 @@ class Pool:
         self.settling.discard(up)
         if up in self.parked:
             self.parked.remove(up)
+        if self.room:
+            self.room.wake_one()
 
     # ---- housekeeping -----------------------------------------------------------------------
 
@@ -295,6 +363,9 @@ class Pool:
         unless another connection of the pool is live)."""
         if conn in self.upstreams:
             self.upstreams.remove(conn)
+        self.retired.discard(conn)
+        if self.room:
+            self.room.wake_one()
         self.parked = [up for up in self.parked if up.conn is not conn]
         self.settling = {up for up in self.settling if up.conn is not conn}
         if lost:
@@ -314,6 +385,14 @@ class Pool:
                 conn.last_used = max(conn.last_used, now)
         self.registry.maybe_drop(self)
 
+    def retire_upstreams(self) -> None:
+        """The upstream address changed (a reload): the connections open now keep serving
+        their leased channels and drain; new channels and connections go to the new one."""
+        self.retired.update(self.upstreams)
+        for up in [up for up in self.parked if up.conn in self.retired]:
+            self.close_channel(up, "its upstream address was replaced")
+        self.room.wake_all()
+
     def close_channel(self, up: UpstreamChannel, why: str) -> None:
         """Close a settling or parked channel the pool no longer wants."""
         up.mark_dirty(why)
@@ -329,6 +408,7 @@ class Pool:
             and self._connecting is None
             and not self.delivery.pending
             and not self.waiters
+            and not self.room
             and not self.holding()
         )
 
@@ -339,6 +419,7 @@ class Pool:
             "parked": len(self.parked),
             "leased": sum(u.leased for u in self.upstreams),
             "settling": len(self.settling),
+            "waiting": len(self.room),
         }
 
 

@@ -11,11 +11,13 @@ import socket
 import ssl
 from collections.abc import Callable
 
+from amqproxy import logsetup
 from amqproxy.admin import AdminServer
 from amqproxy.amqp import constants as c
 from amqproxy.amqp import scan
 from amqproxy.broker import Broker
-from amqproxy.config import Settings
+from amqproxy.config import ConfigError, Settings, changes, shown, warn_ignored_url_parts
+from amqproxy.io.admission import ClientLimit
 from amqproxy.io.client import ClientProtocol
 from amqproxy.janitor import Janitor
 from amqproxy.pool import PoolRegistry
@@ -26,8 +28,12 @@ log = logging.getLogger("amqproxy.server")
 class Proxy:
     """Owns everything that lives as long as the process."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
+        """``reload``: the settings built again the way they were at start (the same config
+        file, environment and command line), for SIGHUP."""
+        self.settings = settings  # one object, shared: a reload changes it in place
+        self._load = reload
+        self.client_limit = ClientLimit(settings)
         self.broker = Broker(settings)
         self.registry = PoolRegistry(settings, self.broker.connect)
         self.clients: set[ClientProtocol] = set()
@@ -40,7 +46,12 @@ class Proxy:
         self._janitor: asyncio.Task[None] | None = None
 
     def _client(self) -> ClientProtocol:
-        return ClientProtocol(self.settings, self.registry, self.broker, self.clients)
+        refusal = self.client_limit.refusal(len(self.clients))
+        return ClientProtocol(self.settings, self.registry, self.broker, self.clients, refusal)
+
+    @property
+    def clients_refused(self) -> int:
+        return self.client_limit.refused
 
     # ---- running ----------------------------------------------------------------------------
 
@@ -68,6 +79,7 @@ class Proxy:
             await self._admin.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._janitor = loop.create_task(self.janitor.run(), name="janitor")
         try:
             await asyncio.wait_for(self.broker.properties(), settings.connect_timeout + 1)
@@ -87,6 +99,61 @@ class Proxy:
             os._exit(1)
         log.info("%s received: draining", sig.name)
         self._stop.set()
+
+    # ---- SIGHUP ---------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Read the configuration again and apply what can change while clients stay
+        connected; a configuration that does not load changes nothing (one ERROR line)."""
+        if self._load is None:
+            log.warning("SIGHUP: no configuration to reload")
+            return
+        try:
+            new = self._load()
+        except ConfigError as exc:
+            log.error("reload failed, settings unchanged: %s", exc)
+            return
+        try:
+            # Built from the files as they are now: a renewed certificate is read again.
+            upstream_ssl = new.upstream_ssl_context()
+        except (OSError, ssl.SSLError) as exc:
+            log.error("reload failed, settings unchanged: upstream_ca: %s", exc)
+            return
+        applied = self._apply(new)
+        self.broker.reloaded(upstream_ssl, upstream_changed="upstream" in applied)
+        if "upstream" in applied:
+            warn_ignored_url_parts(self.settings)
+            for pool in list(self.registry.pools.values()):
+                pool.retire_upstreams()
+        if "log_level" in applied:
+            logsetup.set_level(self.settings.log_level)
+        if "outbox_max_bytes" in applied:
+            self.registry.outbox.max_bytes = self.settings.outbox_max_bytes
+        if applied & {"max_upstream_connections", "max_upstream_channels"}:
+            for pool in list(self.registry.pools.values()):
+                pool.room.wake_all()
+        # Client-side TLS (--tls-cert/--tls-key): the listener's SSL context is to be loaded
+        # again here, so that a renewed certificate serves the next clients.
+
+    def _apply(self, new: Settings) -> set[str]:
+        """Copy the changed settings into the shared object (every holder sees them at its
+        next use); returns the keys applied. One line per change."""
+        settings = self.settings
+        applied = set()
+        changed = changes(settings, new)
+        if not changed:
+            log.info("reload: no setting changed")
+        for option, old_value, new_value in changed:
+            key = option.key
+            was, now = shown(key, old_value), shown(key, new_value)
+            if not option.reloadable:
+                log.warning("reload: %s %s -> %s needs a restart; not applied", key, was, now)
+                continue
+            setattr(settings, key, new_value)
+            settings.sources[key] = new.sources.get(key, "default")
+            applied.add(key)
+            log.info("reload: %s %s -> %s", key, was, now)
+        return applied
 
     async def _drain(self) -> None:
         """Stop accepting, give clients time to leave, close them, deliver what the outbox

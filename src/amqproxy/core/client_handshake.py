@@ -131,6 +131,10 @@ class Handshake:
         session.wants_blocked = method.wants_blocked
         session.credentials = auth.credentials(method.mechanism, method.response)
         session.user = auth.display(session.credentials.user)
+        if session.refusal:  # over --max-clients: refused here, where every client shows it
+            self.state = Step.DONE
+            session.close_with(c.CONNECTION_FORCED, session.refusal, 10, 11, quiet=True)
+            return
         self.state = Step.TUNE
         session.host.write(session.broker.tune_frame(session.registry.frame_max))
 
