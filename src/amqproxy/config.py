@@ -312,6 +312,8 @@ def shown(key: str, value: Any) -> str:
     if key == "upstream":
         host, port, tls, _ = parse_upstream(value)
         return f"{'amqps' if tls else 'amqp'}://{host}:{port}"
+    if isinstance(value, float):
+        return f"{value:g}"
     return "''" if value == "" else str(value)
 
 

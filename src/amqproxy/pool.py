@@ -243,9 +243,9 @@ class Pool:
                         self.room.wake_one()  # there may be room for the next one too
                     return up
                 if self.at_connection_limit():
-                    self.stats.channel_waits += not waited
-                    await self._wait_for_room(started, first=waited)
-                    waited = True
+                    again, waited = waited, True
+                    self.stats.channel_waits += not again
+                    await self._wait_for_room(started, first=again)
                     continue
                 try:
                     await self.connect()

@@ -120,7 +120,7 @@ class Proxy:
             log.error("reload failed, settings unchanged: upstream_ca: %s", exc)
             return
         applied = self._apply(new)
-        self.broker.reloaded(upstream_ssl, upstream_changed="upstream" in applied)
+        self.broker.reloaded(upstream_ssl)
         if "upstream" in applied:
             warn_ignored_url_parts(self.settings)
             for pool in list(self.registry.pools.values()):

@@ -12,7 +12,9 @@ class WaitQueue:
     """Who waits, first come first served, for a channel of a pool at its connection limit.
 
     A freed channel (parked, or its id free again) or connection wakes the first waiter; a
-    waiter woken for nothing (someone else took it) waits again at the head of the queue."""
+    waiter woken for nothing (someone else took it) waits again at the head of the queue. A
+    woken waiter stays in the queue until it has run: meanwhile the queue is not empty, and
+    a newcomer does not take what was freed for it."""
 
     def __init__(self) -> None:
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -39,15 +41,13 @@ class WaitQueue:
                 self._waiters.remove(waiter)
 
     def wake_one(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
+        for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
                 return
 
     def wake_all(self) -> None:
         """The limits changed (a reload): everyone looks again."""
-        waiters, self._waiters = self._waiters, deque()
-        for waiter in waiters:
+        for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
