@@ -9,7 +9,6 @@ accepted while the broker was unreachable (the outage hold).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -231,10 +230,10 @@ class Pool:
         ``--pool-wait-timeout``; while an outage is held, waiting (up to ``outbox_hold``) for
         the broker to come back."""
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        waited = False
+        waiting_since: float | None = None  # at the connection limit since
         try:
             while True:
+                waited = waiting_since is not None
                 up = (self.take_parked(preferred) if confirm and waited else None) or (
                     self.open_now(preferred, confirm)
                 )
@@ -243,9 +242,10 @@ class Pool:
                         self.room.wake_one()  # there may be room for the next one too
                     return up
                 if self.at_connection_limit():
-                    again, waited = waited, True
-                    self.stats.channel_waits += not again
-                    await self._wait_for_room(started, first=again)
+                    if waiting_since is None:
+                        waiting_since = loop.time()
+                        self.stats.channel_waits += 1
+                    await self._wait_for_room(waiting_since, first=waited)
                     continue
                 try:
                     await self.connect()
@@ -255,8 +255,8 @@ class Pool:
                         raise
                 await self._wait_for_upstream()
         finally:
-            if waited:
-                self.stats.channel_wait_seconds += loop.time() - started
+            if waiting_since is not None:
+                self.stats.channel_wait_seconds += loop.time() - waiting_since
 
     def at_connection_limit(self) -> bool:
         """``--max-upstream-connections`` to the current address are open or opening (one
@@ -289,8 +289,13 @@ class Pool:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(self.settings.pool_wait_timeout, 1.0)
-        with contextlib.suppress(TimeoutError):
+        try:
             await self.room.wait(deadline)
+        except TimeoutError:
+            return
+        # The caller takes what it can; pass the turn on rather than lose it, should what
+        # was freed be more than the outbox needs (a waiter that finds nothing waits again).
+        self.room.wake_one()
 
     async def _wait_for_upstream(self) -> None:
         """Wait until the outage ends; UpstreamRefused 320 when the hold runs out first."""

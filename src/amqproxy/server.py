@@ -116,8 +116,13 @@ class Proxy:
         try:
             # Built from the files as they are now: a renewed certificate is read again.
             upstream_ssl = new.upstream_ssl_context()
-        except (OSError, ssl.SSLError) as exc:
-            log.error("reload failed, settings unchanged: upstream_ca: %s", exc)
+        except (OSError, ssl.SSLError) as exc:  # the CA bundle is missing or not one
+            why = getattr(exc, "strerror", None) or exc
+            log.error(
+                "reload failed, settings unchanged: upstream_ca: cannot load %r: %s",
+                new.upstream_ca,
+                why,
+            )
             return
         applied = self._apply(new)
         self.broker.reloaded(upstream_ssl)
@@ -129,7 +134,7 @@ class Proxy:
             logsetup.set_level(self.settings.log_level)
         if "outbox_max_bytes" in applied:
             self.registry.outbox.max_bytes = self.settings.outbox_max_bytes
-        if applied & {"max_upstream_connections", "max_upstream_channels"}:
+        if applied & {"max_upstream_connections", "max_upstream_channels", "pool_wait_timeout"}:
             for pool in list(self.registry.pools.values()):
                 pool.room.wake_all()
         # Client-side TLS (--tls-cert/--tls-key): the listener's SSL context is to be loaded

@@ -125,6 +125,12 @@ def test_a_config_that_does_not_load_changes_nothing_and_names_the_key(
     errors = [line for line in lines if " ERROR " in line]
     assert len(errors) == 1 and "[listen] bogus: unknown setting" in errors[0], lines
 
+    missing = cfg.ini.with_suffix(".no-such-ca.pem")
+    cfg.write(max_clients=1, upstream="amqps://127.0.0.1:5671", upstream_ca=missing)
+    lines = cfg.reload(until="reload failed")
+    errors = [line for line in lines if " ERROR " in line]
+    assert len(errors) == 1 and f"upstream_ca: cannot load '{missing}'" in errors[0], lines
+
     cfg.ini.unlink()
     lines = cfg.reload(until="reload failed")
     errors = [line for line in lines if " ERROR " in line]
