@@ -32,6 +32,10 @@ class Proxy(Protocol):
 
     draining: bool
 
+    @property
+    def clients_refused(self) -> int:
+        """Client connections refused at --max-clients, since start."""
+
 
 # Per (user, vhost), read from the pools at scrape time: key, metric name, help.
 POOL_GAUGES = (
@@ -50,6 +54,11 @@ POOL_GAUGES = (
         "Messages the proxy answered for that the broker has not confirmed yet",
     ),
     ("outbox_bytes", "amqproxy_outbox_bytes", "Bytes of the messages in the outbox"),
+    (
+        "waiting",
+        "amqproxy_channels_waiting",
+        "Channel.Open waiting for an upstream channel at --max-upstream-connections",
+    ),
     (
         "oldest",
         "amqproxy_outbox_oldest_seconds",
@@ -81,6 +90,21 @@ POOL_COUNTERS = (
         "amqproxy_messages_refused",
         "Messages the proxy answered for that the broker refused (nack or channel error)",
     ),
+    (
+        "channel_waits",
+        "amqproxy_channel_waits",
+        "Channel.Open that waited for an upstream channel at --max-upstream-connections",
+    ),
+    (
+        "channel_wait_seconds",
+        "amqproxy_channel_wait_seconds",
+        "Seconds Channel.Open spent waiting for an upstream channel, together",
+    ),
+    (
+        "channel_wait_timeouts",
+        "amqproxy_channel_wait_timeouts",
+        "Channel.Open refused (506) after --pool-wait-timeout without a free channel",
+    ),
 )
 LABELS = ["user", "vhost"]
 
@@ -104,6 +128,12 @@ class PoolCollector:
         )
         connecting.add_metric([], len(self.proxy.clients))
         yield connecting
+        refused = CounterMetricFamily(
+            "amqproxy_client_connections_refused",
+            "Client connections refused at --max-clients (Connection.Close 320)",
+        )
+        refused.add_metric([], self.proxy.clients_refused)
+        yield refused
         full = CounterMetricFamily(
             "amqproxy_outbox_full_seconds",
             "Seconds the outbox spent at its limit (publishers held back)",

@@ -42,6 +42,12 @@ class Broker:
         self._start_cache: tuple[dict[str, Any], bytes] | None = None
         self._tune_cache: tuple[tuple[int, int, int], bytes] | None = None
 
+    def reloaded(self, ssl_context: ssl.SSLContext | None) -> None:
+        """SIGHUP: new upstream connections use the TLS context built from the files as they
+        are now, and the address the shared settings hold now. The properties mirrored to
+        clients are those of the next broker an upstream connection reaches (no extra probe)."""
+        self.ssl_context = ssl_context
+
     # ---- reaching it --------------------------------------------------------------------------
 
     async def connect(self, pool: Pool) -> UpstreamSession:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from amqproxy import __version__, logsetup
@@ -43,12 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from(argv: Sequence[str] | None) -> tuple[Settings, bool]:
+def loader_from(argv: Sequence[str] | None) -> tuple[Callable[[], Settings], bool]:
+    """What builds the settings from this command line (again on SIGHUP: the same config
+    file, environment and command-line values, which keep their precedence), and whether
+    only --print-config was asked."""
     args = build_parser().parse_args(argv)
     overrides = {option.key: getattr(args, option.key, None) for option in OPTIONS}
     if args.debug:
         overrides["log_level"] = "debug"
-    return load(args.config, os.environ, overrides), args.print_config
+    return functools.partial(load, args.config, dict(os.environ), overrides), args.print_config
+
+
+def settings_from(argv: Sequence[str] | None) -> tuple[Settings, bool]:
+    loader, print_only = loader_from(argv)
+    return loader(), print_only
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:
@@ -68,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return benchcmd.main(list(argv[1:]))
     try:
-        settings, print_only = settings_from(argv)
+        loader, print_only = loader_from(argv)
+        settings = loader()
     except ConfigError as exc:
         print(f"amqproxy: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -90,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from amqproxy.server import Proxy
 
     try:
-        _run(Proxy(settings, contexts).run())
+        _run(Proxy(settings, contexts, loader).run())
     except OSError as exc:
         logging.getLogger("amqproxy").error("cannot start: %s", exc)
         return 1

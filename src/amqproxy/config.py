@@ -109,6 +109,9 @@ class Settings:
     tls_key: str = ""
     tls_port: int = 5671
     tls_client_ca: str = ""  # set: clients must present a certificate this CA signed
+    max_clients: int = 0  # client connections served at once; 0: no limit
+    max_upstream_connections: int = 0  # per pool; 0: no limit
+    pool_wait_timeout: float = 10.0  # how long Channel.Open waits at that limit
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -150,6 +153,7 @@ class Option:
     file_keys: tuple[str, ...] = ()  # () -> (key,)
     metavar: str = "SECONDS"
     const: str | None = None  # a flag without a value sets this text (--no-park-channels)
+    reloadable: bool = True  # SIGHUP applies a new value; False: it needs a restart
 
     @property
     def names_in_file(self) -> tuple[str, ...]:
@@ -166,11 +170,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("upstream", _upstream, "broker URL, amqp://host[:port] or amqps://host[:port]",
            env="AMQP_URL", metavar="URL"),
     Option("listen_address", str, "address to listen on (default localhost)", ("-l", "--listen"),
-           "LISTEN_ADDRESS", "listen", ("address", "bind"), "ADDRESS"),
+           "LISTEN_ADDRESS", "listen", ("address", "bind"), "ADDRESS", reloadable=False),
     Option("listen_port", _port, "AMQP port (default 5673)", ("-p", "--port"), "LISTEN_PORT",
-           "listen", ("port",), "PORT"),
+           "listen", ("port",), "PORT", reloadable=False),
     Option("http_port", _port, "HTTP port for /metrics and /healthz (default 15673, 0 disables)",
-           ("-b", "--http-port"), "HTTP_PORT", "listen", ("http_port",), "PORT"),
+           ("-b", "--http-port"), "HTTP_PORT", "listen", ("http_port",), "PORT", reloadable=False),
     Option("log_level", _log_level, f"log level, one of {', '.join(LOG_LEVELS)} (default info)",
            ("--log-level",), "LOG_LEVEL", metavar="LEVEL"),
     Option("log_format", _log_format,
@@ -228,9 +232,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("tls_key", str, "private key (PEM) of --tls-cert", ("--tls-key",),
            "AMQPROXY_TLS_KEY", "listen", metavar="FILE"),
     Option("tls_port", _port, "AMQPS port, with --tls-cert (default 5671)", ("--tls-port",),
-           "AMQPROXY_TLS_PORT", "listen", metavar="PORT"),
+           "AMQPROXY_TLS_PORT", "listen", metavar="PORT", reloadable=False),
     Option("tls_client_ca", str, "CA bundle: TLS clients must present a certificate it signed",
            ("--tls-client-ca",), "AMQPROXY_TLS_CLIENT_CA", "listen", metavar="FILE"),
+    Option("max_clients", _non_negative_int,
+           "client connections served at once; the next one is refused with Connection.Close "
+           "320 (default 0: no limit)", ("--max-clients",), "MAX_CLIENTS", metavar="N"),
+    Option("max_upstream_connections", _non_negative_int,
+           "upstream connections per pool (user, password, vhost); at the limit Channel.Open "
+           "waits for a channel to be freed (default 0: no limit)",
+           ("--max-upstream-connections",), "MAX_UPSTREAM_CONNECTIONS", metavar="N"),
+    Option("pool_wait_timeout", _seconds,
+           "how long Channel.Open waits for a channel at --max-upstream-connections before "
+           "the channel gets 506 RESOURCE_ERROR (default 10)", ("--pool-wait-timeout",),
+           "POOL_WAIT_TIMEOUT"),
 )  # fmt: skip
 BY_KEY = {option.key: option for option in OPTIONS}
 _BY_FILE_KEY = {
@@ -306,6 +321,25 @@ def load(
             "upstream", "no upstream URL given (argument, AMQP_URL or [main] upstream)"
         )
     return settings
+
+
+def changes(old: Settings, new: Settings) -> list[tuple[Option, Any, Any]]:
+    """The settings whose values differ, in the table's order (what a reload changes)."""
+    return [
+        (option, getattr(old, option.key), getattr(new, option.key))
+        for option in OPTIONS
+        if getattr(old, option.key) != getattr(new, option.key)
+    ]
+
+
+def shown(key: str, value: Any) -> str:
+    """A setting's value for a log line: the upstream URL without credentials or vhost."""
+    if key == "upstream":
+        host, port, tls, _ = parse_upstream(value)
+        return f"{'amqps' if tls else 'amqp'}://{host}:{port}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "''" if value == "" else str(value)
 
 
 def redacted(url: str) -> str:

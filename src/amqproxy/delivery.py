@@ -52,7 +52,10 @@ class PoolSide(Protocol):
 
     clients: set[Client]
     upstreams: list[Connection]
-    waiters: int  # client channels waiting for the broker
+
+    @property
+    def waiters(self) -> int:
+        """Client channels waiting for the broker."""
 
     def take_parked(self, preferred: int = 0) -> UpstreamChannel | None: ...
 
@@ -62,7 +65,8 @@ class PoolSide(Protocol):
 
     def live_upstream(self) -> Connection | None: ...
 
-    async def connect(self) -> Connection: ...
+    async def more_room(self) -> None:
+        """A new connection, or at the connection limit a wait for a channel to be freed."""
 
 
 class Redelivery:
@@ -142,7 +146,7 @@ class Redelivery:
             if self.send_pending() and self.pool.live_upstream() is not None:
                 return
             try:
-                await self.pool.connect()
+                await self.pool.more_room()
                 delay = RETRY_FIRST
             except UpstreamRefused as exc:
                 if exc.code != c.CONNECTION_FORCED:  # the credentials or vhost are refused:

@@ -18,6 +18,11 @@ class UpstreamRefused(Exception):
         self.reachable = reachable
 
 
+class NoChannelFree(UpstreamRefused):
+    """The pool is at ``--max-upstream-connections`` and no channel was freed within
+    ``--pool-wait-timeout``: an error for that one client channel, not for the connection."""
+
+
 def retrieve(future: asyncio.Future[Any]) -> None:
     """Mark a future's exception as seen: its waiter may have timed out and gone."""
     if not future.cancelled():

@@ -3,7 +3,8 @@
 Channels released while replies or confirms were still due get ``SETTLE_TIMEOUT`` to settle;
 parked channels nobody took for ``PARKED_IDLE`` close (a burst leaves many behind); upstream
 connections unused for ``--idle-connection-timeout`` close, except the last one of a pool with
-admitted clients; empty pools are forgotten; after a crowd of clients has left, freed heap
+admitted clients, and those to an upstream address a reload replaced once nothing is leased
+or settling on them; empty pools are forgotten; after a crowd of clients has left, freed heap
 pages go back to the operating system.
 """
 
@@ -33,15 +34,25 @@ def sweep_pool(pool: Pool, now: float, idle_timeout: float) -> None:
             pool.close_channel(up, "did not settle")
     while pool.parked and now - pool.parked[0].settling_since > PARKED_IDLE:
         pool.close_channel(pool.parked[0], "parked unused")
+    for conn in list(pool.retired):
+        if conn.open and not conn.leased and not any(up.conn is conn for up in pool.settling):
+            log.info("closing upstream %s: the upstream address was replaced", conn.name)
+            conn.close("upstream address replaced")
     if idle_timeout <= 0:
         return
     for conn in list(pool.upstreams):
         if not conn.open or conn.leased or now - conn.last_used < idle_timeout:
             continue
-        if pool.clients and sum(1 for u in pool.upstreams if u.open) == 1:
+        if conn in pool.retired:
+            continue
+        if pool.clients and _live_count(pool) == 1:
             continue  # admitted clients keep one connection to open channels on
         log.info("closing idle upstream %s (unused for %.1fs)", conn.name, now - conn.last_used)
         conn.close("idle")
+
+
+def _live_count(pool: Pool) -> int:
+    return sum(1 for u in pool.upstreams if u.open and u not in pool.retired)
 
 
 def return_memory() -> None:

@@ -38,6 +38,11 @@ def configure(level: str, stream: TextIO, fmt: str = "text") -> None:
     _handler = handler
 
 
+def set_level(level: str) -> None:
+    """A new log level (SIGHUP), for every logger of the proxy at once."""
+    logging.getLogger().setLevel(level.upper())
+
+
 def hot_info(logger: logging.Logger, message: str, **fields: Any) -> None:
     """An INFO line on a hot path (a client came or went): the same line as ``logger.info``
     would write, without the record machinery when the proxy's text handler is in use."""

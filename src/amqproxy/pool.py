@@ -20,8 +20,10 @@ from amqproxy.amqp.auth import Credentials, display
 from amqproxy.channel import ChannelState, Client, Connection, Lease, UpstreamChannel
 from amqproxy.config import Settings
 from amqproxy.delivery import Redelivery
-from amqproxy.errors import UpstreamRefused, retrieve
+from amqproxy.errors import NoChannelFree, UpstreamRefused, retrieve
+from amqproxy.outage import Outage
 from amqproxy.outbox import Totals
+from amqproxy.waitqueue import WaitQueue
 
 log = logging.getLogger("amqproxy.pool")
 
@@ -38,6 +40,9 @@ class PoolStats:
     replayed: int = 0  # messages published again after their channel or connection died
     refused: int = 0  # messages the broker refused (nack or channel error) for a client that
     #                   did not select confirms: logged, never retried
+    channel_waits: int = 0  # Channel.Open that waited at --max-upstream-connections
+    channel_wait_seconds: float = 0.0  # how long they waited, together
+    channel_wait_timeouts: int = 0  # ... and got no channel within --pool-wait-timeout
 
 
 PoolKey = tuple[bytes, bytes, bytes]  # user, password, vhost: the client's bytes
@@ -67,6 +72,10 @@ class Pool:
         self.user, self.vhost = display(key[0]), display(key[2])  # for logs and metrics
         self.stats = registry.stats[(self.user, self.vhost)]
         self.upstreams: list[Connection] = []
+        # Connected to an upstream address a reload replaced: they serve the channels they
+        # have, take no new ones, and close once nothing is leased or settling on them.
+        self.retired: set[Connection] = set()
+        self.room = WaitQueue()  # Channel.Open waiting at --max-upstream-connections
         self.parked: list[UpstreamChannel] = []
         self.settling: set[UpstreamChannel] = set()
         self.clients: set[Client] = set()
@@ -74,10 +83,7 @@ class Pool:
         self._verifying: asyncio.Future[Connection] | None = None  # a credentials probe
         self.verified_at = float("-inf")  # when the broker last accepted these credentials
         self.delivery = Redelivery(self)  # outbox messages waiting for a channel
-        self.outage_since: float | None = None  # no upstream could be kept or opened since
-        self._upstream_back = asyncio.Event()  # set while the pool is not in an outage
-        self._upstream_back.set()
-        self.waiters = 0  # client channels waiting for the outage to end
+        self.outage = Outage(self.name, lambda: self.settings.outbox_hold)
 
     def __repr__(self) -> str:
         return f"<Pool {self.name}>"
@@ -90,8 +96,9 @@ class Pool:
     # ---- admission --------------------------------------------------------------------------
 
     def live_upstream(self) -> Connection | None:
+        """An open connection to the current upstream address."""
         for conn in self.upstreams:
-            if conn.open:
+            if conn.open and conn not in self.retired:
                 return conn
         return None
 
@@ -105,24 +112,17 @@ class Pool:
         return self.live_upstream() is not None or self.holding()
 
     def holding(self) -> bool:
-        """The broker is unreachable, for less than ``outbox_hold`` seconds so far: admitted
-        clients keep working and what they publish waits in the outbox."""
-        since = self.outage_since
-        if since is None:
-            return False
-        return asyncio.get_running_loop().time() - since < self.settings.outbox_hold
+        """An outage is being held (``outage.Outage``)."""
+        return self.outage.holding()
 
     def _enter_outage(self) -> None:
-        if self.outage_since is None and self.live_upstream() is None:
-            self.outage_since = asyncio.get_running_loop().time()
-            self._upstream_back.clear()
+        if self.live_upstream() is None:
+            self.outage.begin()
 
-    def _leave_outage(self) -> None:
-        if self.outage_since is not None:
-            held = asyncio.get_running_loop().time() - self.outage_since
-            log.info("upstream for %s@%s is back after %.1fs", self.user, self.vhost, held)
-        self.outage_since = None
-        self._upstream_back.set()
+    @property
+    def waiters(self) -> int:
+        """Client channels waiting for the broker to come back."""
+        return self.outage.waiters
 
     async def authenticate(self, login: Login | None = None) -> None:
         """Prove the credentials: trusted recently, or by the broker again. With no live
@@ -169,7 +169,7 @@ class Pool:
         """Log a failed attempt once per outage, and start or extend the outage: a broker
         that does not answer (or drops us in the handshake) is one, refused credentials not."""
         if not exc.reachable or exc.code == c.CONNECTION_FORCED:
-            level = logging.WARNING if self.outage_since is None else logging.DEBUG
+            level = logging.WARNING if self.outage.since is None else logging.DEBUG
             fields = {"event": "upstream.unreachable", "pool": self.name, "reason": exc.text}
             log.log(level, "upstream for %s: %s", self.name, exc.text, extra=fields)
             self.registry.upstream_reachable = exc.reachable
@@ -197,7 +197,7 @@ class Pool:
             conn.close("amqproxy: credentials verified")
             return conn
         self.upstreams.append(conn)
-        self._leave_outage()
+        self.outage.end()
         log.info(
             "upstream %s connected from %s (channel_max=%d frame_max=%d heartbeat=%d)",
             conn.name,
@@ -233,42 +233,87 @@ class Pool:
         (and Confirm.Select) go out now and the client's frames follow them, so nobody waits
         for the broker's OpenOk. None when every connection is full or none is live."""
         for conn in self.upstreams:
-            if conn.open and conn.free_channels > 0:
+            if conn.open and conn.free_channels > 0 and conn not in self.retired:
                 self.stats.channel_opens += 1
                 return conn.open_channel(preferred, confirm)
         return None
 
     async def new_channel(self, preferred: int = 0, confirm: bool = True) -> UpstreamChannel:
-        """A new upstream channel, connecting first when no live connection has room; while an
-        outage is held, waiting (up to ``outbox_hold``) for the broker to come back."""
-        while True:
-            up = self.open_now(preferred, confirm)
-            if up is not None:
-                return up
-            try:
-                await self.connect()
-                continue
-            except UpstreamRefused as exc:
-                if exc.code != c.CONNECTION_FORCED or not self.holding():
-                    raise
-            await self._wait_for_upstream()
+        """An upstream channel: a new one, connecting first when no live connection has room;
+        at ``--max-upstream-connections``, the next one freed (parked or closed), waiting up to
+        ``--pool-wait-timeout``; while an outage is held, waiting (up to ``outbox_hold``) for
+        the broker to come back."""
+        loop = asyncio.get_running_loop()
+        waiting_since: float | None = None  # at the connection limit since
+        try:
+            while True:
+                waited = waiting_since is not None
+                up = (self.take_parked(preferred) if confirm and waited else None) or (
+                    self.open_now(preferred, confirm)
+                )
+                if up is not None:
+                    if waited and self.room:
+                        self.room.wake_one()  # there may be room for the next one too
+                    return up
+                if self.at_connection_limit():
+                    if waiting_since is None:
+                        waiting_since = loop.time()
+                        self.stats.channel_waits += 1
+                    await self._wait_for_room(waiting_since, first=waited)
+                    continue
+                try:
+                    await self.connect()
+                    continue
+                except UpstreamRefused as exc:
+                    if exc.code != c.CONNECTION_FORCED or not self.holding():
+                        raise
+                await self._wait_for_upstream()
+        finally:
+            if waiting_since is not None:
+                self.stats.channel_wait_seconds += loop.time() - waiting_since
+
+    def at_connection_limit(self) -> bool:
+        """``--max-upstream-connections`` to the current address are open or opening (one
+        opening attempt is shared by everyone, so it does not block the others)."""
+        limit = self.settings.max_upstream_connections
+        if not limit or self._connecting is not None:
+            return False
+        return len(self.upstreams) - len(self.retired) >= limit
+
+    async def _wait_for_room(self, started: float, first: bool) -> None:
+        """Wait for a channel or connection to be freed; NoChannelFree when
+        ``--pool-wait-timeout`` seconds after ``started`` none was."""
+        timeout = self.settings.pool_wait_timeout
+        try:
+            await self.room.wait(started + timeout, first)
+        except TimeoutError:
+            self.stats.channel_wait_timeouts += 1
+            limit = self.settings.max_upstream_connections
+            raise NoChannelFree(
+                c.RESOURCE_ERROR,
+                f"RESOURCE_ERROR - no upstream channel free within {timeout:g}s "
+                f"(max-upstream-connections {limit})",
+            ) from None
+
+    async def more_room(self) -> None:
+        """Room for the outbox's messages: a new connection, or at the connection limit a
+        wait for a channel to be freed (retried by the caller, never an error)."""
+        if not self.at_connection_limit():
+            await self.connect()
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(self.settings.pool_wait_timeout, 1.0)
+        try:
+            await self.room.wait(deadline)
+        except TimeoutError:
+            return
+        # The caller takes what it can; pass the turn on rather than lose it, should what
+        # was freed be more than the outbox needs (a waiter that finds nothing waits again).
+        self.room.wake_one()
 
     async def _wait_for_upstream(self) -> None:
-        """Wait until the outage ends; UpstreamRefused 320 when the hold runs out first."""
-        loop = asyncio.get_running_loop()
-        since = self.outage_since if self.outage_since is not None else loop.time()
-        remaining = since + self.settings.outbox_hold - loop.time()
-        self.waiters += 1
         self.delivery.ensure_recovery()
-        try:
-            await asyncio.wait_for(self._upstream_back.wait(), max(remaining, 0.0))
-        except TimeoutError:
-            raise UpstreamRefused(
-                c.CONNECTION_FORCED,
-                f"CONNECTION_FORCED - broker unreachable for {self.settings.outbox_hold:g}s",
-            ) from None
-        finally:
-            self.waiters -= 1
+        await self.outage.wait()
 
     def release(self, lease: Lease, why: str) -> None:
         """The client is done with this lease: park, settle or close the upstream channel."""
@@ -290,12 +335,16 @@ class Pool:
 
     def settle_or_park(self, up: UpstreamChannel, why: str) -> None:
         now = asyncio.get_running_loop().time()
+        if up.dirty is None and up.conn in self.retired:
+            up.mark_dirty("its upstream address was replaced")
         if up.dirty is not None:
             log.debug("closing upstream channel %s/%d: %s", up.conn.name, up.id, up.dirty)
             up.conn.close_channel(up, f"amqproxy: {why}")
         elif up.settled:
             up.settling_since = now  # parked since, for PARKED_IDLE
             self.parked.append(up)
+            if self.room:
+                self.room.wake_one()
         else:
             up.settling_since = now
             self.settling.add(up)
@@ -310,6 +359,8 @@ class Pool:
         self.settling.discard(up)
         if up in self.parked:
             self.parked.remove(up)
+        if self.room:
+            self.room.wake_one()
 
     # ---- housekeeping -----------------------------------------------------------------------
 
@@ -318,6 +369,9 @@ class Pool:
         unless another connection of the pool is live)."""
         if conn in self.upstreams:
             self.upstreams.remove(conn)
+        self.retired.discard(conn)
+        if self.room:
+            self.room.wake_one()
         self.parked = [up for up in self.parked if up.conn is not conn]
         self.settling = {up for up in self.settling if up.conn is not conn}
         if lost:
@@ -337,6 +391,14 @@ class Pool:
                 conn.last_used = max(conn.last_used, now)
         self.registry.maybe_drop(self)
 
+    def retire_upstreams(self) -> None:
+        """The upstream address changed (a reload): the connections open now keep serving
+        their leased channels and drain; new channels and connections go to the new one."""
+        self.retired.update(self.upstreams)
+        for up in [up for up in self.parked if up.conn in self.retired]:
+            self.close_channel(up, "its upstream address was replaced")
+        self.room.wake_all()
+
     def close_channel(self, up: UpstreamChannel, why: str) -> None:
         """Close a settling or parked channel the pool no longer wants."""
         up.mark_dirty(why)
@@ -352,6 +414,7 @@ class Pool:
             and self._connecting is None
             and not self.delivery.pending
             and not self.waiters
+            and not self.room
             and not self.holding()
         )
 
@@ -362,6 +425,7 @@ class Pool:
             "parked": len(self.parked),
             "leased": sum(u.leased for u in self.upstreams),
             "settling": len(self.settling),
+            "waiting": len(self.room),
         }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -12,11 +13,13 @@ import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
+from amqproxy import logsetup
 from amqproxy.admin import AdminServer
 from amqproxy.amqp import constants as c
 from amqproxy.amqp import scan
 from amqproxy.broker import Broker
-from amqproxy.config import Settings
+from amqproxy.config import ConfigError, Settings, changes, shown, warnings
+from amqproxy.io.admission import ClientLimit
 from amqproxy.io.client import ClientProtocol
 from amqproxy.io.tls_accept import TlsListener
 from amqproxy.janitor import Janitor
@@ -31,9 +34,19 @@ T = TypeVar("T")
 class Proxy:
     """Owns everything that lives as long as the process."""
 
-    def __init__(self, settings: Settings, tls: Contexts | None = None) -> None:
-        self.settings = settings
+    def __init__(
+        self,
+        settings: Settings,
+        tls: Contexts | None = None,
+        reload: Callable[[], Settings] | None = None,
+    ) -> None:
+        """``tls``: the TLS contexts built from the certificate files at start; ``reload``:
+        the settings built again the way they were at start (the same config file,
+        environment and command line), for SIGHUP."""
+        self.settings = settings  # one object, shared: a reload changes it in place
         self.tls = tls or load_tls(settings)
+        self._load = reload
+        self.client_limit = ClientLimit(settings)
         self.broker = Broker(settings, self.tls.upstream)
         self.registry = PoolRegistry(settings, self.broker.connect)
         self.clients: set[ClientProtocol] = set()
@@ -47,7 +60,12 @@ class Proxy:
         self._janitor: asyncio.Task[None] | None = None
 
     def _client(self) -> ClientProtocol:
-        return ClientProtocol(self.settings, self.registry, self.broker, self.clients)
+        refusal = self.client_limit.refusal(len(self.clients))
+        return ClientProtocol(self.settings, self.registry, self.broker, self.clients, refusal)
+
+    @property
+    def clients_refused(self) -> int:
+        return self.client_limit.refused
 
     def _tls_context(self) -> ssl.SSLContext:
         assert self.tls.client is not None
@@ -93,6 +111,7 @@ class Proxy:
         )
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._janitor = loop.create_task(self.janitor.run(), name="janitor")
         try:
             await asyncio.wait_for(self.broker.properties(), settings.connect_timeout + 1)
@@ -116,6 +135,64 @@ class Proxy:
             os._exit(1)
         log.info("%s received: draining", sig.name)
         self._stop.set()
+
+    # ---- SIGHUP ---------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Read the configuration again and apply what can change while clients stay
+        connected; a configuration that does not load changes nothing (one ERROR line)."""
+        if self._load is None:
+            log.warning("SIGHUP: no configuration to reload")
+            return
+        try:
+            new = self._load()
+        except ConfigError as exc:
+            log.error("reload failed, settings unchanged: %s", exc)
+            return
+        try:
+            # Built from the files as they are now: a renewed certificate is read again.
+            contexts = load_tls(new)
+        except ConfigError as exc:  # a file missing, unreadable, or not what it should be
+            log.error("reload failed, settings unchanged: %s", exc)
+            return
+        if (contexts.client is None) != (self.tls.client is None):
+            log.warning("reload: turning the TLS listener on or off needs a restart; not applied")
+            contexts = dataclasses.replace(contexts, client=self.tls.client)
+        applied = self._apply(new)
+        self.tls = contexts  # the TLS port reads it on every accept; the next clients get it
+        self.broker.reloaded(contexts.upstream)
+        if "upstream" in applied:
+            for warning in warnings(self.settings):
+                log.warning("%s", warning)
+            for pool in list(self.registry.pools.values()):
+                pool.retire_upstreams()
+        if "log_level" in applied:
+            logsetup.set_level(self.settings.log_level)
+        if "outbox_max_bytes" in applied:
+            self.registry.outbox.max_bytes = self.settings.outbox_max_bytes
+        if applied & {"max_upstream_connections", "max_upstream_channels", "pool_wait_timeout"}:
+            for pool in list(self.registry.pools.values()):
+                pool.room.wake_all()
+
+    def _apply(self, new: Settings) -> set[str]:
+        """Copy the changed settings into the shared object (every holder sees them at its
+        next use); returns the keys applied. One line per change."""
+        settings = self.settings
+        applied = set()
+        changed = changes(settings, new)
+        if not changed:
+            log.info("reload: no setting changed")
+        for option, old_value, new_value in changed:
+            key = option.key
+            was, now = shown(key, old_value), shown(key, new_value)
+            if not option.reloadable:
+                log.warning("reload: %s %s -> %s needs a restart; not applied", key, was, now)
+                continue
+            setattr(settings, key, new_value)
+            settings.sources[key] = new.sources.get(key, "default")
+            applied.add(key)
+            log.info("reload: %s %s -> %s", key, was, now)
+        return applied
 
     async def _drain(self) -> None:
         """Stop accepting, give clients time to leave, close them, deliver what the outbox

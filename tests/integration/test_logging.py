@@ -73,7 +73,7 @@ def test_an_unreachable_broker_is_one_line_per_client(proxy_factory, tenant):
     for _ in range(3):
         _, refusal = connect_from(p, tenant)
         assert refusal is not None
-    wait_for(lambda: p.log().count("CONNECTION_FORCED") >= 3, 5)
+    wait_for(lambda: p.log().count("closing client") >= 3, 5)
     lines = [line for line in p.log().splitlines() if "Connection refused" in line]
     per_client = [line for line in lines if "closing client" in line]
     assert len(per_client) == 3, lines

@@ -70,6 +70,9 @@ class ClientSession:
         self.heartbeat = 0
         self.identity = "?"  # describe() once admitted: outbox messages carry it for logs
         self.close_reason = ""
+        # Set by the host when the proxy serves --max-clients already: the handshake then ends
+        # at StartOk with Connection.Close 320 and this text.
+        self.refusal = ""
         self._rest = b""
         self._sent_blocked = False  # we told the client Connection.Blocked (outbox full)
         self.login: Login | None = None  # the broker accepted the password; the vhost is next
@@ -208,8 +211,11 @@ class ClientSession:
 
     # ---- the end ------------------------------------------------------------------------------
 
-    def close_with(self, code: int, text: str, class_id: int = 0, method_id: int = 0) -> None:
-        """Send Connection.Close and give up every lease; the client answers with CloseOk."""
+    def close_with(
+        self, code: int, text: str, class_id: int = 0, method_id: int = 0, quiet: bool = False
+    ) -> None:
+        """Send Connection.Close and give up every lease; the client answers with CloseOk.
+        ``quiet``: logged at DEBUG (the caller reports these in bulk)."""
         if self.state in (State.CLOSING, State.CLOSED):
             return
         before_open = self.state is not State.OPEN
@@ -219,6 +225,8 @@ class ClientSession:
         level = logging.INFO if code in (c.REPLY_SUCCESS, c.CONNECTION_FORCED) else logging.WARNING
         if before_open and code in (c.ACCESS_REFUSED, c.NOT_ALLOWED):
             level = logging.WARNING
+        if quiet:
+            level = logging.DEBUG
         fields = self.log_fields("client.closed", code=code, reason=text)
         log.log(level, "closing client %s: %d %s", self.describe(), code, text, extra=fields)
         close = commands.Connection.Close(code, frames.reply_text(text), class_id, method_id)
@@ -361,6 +369,12 @@ class ClientSession:
     def channel_failed(self, lease: Lease, code: int, text: str) -> None:
         if self.leases.get(lease.channel_id) is lease:
             self.close_with(code, text)
+
+    def channel_refused(self, lease: Lease, code: int, text: str) -> None:
+        """No upstream channel within ``--pool-wait-timeout``: an error for that channel only."""
+        if self.state is State.OPEN and self.leases.get(lease.channel_id) is lease:
+            self.channels.open_refused(lease, code, text)
+            self.host.release("backlog")
 
     # ---- what upstream connections report (``channel.Client``) ------------------------------
 

@@ -78,7 +78,8 @@ class ChannelTable:
         assert pool is not None
         lease = Lease(session, pool, channel_id, session.registry.outbox)
         self.leases[channel_id] = lease
-        up = pool.take_parked(channel_id) or pool.open_now(channel_id)
+        # Clients already waiting at --max-upstream-connections are served first.
+        up = None if pool.room else pool.take_parked(channel_id) or pool.open_now(channel_id)
         if up is not None:
             lease.backlog = None
             lease.bind(up)
@@ -101,6 +102,19 @@ class ChannelTable:
             lease.announced = True
             self._write(frames.method_frame(lease.channel_id, frames.CHANNEL_OPEN_OK))
         return lease.take_backlog()
+
+    def open_refused(self, lease: Lease, code: int, text: str) -> None:
+        """No upstream channel for ``lease`` in time (its pool is at its connection limit):
+        Channel.Close on this channel, as a broker refuses one; the connection and its other
+        channels carry on. What the client sent behind its Open is dropped, unless it had its
+        OpenOk already (an outage was held): its publishes are then the proxy's to deliver."""
+        if not lease.announced:
+            _, counted = lease.take_backlog()
+            self.session.registry.outbox.remove(counted, 0)
+        log.info(
+            "client %s: channel %d refused: %s", self.session.describe(), lease.channel_id, text
+        )
+        self.refuse(lease, code, text, c.CHANNEL_OPEN)
 
     def not_open(self, lease: Lease, ftype: int, data: bytes, start: int, end: int) -> None:
         """A frame on a channel that is opening or closing."""

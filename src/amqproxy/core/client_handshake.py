@@ -134,6 +134,10 @@ class Handshake:
         self.wants_auth_close = method.wants_auth_close
         session.credentials = auth.credentials(method.mechanism, method.response)
         session.user = auth.display(session.credentials.user)
+        if session.refusal:  # over --max-clients: refused here, where every client shows it
+            self.state = Step.DONE
+            session.close_with(c.CONNECTION_FORCED, session.refusal, 10, 11, quiet=True)
+            return
         if session.registry.credentials_trusted(session.credentials):
             self.tune()  # proven recently: no round trip, no wait
         else:  # the broker checks the password now, as it would for a direct client

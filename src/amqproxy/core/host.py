@@ -73,7 +73,9 @@ class ClientHost(Protocol):
 
     def open_channel(self, pool: Pool, lease: Lease, confirm: bool) -> None:
         """A new upstream channel of ``pool`` for ``lease`` (waiting for the broker while an
-        outage is held): ``channel_ready(lease, up)`` or ``channel_failed(lease, code, text)``."""
+        outage is held, or for a channel to be freed at ``--max-upstream-connections``):
+        ``channel_ready(lease, up)``, ``channel_refused(lease, code, text)`` (no channel in
+        time: a channel error) or ``channel_failed(lease, code, text)`` (a connection error)."""
 
     def update_secret(self, pool: Pool, credentials: Credentials, reason: str) -> None:
         """Prove a new secret: ``secret_updated(...)`` or ``secret_refused(...)``."""

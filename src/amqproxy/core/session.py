@@ -23,6 +23,7 @@ class Session(Client, Protocol):
     connection_name: str
     channel_max: int
     heartbeat: int
+    refusal: str  # over --max-clients: the text of the Connection.Close at StartOk
 
     @property
     def host(self) -> ClientHost: ...
@@ -46,7 +47,9 @@ class Session(Client, Protocol):
 
     def log_fields(self, event: str, **more: object) -> dict[str, object]: ...
 
-    def close_with(self, code: int, text: str, class_id: int = 0, method_id: int = 0) -> None: ...
+    def close_with(
+        self, code: int, text: str, class_id: int = 0, method_id: int = 0, quiet: bool = False
+    ) -> None: ...
 
     def hang_up(self) -> None: ...
 

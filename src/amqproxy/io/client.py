@@ -19,7 +19,7 @@ from amqproxy.broker import Broker
 from amqproxy.channel import Lease
 from amqproxy.config import Settings
 from amqproxy.core.client import ClientSession
-from amqproxy.errors import UpstreamRefused
+from amqproxy.errors import NoChannelFree, UpstreamRefused
 from amqproxy.io.heartbeat import Heartbeat
 from amqproxy.pool import Login, Pool, PoolRegistry
 from amqproxy.tls import subject
@@ -54,7 +54,12 @@ class ClientProtocol(asyncio.Protocol):
     """One client socket, driving one ClientSession."""
 
     def __init__(
-        self, settings: Settings, registry: PoolRegistry, broker: Broker, clients: set[Any]
+        self,
+        settings: Settings,
+        registry: PoolRegistry,
+        broker: Broker,
+        clients: set[Any],
+        refusal: str = "",
     ) -> None:
         self.settings = settings
         self.broker = broker
@@ -65,6 +70,7 @@ class ClientProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.flow: FlowControl | None = None
         self.session = ClientSession(self, settings, registry, broker)
+        self.session.refusal = refusal  # over --max-clients: refused at Connection.StartOk
         self.heartbeat = Heartbeat(self.loop, self._send_heartbeat, self.session.heartbeat_missed)
         self._write_paused = False
         self._timer: asyncio.TimerHandle | None = None
@@ -81,7 +87,8 @@ class ClientProtocol(asyncio.Protocol):
         self.certificate = subject(transport.get_extra_info("peercert"))
         if self.certificate:  # --tls-client-ca: who the certificate says it is, in every line
             self.peer += f" [{self.certificate}]"
-        self.clients.add(self)
+        if not self.session.refusal:  # a refused socket is not one of the clients served
+            self.clients.add(self)
         timeout = self.settings.handshake_timeout
         self._timer = self.loop.call_later(timeout, self._handshake_expired)
 
@@ -216,6 +223,9 @@ class ClientProtocol(asyncio.Protocol):
     async def _open_channel(self, pool: Pool, lease: Lease, confirm: bool) -> None:
         try:
             up = await pool.new_channel(lease.channel_id, confirm)
+        except NoChannelFree as exc:
+            self.session.channel_refused(lease, exc.code, exc.text)
+            return
         except UpstreamRefused as exc:
             self.session.channel_failed(lease, exc.code, exc.text)
             return
