@@ -1,4 +1,4 @@
-"""The command line: ``amqproxy [options] amqp://broker[:port]``."""
+"""The command line: ``amqproxy [options] amqp://broker[:port]``, and ``amqproxy status``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="amqproxy",
         description="A pooling AMQP 0-9-1 proxy: clients connect here with their own "
         "credentials; upstream connections and clean channels are kept for the next client.",
+        epilog="amqproxy status [--clients] [--upstreams] [--json] [--url URL] shows a running "
+        "proxy's pools, clients or upstream connections (amqproxy status --help).",
     )
     parser.add_argument("upstream", nargs="?", help=BY_KEY["upstream"].help)
     for option in OPTIONS:
@@ -62,8 +64,13 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["status"]:  # no upstream URL is "status": the subcommand cannot be one
+        from amqproxy import status
+
+        return status.main(args[1:])
     try:
-        settings, print_only = settings_from(argv)
+        settings, print_only = settings_from(args)
     except ConfigError as exc:
         print(f"amqproxy: configuration error: {exc}", file=sys.stderr)
         return 2

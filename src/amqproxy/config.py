@@ -96,6 +96,8 @@ class Settings:
     outbox_hold: float = 30.0  # how long an unreachable broker is hidden from admitted clients
     outbox_max_bytes: int = 256 * 1024 * 1024  # unconfirmed messages held, at most
     upstream_ca: str = ""
+    admin_token: str = ""  # the admin API's POST endpoints require it, when set
+    broker_check_interval: float = 5.0  # seconds between checks that the broker answers
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -124,6 +126,8 @@ class Settings:
         """The settings as plain values (for --print-config and the status API)."""
         values = dataclasses.asdict(self)
         values.pop("sources")
+        if values["admin_token"]:
+            values["admin_token"] = "(set)"  # a secret: never printed
         return values
 
 
@@ -160,7 +164,8 @@ OPTIONS: tuple[Option, ...] = (
            "LISTEN_ADDRESS", "listen", ("address", "bind"), "ADDRESS"),
     Option("listen_port", _port, "AMQP port (default 5673)", ("-p", "--port"), "LISTEN_PORT",
            "listen", ("port",), "PORT"),
-    Option("http_port", _port, "HTTP port for /metrics and /healthz (default 15673, 0 disables)",
+    Option("http_port", _port,
+           "HTTP port for /metrics, /healthz, /readyz and /api (default 15673, 0 disables)",
            ("-b", "--http-port"), "HTTP_PORT", "listen", ("http_port",), "PORT"),
     Option("log_level", _log_level, f"log level, one of {', '.join(LOG_LEVELS)} (default info)",
            ("--log-level",), "LOG_LEVEL", metavar="LEVEL"),
@@ -206,6 +211,13 @@ OPTIONS: tuple[Option, ...] = (
            "(default 256 MiB)", ("--outbox-max-bytes",), metavar="BYTES"),
     Option("upstream_ca", str, "CA bundle to verify an amqps:// upstream", ("--upstream-ca",),
            "AMQPROXY_UPSTREAM_CA", metavar="FILE"),
+    Option("admin_token", str,
+           "token the admin API's POST endpoints require (Authorization: Bearer TOKEN); "
+           "default none: they are open to whoever reaches the HTTP port",
+           ("--admin-token",), "AMQPROXY_ADMIN_TOKEN", metavar="TOKEN"),
+    Option("broker_check_interval", _seconds,
+           "seconds between checks that the broker answers AMQP, for /readyz (default 5; "
+           "0: only at start and by upstream connections)", ("--broker-check-interval",)),
 )  # fmt: skip
 BY_KEY = {option.key: option for option in OPTIONS}
 _BY_FILE_KEY = {

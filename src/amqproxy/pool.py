@@ -37,6 +37,11 @@ class PoolStats:
     replayed: int = 0  # messages published again after their channel or connection died
     refused: int = 0  # messages the broker refused (nack or channel error) for a client that
     #                   did not select confirms: logged, never retried
+    # Clients' traffic: bytes counted per read and write, messages per scanner run.
+    bytes_in: int = 0  # read from clients
+    bytes_out: int = 0  # written to clients
+    messages_in: int = 0  # published by clients
+    messages_out: int = 0  # delivered to clients (Basic.Deliver, Basic.GetOk)
 
 
 PoolKey = tuple[bytes, bytes, bytes]  # user, password, vhost: the client's bytes
@@ -354,6 +359,7 @@ class PoolRegistry:
         self.frame_max = c.DEFAULT_FRAME_MAX  # the broker's, once an upstream has tuned
         self.outbox = Totals(settings.outbox_max_bytes)
         self.stopped = False  # shutting down: no more reconnection attempts
+        self.paused = False  # the admin API's pause: new clients are refused at Connection.Open
 
     def pool(self, credentials: Credentials, vhost: bytes) -> Pool:
         key = (credentials.user, credentials.password, vhost)

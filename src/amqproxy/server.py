@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import socket
-import ssl
 from collections.abc import Callable
 
 from amqproxy.admin import AdminServer
@@ -38,6 +37,12 @@ class Proxy:
         self._stop = asyncio.Event()
         self._signals = 0
         self._janitor: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+
+    @property
+    def listening(self) -> bool:
+        """The AMQP listener accepts connections (``/readyz``)."""
+        return self._server is not None and self._server.is_serving()
 
     def _client(self) -> ClientProtocol:
         return ClientProtocol(self.settings, self.registry, self.broker, self.clients)
@@ -69,10 +74,14 @@ class Proxy:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         self._janitor = loop.create_task(self.janitor.run(), name="janitor")
-        try:
-            await asyncio.wait_for(self.broker.properties(), settings.connect_timeout + 1)
-        except (TimeoutError, OSError, ssl.SSLError):
-            pass
+        await self.broker.check()  # bounded by the connect and handshake timeouts
+        if settings.broker_check_interval > 0:
+            registry = self.registry
+            watch = self.broker.watch(
+                settings.broker_check_interval,
+                lambda: any(pool.live_upstream() for pool in registry.pools.values()),
+            )
+            self._watch = loop.create_task(watch, name="broker check")
 
     async def run(self) -> None:
         await self.start()
@@ -118,6 +127,8 @@ class Proxy:
                 sum(undelivered.values()),
                 ", ".join(f"{pool}: {count}" for pool, count in sorted(undelivered.items())),
             )
+        if self._watch is not None:
+            self._watch.cancel()
         if self._admin is not None:
             await self._admin.stop()
         log.info("amqproxy stopped")

@@ -69,6 +69,11 @@ class UpstreamSession:
         self.exclusive_owners: dict[bytes, Client] = {}  # exclusive queues declared here
         self.handshaking = True  # until OpenOk, or until the broker refuses or drops us
         self.ready_error: UpstreamRefused | None = None  # why the handshake failed
+        self.not_amqp: str | None = None  # what the broker's address answered, if not AMQP
+        self.remote = ""  # the broker's address, "host:port"
+        self.started = now
+        self.last_read = now  # the broker's last bytes (heartbeats included)
+        self._start_seen = False
         self.on_ready: Callable[[], None] | None = None  # the host waits for the handshake
         self.stream = BrokerStream(self)
         self._next_id = 1
@@ -278,6 +283,7 @@ class UpstreamSession:
     # ---- reading ----------------------------------------------------------------------------
 
     def receive(self, data: bytes) -> None:
+        self.last_read = self._now
         if self._rest:
             data = self._rest + data
             self._rest = b""
@@ -305,6 +311,8 @@ class UpstreamSession:
             self.on_ready()
 
     def _handshake(self, data: bytes) -> None:
+        if not self._start_seen and self._not_amqp(data):
+            return
         found, pos = frames.scan(data, HANDSHAKE_FRAME_MAX)
         for ftype, channel, start, end in found:
             if ftype != c.FRAME_METHOD or channel != 0:
@@ -314,6 +322,7 @@ class UpstreamSession:
                 return
             method = frames.decode_method(data[start:end])
             if isinstance(method, commands.Connection.Start):
+                self._start_seen = True
                 self.server_properties = dict(method.server_properties or {})
                 mechanism, response = self.pool.credentials.login()
                 self.write(
@@ -330,6 +339,18 @@ class UpstreamSession:
                 return
         if pos < len(data):
             self._rest = data[pos:]
+
+    def _not_amqp(self, data: bytes) -> bool:
+        """The first bytes from the broker's address are not a Connection.Start: say so, rather
+        than the frame error reading them as frames would give."""
+        wrong = handshake.not_amqp(data)
+        if wrong is None:
+            return False
+        self.not_amqp = wrong
+        self._close_reason = (c.CONNECTION_FORCED, f"CONNECTION_FORCED - {wrong}")
+        if self.host is not None:
+            self.host.abort()
+        return True
 
     def _tune(self, tune: commands.Connection.Tune) -> None:
         self.channel_max = tune.channel_max or 65535
