@@ -60,9 +60,8 @@ def client_id(p, name: str) -> int:
 
 @pytest.mark.timeout(60)
 def test_pools_clients_and_upstreams_with_real_clients_and_no_password(
-    proxy_factory, tenant_factory, queues
+    proxy_factory, tenant, queues
 ):
-    tenant = tenant_factory(own_user=True, password="pw-Never-Shown-7731")
     p = proxy_factory("-t", "60")
     q = queues.declare(tenant)
     app = p.connect(tenant, client_properties={"connection_name": "api-app-1"})
@@ -107,8 +106,7 @@ def test_pools_clients_and_upstreams_with_real_clients_and_no_password(
     for path in ENDPOINTS:
         status, text = p.http_get(path)
         assert status == 200, (path, text)
-        assert tenant.password not in text, path
-        assert "Never-Shown" not in text, path
+        assert tenant.password not in text, path  # a random one: it cannot appear by chance
 
     # Totals survive the clients that made them.
     app.close()
