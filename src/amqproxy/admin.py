@@ -268,7 +268,7 @@ class AdminServer:
     def _post(self, request: Request) -> Response:
         token = self.proxy.settings.admin_token
         if token and not hmac.compare_digest(
-            request.authorization.encode(), f"Bearer {token}".encode()
+            request.authorization.encode("latin-1"), f"Bearer {token}".encode()
         ):
             response = _error(401, "this endpoint needs Authorization: Bearer <admin token>")
             response.extra = 'WWW-Authenticate: Bearer realm="amqproxy"\r\n'
