@@ -32,10 +32,10 @@ ENV LISTEN_ADDRESS=0.0.0.0
 # Numeric, so that Kubernetes' runAsNonRoot can check it.
 USER 10001:10001
 EXPOSE 5673 15673
-# /healthz: 200 when the proxy serves, 503 while it drains or cannot reach the broker. Move to
-# /readyz once it lands (not yet in this version).
+# /readyz: 200 when the proxy serves, 503 while it drains, is paused or cannot reach the broker
+# (/healthz is liveness only: 200 whenever the process answers HTTP).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["/opt/amqproxy/bin/python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % (os.environ.get('HTTP_PORT') or 15673), timeout=4)"]
+    CMD ["/opt/amqproxy/bin/python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % (os.environ.get('HTTP_PORT') or 15673), timeout=4)"]
 # SIGTERM drains for up to 30 s by default: give docker stop --stop-timeout 45 (or
 # terminationGracePeriodSeconds) so that the outbox is delivered before SIGKILL.
 STOPSIGNAL SIGTERM

@@ -354,7 +354,7 @@ def check(image: Stage, work: Path) -> None:
     assert image.user not in ("", "root", "0") and not image.user.startswith(("root:", "0:"))
     assert image.env.get("LISTEN_ADDRESS") == "0.0.0.0", image.env
     assert sorted(image.expose) == ["15673", "5673"], image.expose
-    assert image.healthcheck and "/healthz" in " ".join(image.healthcheck)
+    assert image.healthcheck and "/readyz" in " ".join(image.healthcheck)
 
     version = subprocess.run(
         [*image.entrypoint, "--version"],

@@ -1,40 +1,43 @@
-"""HTTP for operators: GET /healthz and GET /metrics (Prometheus text format)."""
+"""HTTP for operators: liveness and readiness, the admin API, Prometheus metrics.
+
+A deliberately tiny HTTP/1.0 server on the listen address: one request per connection, each
+read and write within a timeout, bodies bounded. What the API answers and does is ``api``'s;
+this module routes, checks the token of the write endpoints, and collects the metrics.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import json
 import logging
-from collections.abc import Iterator, Sized
-from typing import Protocol
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from amqproxy.config import Settings
-from amqproxy.pool import PoolRegistry
+from amqproxy import api
+from amqproxy.api import Proxy
 
 log = logging.getLogger("amqproxy.admin")
 
 REQUEST_TIMEOUT = 5.0
-MAX_REQUEST = 8192
-
-
-class Proxy(Protocol):
-    """What the endpoints read of the proxy (``server.Proxy``)."""
-
-    settings: Settings
-    registry: PoolRegistry
-
-    @property
-    def clients(self) -> Sized:
-        """Open client sockets, admitted or not."""
-
-    draining: bool
-
-    @property
-    def clients_refused(self) -> int:
-        """Client connections refused at --max-clients, since start."""
+MAX_HEAD = 8192
+MAX_BODY = 4096
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Payload Too Large",
+    503: "Service Unavailable",
+}
+GETS = {"/healthz", "/readyz", "/metrics", "/api/pools", "/api/clients", "/api/upstreams"}
+CLOSE_PATH = re.compile(r"/api/clients/(\d{1,18})/close")
 
 
 # Per (user, vhost), read from the pools at scrape time: key, metric name, help.
@@ -105,6 +108,14 @@ POOL_COUNTERS = (
         "amqproxy_channel_wait_timeouts",
         "Channel.Open refused (506) after --pool-wait-timeout without a free channel",
     ),
+    ("messages_in", "amqproxy_messages_published", "Messages clients published"),
+    (
+        "messages_out",
+        "amqproxy_messages_delivered",
+        "Messages delivered to clients (Basic.Deliver and Basic.GetOk)",
+    ),
+    ("bytes_in", "amqproxy_client_received_bytes", "Bytes read from clients"),
+    ("bytes_out", "amqproxy_client_sent_bytes", "Bytes written to clients"),
 )
 LABELS = ["user", "vhost"]
 
@@ -161,8 +172,72 @@ class PoolCollector:
             yield family
 
 
+@dataclass
+class Request:
+    method: str
+    path: str
+    authorization: str
+    body: bytes
+    peer: str
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    extra: str = ""  # more header lines, each ending with CRLF
+
+
+def _json(status: int, value: object) -> Response:
+    return Response(status, json.dumps(value, indent=1).encode() + b"\n")
+
+
+def _error(status: int, message: str) -> Response:
+    return _json(status, {"error": message})
+
+
+async def _read_request(reader: asyncio.StreamReader, peer: str) -> Request | Response:
+    """The request line, the two headers that matter and the body (bounded, timed)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
+    if len(head) > MAX_HEAD:
+        return _error(413, "request head too large")
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split()
+    if len(parts) < 2:
+        return _error(400, "bad request line")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    try:
+        length = int(headers.get("content-length") or 0)
+    except ValueError:
+        return _error(400, "bad Content-Length")
+    if not 0 <= length <= MAX_BODY:
+        return _error(413, f"body over {MAX_BODY} bytes")
+    body = await asyncio.wait_for(reader.readexactly(length), REQUEST_TIMEOUT) if length else b""
+    path = parts[1].split("?")[0]
+    return Request(parts[0], path, headers.get("authorization", ""), body, peer)
+
+
+def _reason(body: bytes) -> str | Response:
+    """The close reason of a request body: {"reason": "..."}, or nothing."""
+    if not body.strip():
+        return ""
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return _error(400, 'the body must be JSON: {"reason": "..."}')
+    reason = value.get("reason", "") if isinstance(value, dict) else None
+    if not isinstance(reason, str):
+        return _error(400, 'the body must be JSON: {"reason": "..."}')
+    return "".join(ch for ch in reason if ch.isprintable())[:200]
+
+
 class AdminServer:
-    """A deliberately tiny HTTP/1.0 server: two read-only endpoints."""
+    """The HTTP endpoint: GETs are open to whoever reaches it; POSTs need the admin token
+    when one is set."""
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
@@ -176,71 +251,80 @@ class AdminServer:
             self._handle, settings.listen_address, settings.http_port, reuse_address=True
         )
         log.info(
-            "HTTP endpoint on %s:%d (/healthz, /metrics)",
+            "HTTP endpoint on %s:%d (/healthz, /readyz, /metrics, /api)",
             settings.listen_address,
             settings.http_port,
         )
+        if not settings.admin_token and not _loopback(settings.listen_address):
+            log.warning(
+                "the admin API's POST endpoints (close clients, pause) are open to anyone who "
+                "reaches %s:%d: set --admin-token",
+                settings.listen_address,
+                settings.http_port,
+            )
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
 
-    def health(self) -> tuple[int, dict[str, object]]:
+    def route(self, request: Request) -> Response:
+        method, path = request.method, request.path
+        if method == "GET" and path in GETS:
+            return self._get(path)
+        if method == "POST" and (
+            path in ("/api/pause", "/api/resume") or CLOSE_PATH.fullmatch(path)
+        ):
+            return self._post(request)
+        if path in GETS or path in ("/api/pause", "/api/resume") or CLOSE_PATH.fullmatch(path):
+            return _error(405, f"{method} not allowed on {path}")
+        return _error(404, f"no endpoint {path}")
+
+    def _get(self, path: str) -> Response:
         proxy = self.proxy
-        registry = proxy.registry
-        body: dict[str, object] = {
-            "clients": len(proxy.clients),
-            "upstream_connections": registry.upstream_count,
-            "upstream": proxy.settings.upstream_address,
-        }
-        outbox = registry.outbox
-        body["outbox"] = {
-            "messages": outbox.messages,
-            "bytes": outbox.bytes,
-            "max_bytes": outbox.max_bytes,
-        }
-        warnings = []
-        if outbox.bytes > outbox.max_bytes / 2:
-            warnings.append("outbox over half full")
-        held = registry.holding()
-        if held:
-            warnings.append(f"broker outage held for {held} pool(s)")
-        if warnings:
-            body["warnings"] = warnings
-        if proxy.draining:
-            body["status"] = "draining"
-            return 503, body
-        if registry.upstream_reachable is False and registry.upstream_count == 0:
-            body["status"] = "upstream unreachable"
-            return 503, body
-        body["status"] = "ok"
-        return 200, body
+        if path == "/metrics":
+            return Response(
+                200, generate_latest(self.metrics), "text/plain; version=0.0.4; charset=utf-8"
+            )
+        if path in ("/healthz", "/readyz"):
+            ready, body = api.health(proxy)
+            return _json(200 if ready or path == "/healthz" else 503, body)
+        build = {"/api/pools": api.pools, "/api/clients": api.clients}.get(path, api.upstreams)
+        return _json(200, build(proxy))
+
+    def _post(self, request: Request) -> Response:
+        token = self.proxy.settings.admin_token
+        if token and not hmac.compare_digest(
+            request.authorization.encode("latin-1"), f"Bearer {token}".encode()
+        ):
+            response = _error(401, "this endpoint needs Authorization: Bearer <admin token>")
+            response.extra = 'WWW-Authenticate: Bearer realm="amqproxy"\r\n'
+            return response
+        if request.path in ("/api/pause", "/api/resume"):
+            return _json(
+                200, api.set_paused(self.proxy, request.path == "/api/pause", request.peer)
+            )
+        reason = _reason(request.body)
+        if isinstance(reason, Response):
+            return reason
+        match = CLOSE_PATH.fullmatch(request.path)
+        assert match is not None
+        done = api.close_client(self.proxy, int(match.group(1)), reason, request.peer)
+        if done is None:
+            return _error(404, f"no client {match.group(1)}")
+        return _json(200, done)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        who = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
         try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
-            parts = request[:MAX_REQUEST].split(b"\r\n", 1)[0].split()
-            method, path = (parts[0], parts[1].split(b"?")[0]) if len(parts) >= 2 else (b"", b"")
-            if method != b"GET":
-                status, ctype, body = 405, "text/plain", b"method not allowed\n"
-            elif path == b"/metrics":
-                status, ctype = 200, "text/plain; version=0.0.4; charset=utf-8"
-                body = generate_latest(self.metrics)
-            elif path == b"/healthz":
-                status, info = self.health()
-                ctype, body = "application/json", json.dumps(info).encode() + b"\n"
-            else:
-                status, ctype, body = 404, "text/plain", b"not found\n"
-            reason = {
-                200: "OK",
-                404: "Not Found",
-                405: "Method Not Allowed",
-                503: "Service Unavailable",
-            }[status]
+            request = await _read_request(reader, who)
+            response = request if isinstance(request, Response) else self.route(request)
             writer.write(
-                f"HTTP/1.0 {status} {reason}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                + body
+                f"HTTP/1.0 {response.status} {REASONS[response.status]}\r\n"
+                f"Content-Type: {response.content_type}\r\n"
+                f"Content-Length: {len(response.body)}\r\n{response.extra}"
+                "Connection: close\r\n\r\n".encode()
+                + response.body
             )
             await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
         except (
@@ -252,3 +336,12 @@ class AdminServer:
             pass
         finally:
             writer.close()
+
+
+def _loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False

@@ -1,22 +1,26 @@
 """What the proxy knows of the broker, and how it reaches it.
 
 Its address and TLS context, its ``Connection.Start`` properties (the proxy mirrors them to its
-own clients rather than making them up), its frame_max, and the one helper that opens an
-upstream connection: TCP/TLS connect and AMQP handshake, each within its timeout.
+own clients rather than making them up), its frame_max, whether it answers AMQP now (checked at
+start and every few seconds: ``/readyz``), and the one helper that opens an upstream
+connection: TCP/TLS connect and AMQP handshake, each within its timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pamqp import commands
 
 from amqproxy import __version__
-from amqproxy.amqp import auth, frames
+from amqproxy.amqp import auth, frames, handshake
 from amqproxy.amqp import constants as c
 from amqproxy.amqp.auth import Credentials
 from amqproxy.config import Settings
@@ -27,6 +31,36 @@ from amqproxy.pool import Pool
 from amqproxy.tls import describe
 
 log = logging.getLogger("amqproxy.broker")
+
+REACHABLE, UNREACHABLE, NOT_AMQP, UNKNOWN = "reachable", "unreachable", "not-amqp", "unknown"
+
+
+class NotAMQP(ConnectionError):
+    """Something answers at the broker's address, but not AMQP 0-9-1."""
+
+
+@dataclass
+class Health:
+    """What the last look at the broker found: a check of its own (``Broker.check``), or an
+    upstream connection attempt (``Broker.connect``)."""
+
+    state: str = UNKNOWN
+    detail: str = "not checked yet"
+    checked_at: float | None = None  # loop time of the last look
+    since: float | None = None  # loop time the state last changed
+
+    def record(self, state: str, detail: str) -> None:
+        now = asyncio.get_running_loop().time()
+        if state != self.state:
+            if state == REACHABLE:
+                if self.state != UNKNOWN:
+                    log.info("broker answers AMQP again (%s)", detail)
+            elif state == UNREACHABLE:
+                log.warning("broker unreachable: %s", detail)
+            else:
+                log.warning("%s", detail)
+            self.since = now
+        self.state, self.detail, self.checked_at = state, detail, now
 
 
 class Broker:
@@ -41,6 +75,7 @@ class Broker:
         self._probe_failing = False  # the last probe failed (logged already)
         self._start_cache: tuple[dict[str, Any], bytes] | None = None
         self._tune_cache: tuple[tuple[int, int, int], bytes] | None = None
+        self.health = Health()
 
     def reloaded(self, ssl_context: ssl.SSLContext | None) -> None:
         """SIGHUP: new upstream connections use the TLS context built from the files as they
@@ -70,6 +105,7 @@ class Broker:
         session = UpstreamSession(None, self._serial, self.settings, now, credentials, mechanism)
         protocol = await self._open(session)
         await self._handshake(protocol, protocol.tuned)
+        self.health.record(REACHABLE, "the broker checked a client's password")
         return Login(self, session, protocol)
 
     def _now(self) -> float:
@@ -91,7 +127,9 @@ class Broker:
                 settings.connect_timeout,
             )
         except (OSError, TimeoutError, ssl.SSLError) as exc:
-            text = f"CONNECTION_FORCED - {_unreachable(exc)}"
+            reason = _unreachable(exc)
+            self.health.record(UNREACHABLE, reason)
+            text = f"CONNECTION_FORCED - {reason}"
             raise UpstreamRefused(c.CONNECTION_FORCED, text, reachable=False) from None
         return protocol
 
@@ -104,11 +142,46 @@ class Broker:
             raise UpstreamRefused(
                 c.CONNECTION_FORCED, "CONNECTION_FORCED - broker handshake timed out"
             ) from None
+        except UpstreamRefused:
+            if protocol.session.not_amqp is not None:
+                self.health.record(NOT_AMQP, protocol.session.not_amqp)
+            raise
 
     def _connected(self, session: UpstreamSession) -> UpstreamSession:
+        self.health.record(REACHABLE, "an upstream connection opened")
         if session.server_properties:
             self.server_properties = session.server_properties
         return session
+
+    # ---- whether it answers ------------------------------------------------------------------
+
+    async def check(self) -> None:
+        """Does the broker answer AMQP 0-9-1 now? A fresh socket, the protocol header, its
+        Connection.Start, closed (each step within its timeout); the answer goes to
+        ``health``."""
+        try:
+            await self._read_start()
+        except NotAMQP as exc:
+            self.health.record(NOT_AMQP, str(exc))
+        except (OSError, EOFError, TimeoutError, ssl.SSLError) as exc:
+            self.health.record(UNREACHABLE, str(exc) or type(exc).__name__)
+        except frames.FrameError as exc:
+            self.health.record(NOT_AMQP, f"{handshake.NOT_AMQP} ({exc.text})")
+        except Exception as exc:  # an answer nobody foresaw: reported, and checked again later
+            self.health.record(UNREACHABLE, f"the check failed: {exc!r}")
+        else:
+            self.health.record(REACHABLE, "answered the protocol header with Connection.Start")
+
+    async def watch(self, interval: float, connected: Callable[[], bool]) -> None:
+        """Look at the broker every ``interval`` seconds. While an upstream connection is
+        open, its heartbeats prove the broker answers: no check then (each one costs the
+        broker a connection and a log line)."""
+        while True:
+            await asyncio.sleep(interval)
+            if connected():
+                self.health.record(REACHABLE, "upstream connections open")
+            else:
+                await self.check()
 
     # ---- what it says about itself ----------------------------------------------------------
 
@@ -130,27 +203,30 @@ class Broker:
 
     async def _read_start(self) -> dict[str, Any]:
         settings = self.settings
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(
-                settings.upstream_host,
-                settings.upstream_port,
-                ssl=self.ssl_context,
-                server_hostname=settings.upstream_host if settings.upstream_tls else None,
-            ),
-            settings.connect_timeout,
-        )
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    settings.upstream_host,
+                    settings.upstream_port,
+                    ssl=self.ssl_context,
+                    server_hostname=settings.upstream_host if settings.upstream_tls else None,
+                ),
+                settings.connect_timeout,
+            )
+        except TimeoutError:
+            raise TimeoutError(f"connect timed out after {settings.connect_timeout:g}s") from None
         try:
             writer.write(c.PROTOCOL_HEADER)
-            head = await asyncio.wait_for(reader.readexactly(7), settings.handshake_timeout)
-            ftype, _channel, size = struct.unpack(">BHI", head)
-            if ftype != c.FRAME_METHOD or size > 1 << 20:
-                raise ConnectionError("the broker did not send Connection.Start")
-            payload = await asyncio.wait_for(
-                reader.readexactly(size + 1), settings.handshake_timeout
-            )
+            head = await _read(reader, 7, settings.handshake_timeout)
+            if handshake.not_amqp(head) is not None:  # a little more of it, for the operator
+                with contextlib.suppress(OSError, TimeoutError):
+                    head += await asyncio.wait_for(reader.read(17), 0.5)
+                raise NotAMQP(handshake.not_amqp(head))
+            size = struct.unpack_from(">I", head, 3)[0]
+            payload = await _read(reader, size + 1, settings.handshake_timeout, head)
             method = frames.decode_method(payload[:-1])
             if not isinstance(method, commands.Connection.Start):
-                raise ConnectionError(f"expected Connection.Start, got {method.name}")
+                raise NotAMQP(f"{handshake.NOT_AMQP} (its first frame is {method.name})")
             properties = dict(method.server_properties or {})
             self.server_properties = properties
             self._probe_failing = False
@@ -218,3 +294,18 @@ class Login:
 
     def abandon(self) -> None:
         self.session.abandon()
+
+
+async def _read(
+    reader: asyncio.StreamReader, size: int, seconds: float, head: bytes = b""
+) -> bytes:
+    """``size`` bytes of the broker's first frame (``head``: what came before them)."""
+    try:
+        return await asyncio.wait_for(reader.readexactly(size), seconds)
+    except TimeoutError:
+        raise TimeoutError(f"no Connection.Start within {seconds:g}s") from None
+    except asyncio.IncompleteReadError as exc:
+        wrong = handshake.not_amqp(head + exc.partial)
+        if wrong is not None:
+            raise NotAMQP(wrong) from None
+        raise ConnectionError("the broker closed the connection before Connection.Start") from None

@@ -27,6 +27,9 @@ class Connection(Protocol):
 
     name: str
     peer: str
+    remote: str  # the broker's address, "host:port"
+    started: float  # loop time the connection was made
+    last_read: float  # loop time of the broker's last bytes (heartbeats included)
     open: bool
     closed: bool
     frame_max: int

@@ -1,4 +1,4 @@
-"""The command line: ``amqproxy [options] amqp://broker[:port]``."""
+"""The command line: ``amqproxy [options] amqp://broker[:port]``, and ``amqproxy status``."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="amqproxy",
         description="A pooling AMQP 0-9-1 proxy: clients connect here with their own "
         "credentials; upstream connections and clean channels are kept for the next client.",
+        epilog="amqproxy status [--clients] [--upstreams] [--json] [--url URL] shows a running "
+        "proxy's pools, clients or upstream connections (amqproxy status --help).",
     )
     parser.add_argument("upstream", nargs="?", help=BY_KEY["upstream"].help)
     for option in OPTIONS:
@@ -71,13 +73,17 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "bench":  # `amqproxy bench URL`: what the proxy gains here
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["bench"]:  # `amqproxy bench URL`: what the proxy gains here
         from amqproxy import benchcmd
 
-        return benchcmd.main(list(argv[1:]))
+        return benchcmd.main(args[1:])
+    if args[:1] == ["status"]:  # no upstream URL is "status": the subcommand cannot be one
+        from amqproxy import status
+
+        return status.main(args[1:])
     try:
-        loader, print_only = loader_from(argv)
+        loader, print_only = loader_from(args)
         settings = loader()
     except ConfigError as exc:
         print(f"amqproxy: configuration error: {exc}", file=sys.stderr)

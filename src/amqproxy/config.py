@@ -112,6 +112,8 @@ class Settings:
     max_clients: int = 0  # client connections served at once; 0: no limit
     max_upstream_connections: int = 0  # per pool; 0: no limit
     pool_wait_timeout: float = 10.0  # how long Channel.Open waits at that limit
+    admin_token: str = ""  # the admin API's POST endpoints require it, when set
+    broker_check_interval: float = 5.0  # seconds between checks that the broker answers
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -136,6 +138,8 @@ class Settings:
         values = dataclasses.asdict(self)
         values.pop("sources")
         values["upstream"] = redacted(self.upstream)
+        if values["admin_token"]:
+            values["admin_token"] = "(set)"  # a secret: never printed
         return values
 
 
@@ -173,7 +177,8 @@ OPTIONS: tuple[Option, ...] = (
            "LISTEN_ADDRESS", "listen", ("address", "bind"), "ADDRESS", reloadable=False),
     Option("listen_port", _port, "AMQP port (default 5673)", ("-p", "--port"), "LISTEN_PORT",
            "listen", ("port",), "PORT", reloadable=False),
-    Option("http_port", _port, "HTTP port for /metrics and /healthz (default 15673, 0 disables)",
+    Option("http_port", _port,
+           "HTTP port for /metrics, /healthz, /readyz and /api (default 15673, 0 disables)",
            ("-b", "--http-port"), "HTTP_PORT", "listen", ("http_port",), "PORT", reloadable=False),
     Option("log_level", _log_level, f"log level, one of {', '.join(LOG_LEVELS)} (default info)",
            ("--log-level",), "LOG_LEVEL", metavar="LEVEL"),
@@ -246,6 +251,13 @@ OPTIONS: tuple[Option, ...] = (
            "how long Channel.Open waits for a channel at --max-upstream-connections before "
            "the channel gets 506 RESOURCE_ERROR (default 10)", ("--pool-wait-timeout",),
            "POOL_WAIT_TIMEOUT"),
+    Option("admin_token", str,
+           "token the admin API's POST endpoints require (Authorization: Bearer TOKEN); "
+           "default none: they are open to whoever reaches the HTTP port",
+           ("--admin-token",), "AMQPROXY_ADMIN_TOKEN", metavar="TOKEN"),
+    Option("broker_check_interval", _seconds,
+           "seconds between checks that the broker answers AMQP, for /readyz (default 5; "
+           "0: only at start and by upstream connections)", ("--broker-check-interval",)),
 )  # fmt: skip
 BY_KEY = {option.key: option for option in OPTIONS}
 _BY_FILE_KEY = {

@@ -12,7 +12,6 @@ import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 from amqproxy.amqp import constants as c
@@ -23,26 +22,10 @@ from amqproxy.delivery import Redelivery
 from amqproxy.errors import NoChannelFree, UpstreamRefused, retrieve
 from amqproxy.outage import Outage
 from amqproxy.outbox import Totals
+from amqproxy.stats import PoolStats
 from amqproxy.waitqueue import WaitQueue
 
 log = logging.getLogger("amqproxy.pool")
-
-
-@dataclass
-class PoolStats:
-    """Monotonic counters per (user, vhost), kept after a pool is gone."""
-
-    connects: int = 0
-    connect_failures: int = 0
-    channel_opens: int = 0
-    channel_reuses: int = 0
-    orphan_channel_errors: int = 0
-    replayed: int = 0  # messages published again after their channel or connection died
-    refused: int = 0  # messages the broker refused (nack or channel error) for a client that
-    #                   did not select confirms: logged, never retried
-    channel_waits: int = 0  # Channel.Open that waited at --max-upstream-connections
-    channel_wait_seconds: float = 0.0  # how long they waited, together
-    channel_wait_timeouts: int = 0  # ... and got no channel within --pool-wait-timeout
 
 
 PoolKey = tuple[bytes, bytes, bytes]  # user, password, vhost: the client's bytes
@@ -441,6 +424,7 @@ class PoolRegistry:
         self.frame_max = c.DEFAULT_FRAME_MAX  # the broker's, once an upstream has tuned
         self.outbox = Totals(settings.outbox_max_bytes)
         self.stopped = False  # shutting down: no more reconnection attempts
+        self.paused = False  # the admin API's pause: new clients are refused at Connection.Open
 
     def pool(self, credentials: Credentials, vhost: bytes) -> Pool:
         key = (credentials.user, credentials.password, vhost)

@@ -58,6 +58,12 @@ class Proxy:
         self._stop = asyncio.Event()
         self._signals = 0
         self._janitor: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+
+    @property
+    def listening(self) -> bool:
+        """The AMQP listener accepts connections (``/readyz``)."""
+        return self._server is not None and self._server.is_serving()
 
     def _client(self) -> ClientProtocol:
         refusal = self.client_limit.refusal(len(self.clients))
@@ -113,10 +119,14 @@ class Proxy:
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._janitor = loop.create_task(self.janitor.run(), name="janitor")
-        try:
-            await asyncio.wait_for(self.broker.properties(), settings.connect_timeout + 1)
-        except (TimeoutError, OSError, ssl.SSLError):
-            pass
+        await self.broker.check()  # bounded by the connect and handshake timeouts
+        if settings.broker_check_interval > 0:
+            registry = self.registry
+            watch = self.broker.watch(
+                settings.broker_check_interval,
+                lambda: any(pool.live_upstream() for pool in registry.pools.values()),
+            )
+            self._watch = loop.create_task(watch, name="broker check")
 
     async def run(self) -> None:
         await self.start()
@@ -227,6 +237,8 @@ class Proxy:
                 ", ".join(f"{pool}: {count}" for pool, count in sorted(undelivered.items())),
                 extra={"event": "outbox.undelivered", "reason": str(undelivered)},
             )
+        if self._watch is not None:
+            self._watch.cancel()
         if self._admin is not None:
             await self._admin.stop()
         log.info("amqproxy stopped")

@@ -60,3 +60,23 @@ def test_truncated_tune_ok_and_open() -> None:
         handshake.tune_ok(payload(commands.Connection.TuneOk(1, 4096, 0))[:6])
     with pytest.raises(FrameError):
         handshake.open_vhost(payload(commands.Connection.Open("/long-vhost"))[:7])
+
+
+def test_what_is_not_an_amqp_broker_is_told_apart_from_a_start_in_pieces() -> None:
+    """The first bytes from the broker's address: a Connection.Start (whole or in pieces) is
+    fine, anything else is named, with what it answered."""
+    start = frame.marshal(commands.Connection.Start(server_properties={"product": "x"}), 0)
+    for cut in range(len(start) + 1):
+        assert handshake.not_amqp(start[:cut]) is None, cut
+    for partial_header in (b"A", b"AMQ", b"AMQP\x00\x00"):
+        assert handshake.not_amqp(partial_header) is None
+    http = handshake.not_amqp(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    assert http == "upstream is not an AMQP 0-9-1 broker (it answered 'HTTP/1.1 400 Bad Request')"
+    amqp10 = handshake.not_amqp(b"AMQP\x00\x01\x00\x00")
+    assert amqp10 is not None and "protocol header AMQP 0.1.0.0" in amqp10
+    tune = frame.marshal(commands.Connection.Tune(), 0)
+    assert "not Connection.Start" in (handshake.not_amqp(tune) or "")
+    assert "not Connection.Start" in (handshake.not_amqp(b"\x01\x00\x05\x00") or "")
+    assert "not Connection.Start" in (handshake.not_amqp(b"\x01\x00\x00\x7f\xff\xff\xff") or "")
+    tls_alert = handshake.not_amqp(b"\x15\x03\x01\x00\x02\x02\x46")
+    assert tls_alert is not None and tls_alert.startswith(handshake.NOT_AMQP)

@@ -45,6 +45,7 @@ def method_id(class_id: int, method: int) -> int:
     return (class_id << 16) | method
 
 
+CONNECTION_START: Final = method_id(10, 10)
 CONNECTION_START_OK: Final = method_id(10, 11)
 CONNECTION_TUNE_OK: Final = method_id(10, 31)
 CONNECTION_OPEN: Final = method_id(10, 40)

@@ -25,6 +25,9 @@ _FRAME_HEADER = struct.Struct(">BHI")
 _U32 = struct.Struct(">I")
 _TRUE = ord("t")
 
+NOT_AMQP = "upstream is not an AMQP 0-9-1 broker"
+START_FRAME_MAX = 1 << 20  # generous: Connection.Start carries the broker's properties
+
 
 class StartOk(NamedTuple):
     connection_name: str  # the client's "connection_name" property, for logs
@@ -127,3 +130,30 @@ def encode_open(vhost: bytes) -> bytes:
 
 def _short_bytes(value: bytes) -> bytes:
     return bytes([len(value)]) + value
+
+
+def not_amqp(data: Buffer) -> str | None:
+    """Why the first bytes a broker sent after our protocol header cannot begin its
+    Connection.Start, or None when they can (or too few have come to tell).
+
+    A 0-9-1 broker's first frame is Connection.Start on channel 0; a broker of another AMQP
+    version answers with its own protocol header; anything else (HTTP, TLS, SSH) is another
+    protocol, and reading it as frames would only give a confusing frame error."""
+    head = bytes(data[:11])
+    if not head:
+        return None
+    if head[0] != c.FRAME_METHOD:
+        if b"AMQP".startswith(head[:4]) and len(head) < 8:
+            return None
+        if head.startswith(b"AMQP"):
+            version = ".".join(str(octet) for octet in head[4:8])
+            return f"{NOT_AMQP} (it answered with protocol header AMQP {version})"
+        return f"{NOT_AMQP} (it answered {ascii(bytes(data[:24]))[1:]})"
+    size = _U32.unpack_from(head, 3)[0] if len(head) >= 7 else 0
+    if (
+        (len(head) >= 3 and head[1:3] != b"\0\0")
+        or size > START_FRAME_MAX
+        or (len(head) >= 11 and _U32.unpack_from(head, 7)[0] != c.CONNECTION_START)
+    ):
+        return f"{NOT_AMQP} (its first frame is not Connection.Start)"
+    return None

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("amqproxy.client")
 
 CLOSE_OK_TIMEOUT = 5.0  # how long a client may take to answer our Connection.Close
+PAUSED = "CONNECTION_FORCED - amqproxy is paused and admits no new clients; retry later"
 
 
 class State(enum.Enum):
@@ -309,6 +310,9 @@ class ClientSession:
         self.vhost_bytes = vhost
         self.vhost = auth.display(vhost)
         self.state = State.AUTHENTICATING
+        if self.registry.paused:  # the admin API's pause: present clients stay, new ones wait
+            self.close_with(c.CONNECTION_FORCED, PAUSED, 10, 40)
+            return
         pool = self.registry.pool(self.credentials, vhost)
         login, self.login = self.login, None
         if login is not None:

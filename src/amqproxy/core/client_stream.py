@@ -165,11 +165,13 @@ class ClientStream:
         )
         if stop == pos:
             return 0
-        if published and up.confirm_mode:
-            up.published += published
-            if not lease.client_confirm:
-                run = batch.view[pos:stop] if moved is None else moved
-                self._keep(up, published, (run,))
+        if published:
+            self._count(published)
+            if up.confirm_mode:
+                up.published += published
+                if not lease.client_confirm:
+                    run = batch.view[pos:stop] if moved is None else moved
+                    self._keep(up, published, (run,))
         if moved is None:
             batch.stretch(conn, pos, stop)
         else:
@@ -237,10 +239,17 @@ class ClientStream:
     def _published(self, lease: Lease, up: UpstreamChannel, message: list[Buffer]) -> None:
         """One whole message goes upstream: count its confirm tag, keep it in the outbox
         unless its client takes the confirms itself."""
+        self._count(1)
         if up.confirm_mode:
             up.published += 1
             if not lease.client_confirm:
                 self._keep(up, 1, tuple(message))
+
+    def _count(self, messages: int) -> None:
+        """Messages published, for the pool's totals (``/api/pools``)."""
+        pool = self.session.pool
+        if pool is not None:
+            pool.stats.messages_in += messages
 
     def _keep(self, up: UpstreamChannel, count: int, pieces: tuple[Buffer, ...]) -> None:
         session = self.session

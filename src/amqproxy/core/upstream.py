@@ -85,6 +85,11 @@ class UpstreamSession:
         self.handshaking = True  # until OpenOk, or until the broker refuses or drops us
         self.tuned = False  # the broker accepted the credentials (its Tune arrived)
         self.ready_error: UpstreamRefused | None = None  # why the handshake failed
+        self.not_amqp: str | None = None  # what the broker's address answered, if not AMQP
+        self.remote = ""  # the broker's address, "host:port"
+        self.started = now
+        self.last_read = now  # the broker's last bytes (heartbeats included)
+        self._start_seen = False
         self.on_ready: Callable[[], None] | None = None  # the host waits for the handshake
         self._tune_ok = b""  # a login waiting for its vhost: TuneOk goes with the Open
         self.stream = BrokerStream(self)
@@ -308,6 +313,7 @@ class UpstreamSession:
     # ---- reading ----------------------------------------------------------------------------
 
     def receive(self, data: bytes) -> None:
+        self.last_read = self._now
         if self._rest:
             data = self._rest + data
             self._rest = b""
@@ -335,6 +341,8 @@ class UpstreamSession:
             self.on_ready()
 
     def _handshake(self, data: bytes) -> None:
+        if not self._start_seen and self._not_amqp(data):
+            return
         found, pos = frames.scan(data, HANDSHAKE_FRAME_MAX)
         for ftype, channel, start, end in found:
             if ftype != c.FRAME_METHOD or channel != 0:
@@ -344,6 +352,7 @@ class UpstreamSession:
                 return
             method = frames.decode_method(data[start:end])
             if isinstance(method, commands.Connection.Start):
+                self._start_seen = True
                 self.server_properties = dict(method.server_properties or {})
                 mechanism, response = self.credentials.login(self.mechanism)
                 self.write(
@@ -360,6 +369,18 @@ class UpstreamSession:
                 return
         if pos < len(data):
             self._rest = data[pos:]
+
+    def _not_amqp(self, data: bytes) -> bool:
+        """The first bytes from the broker's address are not a Connection.Start: say so, rather
+        than the frame error reading them as frames would give."""
+        wrong = handshake.not_amqp(data)
+        if wrong is None:
+            return False
+        self.not_amqp = wrong
+        self._close_reason = (c.CONNECTION_FORCED, f"CONNECTION_FORCED - {wrong}")
+        if self.host is not None:
+            self.host.abort()
+        return True
 
     def _tune(self, tune: commands.Connection.Tune) -> None:
         self.channel_max = tune.channel_max or 65535

@@ -114,7 +114,9 @@ class BrokerStream:
             not own,
         )
         if stop > pos:
-            up.delivered += delivered
+            if delivered:
+                up.delivered += delivered
+                self.conn.pool.stats.messages_out += delivered
             if confirmed >= 0:
                 up.confirmed = confirmed
                 if up.outbox:
@@ -190,6 +192,8 @@ class BrokerStream:
                 lease.client.own_exclusive_queue(declared["queue"], self.conn)
         if mid == c.BASIC_DELIVER or mid == c.BASIC_GET_OK:
             up.delivered += 1
+            if lease is not None and lease.state is LeaseState.OPEN:
+                self.conn.pool.stats.messages_out += 1
             if lease is not None and lease.tag_offset:
                 tag_at = frames.tag_position(mid, data, start)
                 return frames.retag(data, start, end, tag_at, -lease.tag_offset)

@@ -8,7 +8,9 @@ closes, pausing reads, and the upstream round trips, run as tasks that report ba
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import time
 from collections.abc import Coroutine
 from typing import Any, cast
 
@@ -22,9 +24,12 @@ from amqproxy.core.client import ClientSession
 from amqproxy.errors import NoChannelFree, UpstreamRefused
 from amqproxy.io.heartbeat import Heartbeat
 from amqproxy.pool import Login, Pool, PoolRegistry
+from amqproxy.stats import PoolStats
 from amqproxy.tls import subject
 
 log = logging.getLogger("amqproxy.client")
+
+_ids = itertools.count(1)  # client ids of the admin API: one per connection, never reused
 
 
 class FlowControl:
@@ -65,6 +70,11 @@ class ClientProtocol(asyncio.Protocol):
         self.broker = broker
         self.clients = clients  # the server's: every open client socket
         self.loop = asyncio.get_running_loop()
+        self.id = next(_ids)
+        self.connected_at = time.time()  # wall clock, for operators
+        self.bytes_in = 0  # counted per read and write (``/api/clients``; pools: PoolStats)
+        self.bytes_out = 0
+        self.stats: PoolStats | None = None  # the pool's totals, once admitted
         self.peer = "?"  # "address:port", and " [subject]" of a TLS client's certificate
         self.certificate = ""  # that subject, e.g. "CN=app1,O=Example"
         self.transport: asyncio.Transport | None = None
@@ -99,7 +109,13 @@ class ClientProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.heartbeat.read_seen = True
+        self.bytes_in += len(data)
+        stats = self.stats
+        if stats is not None:
+            stats.bytes_in += len(data)
         self.session.receive(data)
+        if stats is None:
+            self._join_stats()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.heartbeat.stop()
@@ -123,6 +139,7 @@ class ClientProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             self.heartbeat.wrote = True
+            self._count_out(len(data))
             transport.write(data)
 
     def deliver(self, pieces: list[Buffer]) -> None:
@@ -130,7 +147,9 @@ class ClientProtocol(asyncio.Protocol):
         if transport is None:
             return
         self.heartbeat.wrote = True
-        transport.write(b"".join(pieces))
+        data = b"".join(pieces)
+        self._count_out(len(data))
+        transport.write(data)
         if (
             self._write_paused
             and transport.get_write_buffer_size() > self.settings.max_client_buffer
@@ -142,6 +161,23 @@ class ClientProtocol(asyncio.Protocol):
                 transport.get_write_buffer_size(),
             )
             transport.abort()
+
+    def _count_out(self, size: int) -> None:
+        self.bytes_out += size
+        stats = self.stats
+        if stats is not None:
+            stats.bytes_out += size
+        else:
+            self._join_stats()
+
+    def _join_stats(self) -> None:
+        """Once admitted, the client's bytes count toward its pool's totals too, from its
+        first byte (the two views agree); until then, nothing to do."""
+        pool = self.session.pool
+        if self.stats is None and pool is not None:
+            self.stats = pool.stats
+            self.stats.bytes_in += self.bytes_in
+            self.stats.bytes_out += self.bytes_out
 
     def close(self) -> None:
         if self.transport is not None:

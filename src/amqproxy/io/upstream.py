@@ -39,6 +39,9 @@ class UpstreamProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         name = transport.get_extra_info("sockname")
         peer = f"{name[0]}:{name[1]}" if isinstance(name, tuple) else ""
+        remote = transport.get_extra_info("peername")
+        if isinstance(remote, tuple):
+            self.session.remote = f"{remote[0]}:{remote[1]}"
         self.session.tick(self.loop.time())
         self.session.connected(self, peer)
 
