@@ -72,7 +72,6 @@ class Broker:
         self.server_properties: dict[str, Any] | None = None  # learned from Connection.Start
         self._serial = 0
         self._probe: asyncio.Future[dict[str, Any]] | None = None
-        self._probe_failing = False  # the last probe failed (logged already)
         self._start_cache: tuple[dict[str, Any], bytes] | None = None
         self._tune_cache: tuple[tuple[int, int, int], bytes] | None = None
         self.health = Health()
@@ -128,7 +127,7 @@ class Broker:
             )
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             reason = _unreachable(exc)
-            self.health.record(UNREACHABLE, reason)
+            self.health.record(UNREACHABLE, reason.removeprefix("broker unreachable: "))
             text = f"CONNECTION_FORCED - {reason}"
             raise UpstreamRefused(c.CONNECTION_FORCED, text, reachable=False) from None
         return protocol
@@ -139,12 +138,15 @@ class Broker:
             await asyncio.wait_for(asyncio.shield(step), self.settings.handshake_timeout)
         except TimeoutError:
             protocol.abort()
+            self.health.record(UNREACHABLE, "the AMQP handshake timed out")
             raise UpstreamRefused(
                 c.CONNECTION_FORCED, "CONNECTION_FORCED - broker handshake timed out"
             ) from None
-        except UpstreamRefused:
+        except UpstreamRefused as exc:
             if protocol.session.not_amqp is not None:
                 self.health.record(NOT_AMQP, protocol.session.not_amqp)
+            elif exc.code == c.CONNECTION_FORCED:  # dropped in the handshake (a TLS alert...)
+                self.health.record(UNREACHABLE, exc.text.removeprefix("CONNECTION_FORCED - "))
             raise
 
     def _connected(self, session: UpstreamSession) -> UpstreamSession:
@@ -164,7 +166,7 @@ class Broker:
         except NotAMQP as exc:
             self.health.record(NOT_AMQP, str(exc))
         except (OSError, EOFError, TimeoutError, ssl.SSLError) as exc:
-            self.health.record(UNREACHABLE, str(exc) or type(exc).__name__)
+            self.health.record(UNREACHABLE, describe(exc))
         except frames.FrameError as exc:
             self.health.record(NOT_AMQP, f"{handshake.NOT_AMQP} ({exc.text})")
         except Exception as exc:  # an answer nobody foresaw: reported, and checked again later
@@ -195,10 +197,8 @@ class Broker:
         try:
             return await asyncio.shield(self._probe)
         except Exception as exc:  # unreachable, not AMQP, too slow: the client learns at Open
-            # Once per failing streak, not once per client that waited for it.
-            level = logging.DEBUG if self._probe_failing else logging.WARNING
-            self._probe_failing = True
-            log.log(level, "cannot read the broker's properties: %s", describe(exc))
+            # Health.record says it once per outage, when an attempt finds the broker gone.
+            log.debug("cannot read the broker's properties: %s", describe(exc))
             return {}
 
     async def _read_start(self) -> dict[str, Any]:
@@ -229,7 +229,6 @@ class Broker:
                 raise NotAMQP(f"{handshake.NOT_AMQP} (its first frame is {method.name})")
             properties = dict(method.server_properties or {})
             self.server_properties = properties
-            self._probe_failing = False
             return properties
         finally:
             writer.close()

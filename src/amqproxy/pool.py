@@ -114,8 +114,9 @@ class Pool:
         behind while the pool is busy). ``login``: the broker accepted the password on it
         already; its Open for this pool's vhost is the rest of the proof, and it joins the
         pool."""
-        if login is not None:
-            await self._connect(opener=login.finish)
+        if login is not None:  # it joins the pool, unless the pool has a live connection: then it
+            # was the proof, and closes (one more connection per --credential-ttl otherwise)
+            await self._connect(keep=self.live_upstream() is None, opener=login.finish)
             return
         if self.trusted():
             return
@@ -432,15 +433,6 @@ class PoolRegistry:
         if pool is None:
             pool = self.pools[key] = Pool(self, key)
         return pool
-
-    def login_failed(self, credentials: Credentials, exc: UpstreamRefused) -> None:
-        """A client's login found the broker unreachable (or dropped by it): a WARNING once
-        per outage (each client it refuses gets its own line when it is closed)."""
-        if self.upstream_reachable is not False:
-            user = display(credentials.user)
-            fields = {"event": "upstream.unreachable", "user": user, "reason": exc.text}
-            log.warning("upstream for %s (login): %s", user, exc.text, extra=fields)
-        self.upstream_reachable = False
 
     def credentials_trusted(self, credentials: Credentials) -> bool:
         """A pool with exactly these user and password bytes (any vhost) is trusted: the

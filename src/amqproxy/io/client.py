@@ -236,7 +236,6 @@ class ClientProtocol(asyncio.Protocol):
             if exc.reachable and exc.code != c.CONNECTION_FORCED:
                 self.session.credentials_refused(exc.code, exc.text)
             else:  # the broker cannot say now: Connection.Open will get the answer
-                self.session.registry.login_failed(credentials, exc)
                 self.session.credentials_checked(None, exc.text)
             return
         self.session.registry.upstream_reachable = True
