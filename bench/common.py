@@ -132,7 +132,7 @@ REFERENCE_METRICS = frozenset(
 # Configuration variables either proxy reads from its environment: never inherited.
 PROXY_ENV_VARS = ("AMQP_URL", "LISTEN_ADDRESS", "LISTEN_PORT", "HTTP_PORT", "LOG_LEVEL",
                   "IDLE_CONNECTION_TIMEOUT", "MAX_UPSTREAM_CHANNELS", "TERM_TIMEOUT",
-                  "TERM_CLIENT_CLOSE_TIMEOUT")  # fmt: skip
+                  "TERM_CLIENT_CLOSE_TIMEOUT", "WORKERS")  # fmt: skip
 
 
 class Proxy:

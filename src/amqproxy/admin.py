@@ -1,41 +1,29 @@
 """HTTP for operators: liveness and readiness, the admin API, Prometheus metrics.
 
-A deliberately tiny HTTP/1.0 server on the listen address: one request per connection, each
-read and write within a timeout, bodies bounded. What the API answers and does is ``api``'s;
-this module routes, checks the token of the write endpoints, and collects the metrics.
+A deliberately tiny HTTP/1.0 server (``httpd``) on the listen address. What the API answers
+and does is ``api``'s; this module routes, checks the token of the write endpoints, and
+collects the metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import ipaddress
 import json
 import logging
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from amqproxy import api
 from amqproxy.api import Proxy
+from amqproxy.httpd import HttpServer, Request, Response, error, json_response, unauthorized
 
 log = logging.getLogger("amqproxy.admin")
 
-REQUEST_TIMEOUT = 5.0
-MAX_HEAD = 8192
-MAX_BODY = 4096
-REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    413: "Payload Too Large",
-    503: "Service Unavailable",
-}
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 GETS = {"/healthz", "/readyz", "/metrics", "/api/pools", "/api/clients", "/api/upstreams"}
 CLOSE_PATH = re.compile(r"/api/clients/(\d{1,18})/close")
 
@@ -139,6 +127,12 @@ class PoolCollector:
         )
         connecting.add_metric([], len(self.proxy.clients))
         yield connecting
+        accepted = CounterMetricFamily(
+            "amqproxy_client_connections_accepted",
+            "Client connections accepted (admitted or not) since start",
+        )
+        accepted.add_metric([], self.proxy.accepted)
+        yield accepted
         refused = CounterMetricFamily(
             "amqproxy_client_connections_refused",
             "Client connections refused at --max-clients (Connection.Close 320)",
@@ -172,55 +166,6 @@ class PoolCollector:
             yield family
 
 
-@dataclass
-class Request:
-    method: str
-    path: str
-    authorization: str
-    body: bytes
-    peer: str
-
-
-@dataclass
-class Response:
-    status: int
-    body: bytes
-    content_type: str = "application/json"
-    extra: str = ""  # more header lines, each ending with CRLF
-
-
-def _json(status: int, value: object) -> Response:
-    return Response(status, json.dumps(value, indent=1).encode() + b"\n")
-
-
-def _error(status: int, message: str) -> Response:
-    return _json(status, {"error": message})
-
-
-async def _read_request(reader: asyncio.StreamReader, peer: str) -> Request | Response:
-    """The request line, the two headers that matter and the body (bounded, timed)."""
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
-    if len(head) > MAX_HEAD:
-        return _error(413, "request head too large")
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split()
-    if len(parts) < 2:
-        return _error(400, "bad request line")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    try:
-        length = int(headers.get("content-length") or 0)
-    except ValueError:
-        return _error(400, "bad Content-Length")
-    if not 0 <= length <= MAX_BODY:
-        return _error(413, f"body over {MAX_BODY} bytes")
-    body = await asyncio.wait_for(reader.readexactly(length), REQUEST_TIMEOUT) if length else b""
-    path = parts[1].split("?")[0]
-    return Request(parts[0], path, headers.get("authorization", ""), body, peer)
-
-
 def _reason(body: bytes) -> str | Response:
     """The close reason of a request body: {"reason": "..."}, or nothing."""
     if not body.strip():
@@ -228,44 +173,40 @@ def _reason(body: bytes) -> str | Response:
     try:
         value = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        return _error(400, 'the body must be JSON: {"reason": "..."}')
+        return error(400, 'the body must be JSON: {"reason": "..."}')
     reason = value.get("reason", "") if isinstance(value, dict) else None
     if not isinstance(reason, str):
-        return _error(400, 'the body must be JSON: {"reason": "..."}')
+        return error(400, 'the body must be JSON: {"reason": "..."}')
     return "".join(ch for ch in reason if ch.isprintable())[:200]
 
 
 class AdminServer:
     """The HTTP endpoint: GETs are open to whoever reaches it; POSTs need the admin token
-    when one is set."""
+    when one is set. A worker (``--workers``) serves it on a private unix socket that only
+    its supervisor asks."""
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: Proxy, unix_path: str = "") -> None:
         self.proxy = proxy
+        self.unix_path = unix_path
+        self._http = HttpServer(self.route)
         self.metrics = CollectorRegistry(auto_describe=False)
         self.metrics.register(PoolCollector(proxy))
-        self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
         settings = self.proxy.settings
-        self._server = await asyncio.start_server(
-            self._handle, settings.listen_address, settings.http_port, reuse_address=True
-        )
+        if self.unix_path:
+            await self._http.start("", 0, self.unix_path)
+            return
+        await self._http.start(settings.listen_address, settings.http_port)
         log.info(
             "HTTP endpoint on %s:%d (/healthz, /readyz, /metrics, /api)",
             settings.listen_address,
             settings.http_port,
         )
-        if not settings.admin_token and not _loopback(settings.listen_address):
-            log.warning(
-                "the admin API's POST endpoints (close clients, pause) are open to anyone who "
-                "reaches %s:%d: set --admin-token",
-                settings.listen_address,
-                settings.http_port,
-            )
+        warn_if_open(settings.admin_token, settings.listen_address, settings.http_port)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        self._http.stop()
 
     def route(self, request: Request) -> Response:
         method, path = request.method, request.path
@@ -276,31 +217,25 @@ class AdminServer:
         ):
             return self._post(request)
         if path in GETS or path in ("/api/pause", "/api/resume") or CLOSE_PATH.fullmatch(path):
-            return _error(405, f"{method} not allowed on {path}")
-        return _error(404, f"no endpoint {path}")
+            return error(405, f"{method} not allowed on {path}")
+        return error(404, f"no endpoint {path}")
 
     def _get(self, path: str) -> Response:
         proxy = self.proxy
         if path == "/metrics":
-            return Response(
-                200, generate_latest(self.metrics), "text/plain; version=0.0.4; charset=utf-8"
-            )
+            return Response(200, generate_latest(self.metrics), METRICS_TYPE)
         if path in ("/healthz", "/readyz"):
             ready, body = api.health(proxy)
-            return _json(200 if ready or path == "/healthz" else 503, body)
+            return json_response(200 if ready or path == "/healthz" else 503, body)
         build = {"/api/pools": api.pools, "/api/clients": api.clients}.get(path, api.upstreams)
-        return _json(200, build(proxy))
+        return json_response(200, build(proxy))
 
     def _post(self, request: Request) -> Response:
-        token = self.proxy.settings.admin_token
-        if token and not hmac.compare_digest(
-            request.authorization.encode("latin-1"), f"Bearer {token}".encode()
-        ):
-            response = _error(401, "this endpoint needs Authorization: Bearer <admin token>")
-            response.extra = 'WWW-Authenticate: Bearer realm="amqproxy"\r\n'
-            return response
+        refused = unauthorized(request, self.proxy.settings.admin_token)
+        if refused is not None:
+            return refused
         if request.path in ("/api/pause", "/api/resume"):
-            return _json(
+            return json_response(
                 200, api.set_paused(self.proxy, request.path == "/api/pause", request.peer)
             )
         reason = _reason(request.body)
@@ -310,32 +245,19 @@ class AdminServer:
         assert match is not None
         done = api.close_client(self.proxy, int(match.group(1)), reason, request.peer)
         if done is None:
-            return _error(404, f"no client {match.group(1)}")
-        return _json(200, done)
+            return error(404, f"no client {match.group(1)}")
+        return json_response(200, done)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        who = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
-        try:
-            request = await _read_request(reader, who)
-            response = request if isinstance(request, Response) else self.route(request)
-            writer.write(
-                f"HTTP/1.0 {response.status} {REASONS[response.status]}\r\n"
-                f"Content-Type: {response.content_type}\r\n"
-                f"Content-Length: {len(response.body)}\r\n{response.extra}"
-                "Connection: close\r\n\r\n".encode()
-                + response.body
-            )
-            await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
-        except (
-            TimeoutError,
-            asyncio.IncompleteReadError,
-            asyncio.LimitOverrunError,
-            ConnectionError,
-        ):
-            pass
-        finally:
-            writer.close()
+
+def warn_if_open(token: str, address: str, port: int) -> None:
+    """The WARNING of a start whose POST endpoints anyone who reaches the port can use."""
+    if not token and not _loopback(address):
+        log.warning(
+            "the admin API's POST endpoints (close clients, pause) are open to anyone who "
+            "reaches %s:%d: set --admin-token",
+            address,
+            port,
+        )
 
 
 def _loopback(address: str) -> bool:

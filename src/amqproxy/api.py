@@ -36,6 +36,7 @@ class Proxy(Protocol):
     registry: PoolRegistry
     broker: Broker
     draining: bool
+    accepted: int  # client connections accepted since start
 
     @property
     def clients(self) -> Collection[ClientProtocol]:

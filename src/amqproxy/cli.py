@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("-c", "--config", dest="config", metavar="FILE", help="INI file with [main] and [listen]")
     add("--print-config", action="store_true", help="print the effective settings and exit")
     add("--version", action="version", version=f"amqproxy {__version__}")
+    # A worker of --workers N: set by its supervisor, never by hand.
+    add("--worker-index", type=int, help=argparse.SUPPRESS)
+    add("--worker-of", type=int, help=argparse.SUPPRESS)
+    add("--worker-admin", default="", help=argparse.SUPPRESS)
     return parser
 
 
@@ -70,6 +74,30 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
         asyncio.run(main)
         return
     uvloop.run(main)
+
+
+def _serve(
+    settings: Settings, contexts: Any, loader: Callable[[], Settings], args: list[str]
+) -> int:
+    """One process (the default), a supervisor (--workers N), or one of its workers."""
+    hidden = build_parser().parse_args(args)
+    if hidden.worker_index is not None:
+        from amqproxy.server import Proxy, WorkerRole
+        from amqproxy.supervisor import bind_to_supervisor
+
+        if not bind_to_supervisor(hidden.worker_of):
+            return 1  # its supervisor is gone already
+        role = WorkerRole(hidden.worker_index, hidden.worker_admin)
+        _run(Proxy(settings, contexts, loader, role).run())
+        return 0
+    if settings.workers > 1:
+        from amqproxy.supervisor import Supervisor
+
+        return asyncio.run(Supervisor(settings, args, loader).run())
+    from amqproxy.server import Proxy
+
+    _run(Proxy(settings, contexts, loader).run())
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,14 +128,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"amqproxy: configuration error: {exc}", file=sys.stderr)
         return 2
-    logsetup.configure(settings.log_level, sys.stderr, settings.log_format)
-    for warning in warnings(settings):
-        logging.getLogger("amqproxy").warning("%s", warning)
-    from amqproxy.server import Proxy
-
+    worker = _worker_index(args)
+    tag = f"worker {worker}" if worker is not None else "supervisor" * (settings.workers > 1)
+    logsetup.configure(settings.log_level, sys.stderr, settings.log_format, tag)
+    if worker is None:  # a worker's supervisor said it already
+        for warning in warnings(settings):
+            logging.getLogger("amqproxy").warning("%s", warning)
     try:
-        _run(Proxy(settings, contexts, loader).run())
+        return _serve(settings, contexts, loader, args)
     except OSError as exc:
         logging.getLogger("amqproxy").error("cannot start: %s", exc)
         return 1
-    return 0
+
+
+def _worker_index(args: list[str]) -> int | None:
+    index: int | None = build_parser().parse_args(args).worker_index
+    return index

@@ -5,6 +5,7 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,7 @@ from urllib.parse import unquote, urlsplit
 log = logging.getLogger("amqproxy.config")
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+MAX_WORKERS = 256
 
 
 class ConfigError(Exception):
@@ -71,6 +73,15 @@ def _log_format(value: str) -> str:
     return lowered
 
 
+def _workers(value: str) -> int:
+    if value.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    number = int(value)
+    if not 1 <= number <= MAX_WORKERS:
+        raise ValueError(f"must be between 1 and {MAX_WORKERS}, or auto")
+    return number
+
+
 def _upstream(value: str) -> str:
     parse_upstream(value)
     return value
@@ -114,6 +125,7 @@ class Settings:
     pool_wait_timeout: float = 10.0  # how long Channel.Open waits at that limit
     admin_token: str = ""  # the admin API's POST endpoints require it, when set
     broker_check_interval: float = 5.0  # seconds between checks that the broker answers
+    workers: int = 1  # processes sharing the listen ports; more than 1: a supervisor runs them
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -258,6 +270,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("broker_check_interval", _seconds,
            "seconds between checks that the broker answers AMQP, for /readyz (default 5; "
            "0: only at start and by upstream connections)", ("--broker-check-interval",)),
+    Option("workers", _workers,
+           "worker processes sharing the listen ports (SO_REUSEPORT), run by a supervisor "
+           "that restarts them and serves the HTTP port for all (default 1: one process; "
+           "auto: one per core)", ("--workers",), "WORKERS", metavar="N", reloadable=False),
 )  # fmt: skip
 BY_KEY = {option.key: option for option in OPTIONS}
 _BY_FILE_KEY = {

@@ -23,9 +23,10 @@ FIELDS = ("event", "client", "user", "vhost", "connection_name", "pool", "upstre
 _handler: TurnBufferedHandler | None = None  # the proxy's handler, once configure() ran
 
 
-def configure(level: str, stream: TextIO, fmt: str = "text") -> None:
+def configure(level: str, stream: TextIO, fmt: str = "text", tag: str = "") -> None:
     """The proxy's logging: ``level`` and up, to ``stream``, buffered per loop turn, as text
-    lines or (``fmt`` "json") one JSON object per line."""
+    lines or (``fmt`` "json") one JSON object per line; ``tag`` names the process in every
+    line ("worker 2", "supervisor": the processes of ``--workers`` share one stream)."""
     global _handler
     # No caller, thread or process lookups per record.
     logging._srcfile = None
@@ -33,7 +34,9 @@ def configure(level: str, stream: TextIO, fmt: str = "text") -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     handler = TurnBufferedHandler(stream)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else LogFormatter(FORMAT))
+    handler.tag = f"[{tag}] " if tag else ""
+    text = FORMAT.replace("%(name)s", handler.tag + "%(name)s")
+    handler.setFormatter(JsonFormatter(tag) if fmt == "json" else LogFormatter(text))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     _handler = handler
 
@@ -58,6 +61,10 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, event, message, and the subject's
     fields (client address, user, vhost, connection name, pool, reason) where known."""
 
+    def __init__(self, process: str = "") -> None:
+        super().__init__()
+        self.process = process  # "worker 2", "supervisor", or "" for the only process
+
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -67,6 +74,8 @@ class JsonFormatter(logging.Formatter):
             "event": getattr(record, "event", "") or record.name.rsplit(".", 1)[-1],
             "message": record.getMessage(),
         }
+        if self.process:
+            line["process"] = self.process
         for key in FIELDS[1:]:
             value = getattr(record, key, None)
             if value not in (None, ""):
@@ -106,6 +115,7 @@ class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
         self._pending: list[str] = []
+        self.tag = ""  # "[worker 2] " before the logger's name
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -119,7 +129,7 @@ class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         """A line in the handler's format from its parts (``hot_info``)."""
         formatter = self.formatter
         stamp = formatter.stamp(time.time()) if isinstance(formatter, LogFormatter) else ""
-        self._queue(f"{stamp} {level} {name}: {message}", urgent=False)
+        self._queue(f"{stamp} {level} {self.tag}{name}: {message}", urgent=False)
 
     def _queue(self, line: str, urgent: bool) -> None:
         try:

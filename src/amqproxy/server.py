@@ -31,6 +31,15 @@ log = logging.getLogger("amqproxy.server")
 T = TypeVar("T")
 
 
+@dataclasses.dataclass(frozen=True)
+class WorkerRole:
+    """What a worker process of a supervisor (``--workers``) is told: its number, and the
+    unix socket its admin endpoint answers the supervisor on ("" for none)."""
+
+    index: int
+    admin_path: str
+
+
 class Proxy:
     """Owns everything that lives as long as the process."""
 
@@ -39,13 +48,17 @@ class Proxy:
         settings: Settings,
         tls: Contexts | None = None,
         reload: Callable[[], Settings] | None = None,
+        worker: WorkerRole | None = None,
     ) -> None:
         """``tls``: the TLS contexts built from the certificate files at start; ``reload``:
         the settings built again the way they were at start (the same config file,
-        environment and command line), for SIGHUP."""
+        environment and command line), for SIGHUP; ``worker``: this process is one of a
+        supervisor's workers (it shares the ports, and answers HTTP to the supervisor)."""
         self.settings = settings  # one object, shared: a reload changes it in place
         self.tls = tls or load_tls(settings)
         self._load = reload
+        self.worker = worker
+        self.accepted = 0  # client connections accepted since start
         self.client_limit = ClientLimit(settings)
         self.broker = Broker(settings, self.tls.upstream)
         self.registry = PoolRegistry(settings, self.broker.connect)
@@ -66,6 +79,7 @@ class Proxy:
         return self._server is not None and self._server.is_serving()
 
     def _client(self) -> ClientProtocol:
+        self.accepted += 1
         refusal = self.client_limit.refusal(len(self.clients))
         return ClientProtocol(self.settings, self.registry, self.broker, self.clients, refusal)
 
@@ -84,10 +98,14 @@ class Proxy:
         listens), then the signals, the janitor and a first look at the broker."""
         settings = self.settings
         loop = asyncio.get_running_loop()
-        if settings.http_port:
+        worker = self.worker
+        if worker is not None and worker.admin_path:
+            self._admin = AdminServer(self, worker.admin_path)
+            await self._admin.start()  # the supervisor made the directory: it cannot fail
+        elif worker is None and settings.http_port:
             self._admin = AdminServer(self)
-            await _listen("HTTP", "-b/--http-port", settings.http_port, self._admin.start())
-        self._server = await _listen(
+            await open_listener("HTTP", "-b/--http-port", settings.http_port, self._admin.start())
+        self._server = await open_listener(
             "AMQP",
             "-p/--port",
             settings.listen_port,
@@ -96,14 +114,17 @@ class Proxy:
                 settings.listen_address,
                 settings.listen_port,
                 reuse_address=True,
-                backlog=1024,
+                reuse_port=worker is not None,  # the workers share the port: the kernel
+                backlog=1024,  # spreads new connections over them
             ),
         )
         addresses = _addresses(self._server.sockets or [])
         if self.tls.client is not None:
             # asyncio needs a positive handshake timeout; 0 ("none") is its default of 60 s
             timeout = settings.handshake_timeout or 60.0
-            self._tls_listener = TlsListener(self._client, self._tls_context, timeout)
+            self._tls_listener = TlsListener(
+                self._client, self._tls_context, timeout, reuse_port=worker is not None
+            )
             await self._tls_listener.start(settings.listen_address, settings.tls_port)
             addresses += f", TLS on {_addresses(self._tls_listener.sockets)}"
             if settings.tls_client_ca:
@@ -261,7 +282,7 @@ class ListenError(OSError):
     """A listening socket could not be opened; the text names the port's setting."""
 
 
-async def _listen(what: str, flag: str, port: int, opening: Awaitable[T]) -> T:
+async def open_listener(what: str, flag: str, port: int, opening: Awaitable[T]) -> T:
     try:
         return await opening
     except OSError as exc:

@@ -4,6 +4,7 @@ and health, and a factory that stops every proxy it started."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -167,6 +168,16 @@ class Proxy:
                 return resp.status, resp.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode(errors="replace")
+
+    def get_json(self, path: str, timeout: float = 3.0) -> Any:
+        """The JSON body of a GET on the HTTP port (whatever the status)."""
+        return json.loads(self.http_get(path, timeout)[1])
+
+    def worker_pids(self) -> dict[int, int | None]:
+        """With --workers: each worker's pid by number (None while it is down), from
+        /healthz."""
+        rows = self.get_json("/healthz")["workers"]["list"]
+        return {row["worker"]: row["pid"] for row in rows}
 
     def metrics(self) -> Metrics:
         status, text = self.http_get("/metrics")

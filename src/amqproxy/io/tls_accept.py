@@ -30,8 +30,10 @@ class TlsListener:
         client: Callable[[], asyncio.Protocol],
         context: Callable[[], ssl.SSLContext],
         timeout: float,
+        reuse_port: bool = False,
     ) -> None:
         self.client = client
+        self.reuse_port = reuse_port  # a worker of several: the port is shared
         self.context = context  # read at each accept: a new certificate applies to the next
         self.timeout = timeout
         self.sockets: list[socket.socket] = []
@@ -47,7 +49,8 @@ class TlsListener:
         )
         try:
             for family, kind, proto, _name, address in dict.fromkeys(infos):
-                self.sockets.append(_bind(family, kind, proto, address, backlog))
+                sock = _bind(family, kind, proto, address, backlog, self.reuse_port)
+                self.sockets.append(sock)
         except OSError:
             self.close()
             raise
@@ -107,10 +110,13 @@ def _bind(
     proto: int,
     address: tuple[str, int] | tuple[str, int, int, int] | tuple[int, bytes],
     backlog: int,
+    reuse_port: bool = False,
 ) -> socket.socket:
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address)
