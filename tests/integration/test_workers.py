@@ -9,6 +9,9 @@ import json
 import os
 import signal
 import socket
+import ssl
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -18,10 +21,24 @@ from typing import Any
 
 import pika
 import pytest
+import trustme
 from support import BROKER_URL, Proxy, drain, free_port, run_proxy_cli, wait_for
+from support.proxy import proxy_env
 from support.util import Metrics
 
 ACCEPTED = "amqproxy_worker_client_connections_accepted_total"
+
+
+def two_workers(factory, *args: str) -> Proxy:
+    """A proxy with --workers 2, once both workers listen and are ready (the port answers
+    as soon as one does)."""
+    p = factory("--workers", "2", *args)
+    wait_for(
+        lambda: p.get_json("/readyz")["workers"]["ready"] == 2,
+        15,
+        message=lambda: f"workers not ready: {p.get_json('/healthz')['workers']}",
+    )
+    return p
 
 
 def publish_once(p: Proxy, tenant, queue: str, body: bytes) -> None:
@@ -57,7 +74,7 @@ def pid_gone(pid: int) -> bool:
 
 @pytest.mark.timeout(90)
 def test_short_clients_spread_over_both_workers_and_metrics_sum_them(proxy_factory, tenant, queues):
-    p = proxy_factory("--workers", "2", "-t", "60")
+    p = two_workers(proxy_factory, "-t", "60")
     q = queues.declare(tenant)
     assert set(p.worker_pids()) == {1, 2} and all(p.worker_pids().values())
     before = sum(accepted(p).values())  # wait_ready's probe of the port counts too
@@ -84,7 +101,7 @@ def test_short_clients_spread_over_both_workers_and_metrics_sum_them(proxy_facto
 
 @pytest.mark.timeout(90)
 def test_clients_listed_with_their_worker_and_a_close_reaches_the_right_one(proxy_factory, tenant):
-    p = proxy_factory("--workers", "2", "-t", "60")
+    p = two_workers(proxy_factory, "-t", "60")
     held = {}
     for i in range(12):  # enough that both workers hold some (one chance in 2048 they do not)
         name = f"held-{i}"
@@ -121,7 +138,7 @@ def test_clients_listed_with_their_worker_and_a_close_reaches_the_right_one(prox
 
 @pytest.mark.timeout(90)
 def test_a_killed_worker_is_restarted_while_the_other_serves(proxy_factory, tenant, queues):
-    p = proxy_factory("--workers", "2", "-t", "60")
+    p = two_workers(proxy_factory, "-t", "60")
     q = queues.declare(tenant)
     first = p.worker_pids()
     # a client that stays connected on worker 2 through worker 1's death
@@ -171,8 +188,8 @@ def test_a_killed_worker_is_restarted_while_the_other_serves(proxy_factory, tena
 def test_sigterm_drains_every_worker_and_loses_no_handed_over_message(
     proxy_factory, tenant, queues
 ):
-    p = proxy_factory(
-        "--workers", "2", "-t", "60", "--term-client-close-timeout", "1", "--term-timeout", "5"
+    p = two_workers(
+        proxy_factory, "-t", "60", "--term-client-close-timeout", "1", "--term-timeout", "5"
     )
     q = queues.declare(tenant)
     pids = list(p.worker_pids().values())
@@ -231,6 +248,7 @@ def test_sighup_reaches_every_worker(proxy_factory, tmp_path: Path, tenant):
     write(0)
     proxy_factory.started.append(p)
     p.start()
+    wait_for(lambda: p.get_json("/readyz")["workers"]["ready"] == 2, 15)
     write(1)
     p.send_signal(signal.SIGHUP)
     for worker in (1, 2):
@@ -272,7 +290,59 @@ def test_a_taken_port_fails_at_once_with_the_usual_message():
 
 
 def test_metrics_text_parses_as_prometheus(proxy_factory):
-    p = proxy_factory("--workers", "2")
+    p = two_workers(proxy_factory)
     text = p.http_get("/metrics")[1]
     names = {name for name, _, _ in Metrics(text).samples}
     assert {"amqproxy_workers", "amqproxy_worker_up", "amqproxy_worker_restarts_total"} <= names
+
+
+@pytest.mark.timeout(90)
+def test_tls_port_is_shared_by_the_workers_too(proxy_factory, tmp_path: Path, tenant, queues):
+    ca = trustme.CA()
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    tls_port = free_port()
+    p = two_workers(
+        proxy_factory, "-t", "60", "--tls-port", str(tls_port), "--tls-cert", str(cert),
+        "--tls-key", str(key),
+    )  # fmt: skip
+    q = queues.declare(tenant)
+    before = accepted(p)
+    params = pika.ConnectionParameters(
+        "127.0.0.1",
+        tls_port,
+        tenant.vhost,
+        pika.PlainCredentials(tenant.user, tenant.password),
+        ssl_options=pika.SSLOptions(context, "localhost"),
+        connection_attempts=1,
+    )
+    for i in range(16):
+        with pika.BlockingConnection(params) as conn:
+            conn.channel().basic_publish("", q, f"tls-{i}".encode())
+    after = accepted(p)
+    assert all(after[w] > before[w] for w in ("1", "2")), (before, after)
+    assert len(drain(tenant, q)) == 16
+
+
+def test_status_command_works_against_the_supervisor(proxy_factory, tenant):
+    p = two_workers(proxy_factory, "-t", "60")
+    conn = p.connect(tenant, client_properties={"connection_name": "status-w"})
+    conn.channel()
+    url = f"http://{p.host}:{p.http_port}"
+    result = subprocess.run(
+        [sys.executable, "-m", "amqproxy", "status", "--clients", "--url", url],
+        env=proxy_env(),
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"amqproxy at {url}: ready"
+    row = next(line for line in lines if "status-w" in line)
+    assert row.split()[0] in ("1-1", "2-1", "1-2", "2-2") and " open " in row
+    conn.close()
