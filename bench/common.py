@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import re
 import shutil
@@ -148,8 +149,10 @@ class Proxy:
         idle: float | None = None,
         src: str | None = None,
         binary: str | None = None,
+        workers: int = 1,
     ) -> None:
         self.upstream = upstream
+        self.workers = workers  # > 1: a supervisor and its workers (CPU: the process tree)
         self.ca = ca
         self.idle = idle
         self.src = src  # another checkout's src/ (A/B against a baseline), else this repo's
@@ -192,6 +195,8 @@ class Proxy:
         ]
         if self.idle is not None:
             cmd += ["-t", str(self.idle)]
+        if self.workers > 1:
+            cmd += ["--workers", str(self.workers)]
         cmd.append(self.upstream)
         env = proxy_env(self.src)
         if self.ca:
@@ -205,6 +210,7 @@ class Proxy:
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         ok = wait_port(self.port, timeout, self.proc) and wait_port(self.http_port, 5, self.proc)
+        ok = ok and self._workers_ready(timeout)
         if not ok:
             tail = self.log_tail()
             self.stop()
@@ -213,6 +219,20 @@ class Proxy:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def _workers_ready(self, timeout: float) -> bool:
+        """With --workers: every worker listens (the port answers as soon as one does)."""
+        if self.workers <= 1:
+            return True
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.http_port}/healthz"
+        while time.monotonic() < deadline and self.alive():
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if json.loads(r.read())["workers"]["ready"] == self.workers:
+                        return True
+            time.sleep(0.1)
+        return False
 
     @property
     def pid(self) -> int:
@@ -343,9 +363,12 @@ class Kind:
     name: str
     binary: str | None = None  # the reference's executable
     src: str | None = None  # the baseline's src/
+    workers: int = 1  # ours with --workers N ("proxy-2w")
 
     def proxy(self, upstream: str, ca: str | None = None, idle: float | None = None) -> Proxy:
-        return Proxy(upstream, ca=ca, idle=idle, src=self.src, binary=self.binary)
+        return Proxy(
+            upstream, ca=ca, idle=idle, src=self.src, binary=self.binary, workers=self.workers
+        )
 
 
 class Socat:

@@ -13,8 +13,16 @@ from typing import Any
 from s1clients import CLIENTS
 from scenarios import Bench, Run
 
-LABEL = {"direct": "direct", "socat": "socat", "proxy": "ours", "reference": "reference",
-         "baseline": "baseline"}  # fmt: skip
+
+class _Labels(dict[str, str]):
+    """Column names of the modes; ours with --workers N ("proxy-2w") is "ours 2w"."""
+
+    def __missing__(self, mode: str) -> str:
+        return mode.replace("proxy-", "ours ")
+
+
+LABEL = _Labels(direct="direct", socat="socat", proxy="ours", reference="reference",
+                baseline="baseline")  # fmt: skip
 S1_TARGETS = {"pika": 1.5, "php-loop": 1.5, "php-proc": 1.2, "amqp-publish": 1.2}
 S2_TESTS = ["publish", "confirm", "consume_noack", "consume_ack"]
 S2_VS_SOCAT = 0.95  # ours >= 0.95 x socat's msg/s

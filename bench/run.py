@@ -46,6 +46,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-ours", action="store_true", help="leave our proxy out")
     ap.add_argument("--proxy-module", default="amqproxy", help="python -m MODULE to start")
     ap.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="also measure ours with --workers N (a supervisor and N worker processes; its "
+        "CPU is the whole process tree's): a column 'ours Nw' beside 'ours'",
+    )
+    ap.add_argument(
         "--no-reference", action="store_true", help="leave the reference proxy out (no build)"
     )
     ap.add_argument(
@@ -83,6 +90,8 @@ def configure(args: argparse.Namespace) -> tuple[Mode, list[str], list[Kind]]:
     kinds: list[Kind] = []
     if not args.no_proxy:
         kinds += [] if args.no_ours else [Kind("proxy")]
+        if args.workers and args.workers > 1:
+            kinds.append(Kind(f"proxy-{args.workers}w", workers=args.workers))
         kinds += [] if args.no_reference else [Kind("reference")]
         if args.baseline:
             kinds.append(Kind("baseline", src=baseline_src(args.baseline)))

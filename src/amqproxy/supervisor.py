@@ -237,17 +237,17 @@ class Supervisor:
         self._stop.set()
 
     def reload(self) -> None:
-        """SIGHUP: every worker reloads its configuration; the supervisor takes what it uses
-        itself (the admin token, the log level)."""
+        """SIGHUP: every worker reloads its configuration (and logs what changed); the
+        supervisor takes what it uses itself: the admin token, the log level, the drain's
+        timeouts."""
         try:
             new = self._load()
         except ConfigError as exc:
             log.error("reload failed, supervisor settings unchanged: %s", exc)
         else:
-            self.settings.admin_token = new.admin_token
-            if new.log_level != self.settings.log_level:
-                self.settings.log_level = new.log_level
-                logsetup.set_level(new.log_level)
+            for key in ("admin_token", "log_level", "term_timeout", "term_client_close_timeout"):
+                setattr(self.settings, key, getattr(new, key))
+            logsetup.set_level(new.log_level)
         log.info("SIGHUP received: reloading %d workers", sum(w.alive for w in self.workers))
         self._send(signal.SIGHUP)
 
