@@ -188,7 +188,7 @@ class AdminServer:
     def __init__(self, proxy: Proxy, unix_path: str = "") -> None:
         self.proxy = proxy
         self.unix_path = unix_path
-        self._http = HttpServer(self.route)
+        self._http = HttpServer(self._answer)
         self.metrics = CollectorRegistry(auto_describe=False)
         self.metrics.register(PoolCollector(proxy))
 
@@ -207,6 +207,9 @@ class AdminServer:
 
     async def stop(self) -> None:
         self._http.stop()
+
+    async def _answer(self, request: Request) -> Response:
+        return self.route(request)
 
     def route(self, request: Request) -> Response:
         method, path = request.method, request.path

@@ -13,7 +13,7 @@ import asyncio
 import hmac
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 REQUEST_TIMEOUT = 5.0
@@ -104,10 +104,10 @@ async def read_request(
 
 
 class HttpServer:
-    """Serves ``route`` on a TCP address or (a worker's private endpoint) a unix socket."""
+    """Serves ``answer`` on a TCP address or (a worker's private endpoint) a unix socket."""
 
-    def __init__(self, route: Callable[[Request], Response]) -> None:
-        self.route = route
+    def __init__(self, answer: Callable[[Request], Awaitable[Response]]) -> None:
+        self.answer = answer
         self._server: asyncio.Server | None = None
         self._unix = False
 
@@ -122,10 +122,6 @@ class HttpServer:
     def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-
-    async def answer(self, request: Request) -> Response:
-        """The response to one request (a subclass may ask others before it answers)."""
-        return self.route(request)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")

@@ -61,15 +61,20 @@ class Workers(Protocol):
     def views(self) -> list[WorkerView]: ...
 
 
-class SupervisorHttp(HttpServer):
+class SupervisorHttp:
+    """The HTTP endpoint of the whole proxy."""
+
     def __init__(self, supervisor: Workers) -> None:
-        super().__init__(lambda request: error(404, "unused"))
         self.supervisor = supervisor
+        self._http = HttpServer(self.answer)
+
+    def stop(self) -> None:
+        self._http.stop()
 
     async def listen(self) -> None:
         settings = self.supervisor.settings
         address, port = settings.listen_address, settings.http_port
-        await open_listener("HTTP", "-b/--http-port", port, self.start(address, port))
+        await open_listener("HTTP", "-b/--http-port", port, self._http.start(address, port))
         log.info("HTTP endpoint on %s:%d for all workers (/healthz, /readyz, /metrics, /api)",
                  address, port)  # fmt: skip
         warn_if_open(settings.admin_token, address, port)
