@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -182,6 +183,12 @@ def test_a_killed_worker_is_restarted_while_the_other_serves(proxy_factory, tena
     want = [b"stayer", *(f"during-{i}".encode() for i in range(10))]
     want += [f"after-{i}".encode() for i in range(20)]
     assert got == sorted(want)
+
+    # killed again soon after its restart: the supervisor waits longer before the next one
+    os.kill(now[1], signal.SIGKILL)
+    wait_for(lambda: p.worker_pids()[1] not in (None, now[1]), 15)
+    delays = re.findall(r"worker 1 \(pid \d+\) died after .*restarting it in ([\d.]+) s", p.log())
+    assert len(delays) == 2 and float(delays[1]) > float(delays[0]), delays
 
 
 @pytest.mark.timeout(90)
