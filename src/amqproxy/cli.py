@@ -87,7 +87,8 @@ def _serve(
 
         if not bind_to_supervisor(hidden.worker_of):
             return 1  # its supervisor is gone already
-        role = WorkerRole(hidden.worker_index, hidden.worker_admin)
+        admin = hidden.worker_admin  # "@name": the abstract unix socket "\0name"
+        role = WorkerRole(hidden.worker_index, "\0" + admin[1:] if admin[:1] == "@" else admin)
         _run(Proxy(settings, contexts, loader, role).run())
         return 0
     if settings.workers > 1:

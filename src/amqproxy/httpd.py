@@ -115,7 +115,8 @@ class HttpServer:
         if unix_path:
             self._unix = True
             self._server = await asyncio.start_unix_server(self._handle, unix_path)
-            os.chmod(unix_path, 0o600)
+            if not unix_path.startswith("\0"):  # a file: the proxy's user alone
+                os.chmod(unix_path, 0o600)
         else:
             self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True)
 

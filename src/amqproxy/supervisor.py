@@ -1,7 +1,8 @@
 """The supervisor of ``--workers N``: N proxy processes on the same ports, kept running.
 
 Each worker is ``python -m amqproxy`` with the supervisor's own command line and three hidden
-options (its number, its private admin socket, the supervisor's pid): the same code, the same
+options (its number, the abstract unix socket its admin endpoint answers on, the supervisor's
+pid): the same code, the same
 configuration loading (a worker's SIGHUP reads the same file, environment and command line),
 uvloop, and nothing to pickle — a restart is one more process like the first. Every worker
 binds the listen ports with ``SO_REUSEPORT``; the kernel spreads new connections over those
@@ -20,12 +21,11 @@ import contextlib
 import ctypes
 import logging
 import os
-import shutil
+import secrets
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -97,11 +97,12 @@ class Supervisor:
         self.argv = list(argv)
         self._load = reload
         self.draining = False
-        self._dir = tempfile.mkdtemp(prefix="amqproxy-workers-")  # mode 0700: ours alone
-        admin = settings.http_port != 0
+        # Abstract unix sockets (Linux): no file for /tmp cleaners to remove from under a
+        # long-running proxy, none left behind by a killed one. Anyone on the host who finds
+        # the name may connect, as to the HTTP port: writes still need the admin token.
+        base = f"\0amqproxy-{os.getpid()}-{secrets.token_hex(6)}" if settings.http_port else ""
         self.workers = [
-            Worker(i, os.path.join(self._dir, f"worker-{i}.sock") if admin else "")
-            for i in range(1, settings.workers + 1)
+            Worker(i, f"{base}-worker-{i}" if base else "") for i in range(1, settings.workers + 1)
         ]
         self._held: list[socket.socket] = []
         self._stop = asyncio.Event()
@@ -127,7 +128,6 @@ class Supervisor:
         finally:
             for sock in self._held:
                 sock.close()
-            shutil.rmtree(self._dir, ignore_errors=True)
 
     async def _start(self) -> SupervisorHttp | None:
         """HTTP first (as a single proxy does), then the AMQP and TLS ports checked and held,
@@ -158,17 +158,14 @@ class Supervisor:
 
     def _command(self, worker: Worker) -> list[str]:
         hidden = ["--worker-index", str(worker.index), "--worker-of", str(os.getpid())]
-        if worker.admin_path:
-            hidden += ["--worker-admin", worker.admin_path]
+        if worker.admin_path:  # "@name" for the abstract "\0name": no NUL in an argument
+            hidden += ["--worker-admin", "@" + worker.admin_path[1:]]
         return [sys.executable, "-m", "amqproxy", *self.argv, *hidden]
 
     def _spawn(self, worker: Worker) -> None:
         worker.restart = None
         if self.draining:
             return
-        if worker.admin_path:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(worker.admin_path)  # a killed worker's socket file
         try:
             worker.proc = subprocess.Popen(
                 self._command(worker), stdin=subprocess.DEVNULL, start_new_session=True
