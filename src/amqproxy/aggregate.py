@@ -174,28 +174,65 @@ class _Families:
         return iter(self.families)
 
 
-def _summed(texts: Mapping[int, str]) -> list[Metric]:
-    """Every sample of the workers' metrics, summed per name and label set (ages: the
-    largest)."""
-    families: dict[str, Metric] = {}
-    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-    for _, text in sorted(texts.items()):
+Key = tuple[str, tuple[tuple[str, str], ...]]  # a sample's name and labels
+
+
+class Counters:
+    """The workers' counters as the whole proxy's, kept between scrapes: a restarted worker
+    counts from 0 again, so what its previous process had counted (as of the last scrape) is
+    carried over, and a worker that does not answer counts with what it said last. The sums
+    do not go down (Prometheus would read a drop as a reset of the whole proxy's counter);
+    what a worker counted between the last scrape and its death is lost."""
+
+    def __init__(self) -> None:
+        self.meta: dict[str, tuple[str, str]] = {}  # family -> (help, type), first seen first
+        self.family_of: dict[Key, str] = {}
+        self.carried: dict[Key, float] = {}
+        self.last: dict[int, tuple[int | None, dict[Key, float]]] = {}  # worker -> pid, values
+
+    def observe(self, index: int, pid: int | None, values: dict[Key, float]) -> None:
+        old = self.last.get(index)
+        if old is not None and old[0] != pid:  # a new process: the old one's counts stay
+            for key, value in old[1].items():
+                self.carried[key] = self.carried.get(key, 0.0) + value
+        self.last[index] = (pid, values)
+
+    def totals(self) -> dict[Key, float]:
+        out = dict(self.carried)
+        for _, values in self.last.values():
+            for key, value in values.items():
+                out[key] = out.get(key, 0.0) + value
+        return out
+
+
+def _summed(
+    texts: Mapping[int, str], pids: Mapping[int, int | None], counters: Counters
+) -> list[Metric]:
+    """Every sample of the workers' metrics per name and label set: gauges summed over the
+    workers that answered (ages: the largest), counters over every process (``Counters``)."""
+    gauges: dict[Key, float] = {}
+    for index, text in sorted(texts.items()):
+        counted: dict[Key, float] = {}
         for family in text_string_to_metric_families(text):
-            if family.name not in families:
-                families[family.name] = Metric(family.name, family.documentation, family.type)
-                values[family.name] = {}
-            found = values[family.name]
+            counters.meta.setdefault(family.name, (family.documentation, family.type))
             for sample in family.samples:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
-                if key not in found:
-                    found[key] = sample.value
+                if family.type == "counter":
+                    counted[key] = sample.value
+                    counters.family_of[key] = family.name
+                elif key not in gauges:
+                    gauges[key] = sample.value
+                    counters.family_of[key] = family.name
                 elif family.name in OLDEST:
-                    found[key] = max(found[key], sample.value)
+                    gauges[key] = max(gauges[key], sample.value)
                 else:
-                    found[key] += sample.value
-    for name, family in families.items():
-        for (sample_name, labels), value in values[name].items():
-            family.add_sample(sample_name, dict(labels), value)
+                    gauges[key] += sample.value
+        counters.observe(index, pids.get(index), counted)
+    families = {name: Metric(name, doc, kind) for name, (doc, kind) in counters.meta.items()}
+    for (sample_name, labels), value in [*gauges.items(), *counters.totals().items()]:
+        families[counters.family_of[(sample_name, labels)]].add_sample(
+            sample_name, dict(labels), value
+        )
     return list(families.values())
 
 
@@ -240,9 +277,10 @@ def _per_worker(texts: Mapping[int, str], workers: list[WorkerView]) -> list[Met
     return [configured, alive, up, restarts, open_, accepted]
 
 
-def metrics(texts: Mapping[int, str], workers: list[WorkerView]) -> bytes:
+def metrics(texts: Mapping[int, str], workers: list[WorkerView], counters: Counters) -> bytes:
     """The Prometheus text of the whole proxy: the workers' samples summed, then the
     per-worker series (labelled ``worker``)."""
+    pids = {view.index: view.pid for view in workers}
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Families(_summed(texts) + _per_worker(texts, workers)))
+    registry.register(_Families(_summed(texts, pids, counters) + _per_worker(texts, workers)))
     return generate_latest(registry)

@@ -67,6 +67,7 @@ class SupervisorHttp:
     def __init__(self, supervisor: Workers) -> None:
         self.supervisor = supervisor
         self._http = HttpServer(self.answer)
+        self.counters = aggregate.Counters()  # kept from scrape to scrape
 
     def stop(self) -> None:
         self._http.stop()
@@ -126,7 +127,8 @@ class SupervisorHttp:
             for index, (status, body) in (await self._ask_all("GET", "/metrics")).items():
                 if status == 200:
                     texts[index] = body.decode("utf-8", "replace")
-            return Response(200, aggregate.metrics(texts, supervisor.views()), METRICS_TYPE)
+            text = aggregate.metrics(texts, supervisor.views(), self.counters)
+            return Response(200, text, METRICS_TYPE)
         if path in ("/healthz", "/readyz"):
             answers = await self._json_all("/healthz")
             ready, health = aggregate.health(answers, supervisor.views(), supervisor.draining)

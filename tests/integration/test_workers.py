@@ -152,6 +152,8 @@ def test_a_killed_worker_is_restarted_while_the_other_serves(proxy_factory, tena
     channel = stayer.channel()
     channel.confirm_delivery()
 
+    total = "amqproxy_client_connections_accepted_total"
+    counted = p.metric(total)  # this scrape is what the supervisor keeps of worker 1's counts
     os.kill(first[1], signal.SIGKILL)
     wait_for(lambda: pid_gone(first[1]) or None, 5, message="worker 1 did not die")
     # the supervisor restarts a worker that died this young after 0.5 s: meanwhile (and
@@ -174,6 +176,7 @@ def test_a_killed_worker_is_restarted_while_the_other_serves(proxy_factory, tena
     assert f"worker 1 (pid {first[1]}) died after" in p.log()
     assert "killed by SIGKILL; restarting it in" in p.log()
     assert accepted(p)["2"] > served_by_2
+    assert p.metric(total) >= counted + 10  # the sum does not go down with worker 1's restart
     for i in range(20):
         publish_once(p, tenant, q, f"after-{i}".encode())
     assert accepted(p)["1"] > 0  # the new worker 1 takes clients again

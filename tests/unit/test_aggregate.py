@@ -66,12 +66,14 @@ def test_metrics_are_summed_per_label_set_with_per_worker_series() -> None:
             "# HELP amqproxy_outbox_oldest_seconds Age\n"
             "# TYPE amqproxy_outbox_oldest_seconds gauge\n"
             f'amqproxy_outbox_oldest_seconds{{user="a",vhost="/"}} {oldest}\n'
-            "# HELP amqproxy_client_connections_accepted Accepted\n"
-            "# TYPE amqproxy_client_connections_accepted counter\n"
+            "# HELP amqproxy_client_connections_accepted_total Accepted\n"
+            "# TYPE amqproxy_client_connections_accepted_total counter\n"
             f"amqproxy_client_connections_accepted_total {accepted}\n"
         )
 
-    text = aggregate.metrics({1: worker(2, 1.5, 10), 2: worker(3, 0.5, 7)}, VIEWS).decode()
+    counters = aggregate.Counters()
+    text = aggregate.metrics({1: worker(2, 1.5, 10), 2: worker(3, 0.5, 7)}, VIEWS, counters)
+    text = text.decode()
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)
@@ -83,10 +85,15 @@ def test_metrics_are_summed_per_label_set_with_per_worker_series() -> None:
     w = "amqproxy_worker_client_connections_accepted_total"
     assert samples[(w, (("worker", "1"),))] == 10 and samples[(w, (("worker", "2"),))] == 7
     assert samples[("amqproxy_worker_restarts_total", (("worker", "2"),))] == 1
-    # a worker that did not answer: up 0, left out of the sums
-    text = aggregate.metrics({1: worker(2, 1.5, 10)}, VIEWS).decode()
+    # a worker that did not answer: up 0, out of the gauges, its counters as it said last
+    text = aggregate.metrics({1: worker(2, 1.5, 11)}, VIEWS, counters).decode()
     assert 'amqproxy_worker_up{worker="2"} 0.0' in text
     assert 'amqproxy_client_connections{user="a",vhost="/"} 2.0' in text
+    assert "amqproxy_client_connections_accepted_total 18.0" in text
+    # worker 2 restarted (a new pid) and counts from 0: the sum does not go down
+    restarted = [VIEWS[0], WorkerView(2, 303, True, 2, 0.1, "killed by SIGKILL")]
+    text = aggregate.metrics({1: worker(2, 1.5, 11), 2: worker(0, 0, 1)}, restarted, counters)
+    assert "amqproxy_client_connections_accepted_total 19.0" in text.decode()
 
 
 def test_restart_backoff_and_exit_descriptions() -> None:
