@@ -276,7 +276,9 @@ class Supervisor:
                 worker.proc.wait(KILL_WAIT)
         codes = [w.proc.returncode for w in self.workers if w.proc is not None]
         codes = [code for code in codes if code is not None]
-        status = 0 if not left and all(code == 0 for code in codes) else 1
+        # -SIGTERM: a worker stopped before its handlers were set, so before it served
+        clean = (0, -signal.SIGTERM)
+        status = 0 if not left and all(code in clean for code in codes) else 1
         log.info("supervisor stopped (workers: %s)", ", ".join(map(describe_exit, codes)))
         return status
 
