@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--clients", help="S1 clients to run, e.g. pika,php-loop")
     ap.add_argument("--tls", action="store_true", help="quick mode: add the TLS S1 cases")
     ap.add_argument("--s3-procs", type=int, default=1, help="client processes for S3 loops")
+    ap.add_argument("--s3-loops", help="S3 loop counts, e.g. 200 (default: 50,200)")
+    ap.add_argument("--s3-rtts", help="S3 upstream RTTs in ms, e.g. 0,50 (default: 0,50)")
     ap.add_argument("--no-proxy", action="store_true", help="no proxy at all: direct runs only")
     ap.add_argument("--no-ours", action="store_true", help="leave our proxy out")
     ap.add_argument("--proxy-module", default="amqproxy", help="python -m MODULE to start")
@@ -77,6 +79,10 @@ def configure(args: argparse.Namespace) -> tuple[Mode, list[str], list[Kind]]:
         mode.s1_tls_rtts = [0, 50]
     if args.s3_duration:
         mode.s3_duration = args.s3_duration
+    if args.s3_loops:
+        mode.s3_loops = [int(n) for n in args.s3_loops.split(",")]
+    if args.s3_rtts:
+        mode.s3_rtts = [int(n) for n in args.s3_rtts.split(",")]
     if args.clients:
         import s1clients
 
