@@ -114,9 +114,10 @@ class Pool:
         behind while the pool is busy). ``login``: the broker accepted the password on it
         already; its Open for this pool's vhost is the rest of the proof, and it joins the
         pool."""
-        if login is not None:  # it joins the pool, unless the pool has a live connection: then it
-            # was the proof, and closes (one more connection per --credential-ttl otherwise)
-            await self._connect(keep=self.live_upstream() is None, opener=login.finish)
+        if login is not None:  # it joins the pool, unless the pool has a live connection once
+            # it is open: then it was the proof, and closes (decided after the await: concurrent
+            # cold clients must not each keep one)
+            await self._connect(keep=None, opener=login.finish)
             return
         if self.trusted():
             return
@@ -162,9 +163,10 @@ class Pool:
             log.debug("upstream refused %s@%s: %d %s", self.user, self.vhost, exc.code, exc.text)
             self.registry.upstream_reachable = True
 
-    async def _connect(self, keep: bool = True, opener: Connect | None = None) -> Connection:
+    async def _connect(self, keep: bool | None = True, opener: Connect | None = None) -> Connection:
         """A new upstream connection with the pool's credentials; ``keep``: it joins the pool,
-        else it closes as soon as the broker accepted them (a probe)."""
+        else it closes as soon as the broker accepted them (a probe); None: it joins only if
+        the pool has no live connection by the time it is open."""
         loop = asyncio.get_running_loop()
         try:
             conn = await (opener or self.registry.connect)(self)
@@ -176,6 +178,8 @@ class Pool:
         self.registry.frame_max = conn.frame_max
         self.verified_at = loop.time()
         self.stats.connects += 1
+        if keep is None:
+            keep = self.live_upstream() is None
         if not keep:
             log.debug("credentials of %s@%s accepted again (probe)", self.user, self.vhost)
             conn.close("amqproxy: credentials verified")
