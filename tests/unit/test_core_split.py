@@ -207,3 +207,42 @@ async def test_channels_of_consume_connections_are_not_parked_and_publishers_avo
     assert up not in rig.pool.parked and up.dirty == "on a consume connection"
     assert names(cbroker.take())[-1] == "Close"
     assert rig.upstream.role == PUBLISH
+
+
+@in_loop
+async def test_while_the_publish_connection_is_blocked_declarations_go_where_consumers_go() -> None:
+    rig, consume, cbroker = split_rig()
+    assert consume.role == CONSUME
+    rig.broker.send(method(0, commands.Connection.Blocked("low on memory")))
+    assert rig.upstream.blocked_reason == "low on memory"
+
+    consumer = rig.client("consumer")  # declares its queue, then consumes
+    open_channel(consumer, rig)
+    consumer.send(method(1, commands.Queue.Declare(queue="jobs", durable=True)))
+    assert rig.broker.take() == b""  # the blocked connection would not read it
+    ((lease, _),) = consumer.moves
+    up_id = finish_move(rig, consumer, cbroker)
+    assert names(cbroker.take()) == ["Open", "Select", "Declare"]
+    cbroker.send(method(up_id, commands.Queue.DeclareOk("jobs", 5, 0)))
+    assert names(consumer.take()) == ["DeclareOk"]
+    consumer.send(method(1, QOS) + method(1, commands.Basic.Consume(queue="jobs")))
+    assert names(cbroker.take()) == ["Qos", "Consume"] and len(consumer.moves) == 1
+    assert lease not in consumer.session.channels.split.tentative  # a consumer: it stays
+
+    publisher = rig.client("publisher")  # declares its exchange, then publishes
+    open_channel(publisher, rig)
+    publisher.send(method(1, commands.Exchange.Declare(exchange="ex", exchange_type="topic")))
+    up_id = finish_move(rig, publisher, cbroker)
+    assert names(cbroker.take()) == ["Open", "Select", "Declare"]
+    cbroker.send(method(up_id, commands.Exchange.DeclareOk()))
+    assert names(publisher.take()) == ["DeclareOk"]
+    body = message(1, b"m" * 100, exchange="ex")
+    publisher.send(body[:30])  # the publish goes back to the publish connection, whole
+    publisher.send(body[30:])
+    assert names(cbroker.take()) == ["Close"]  # its consume channel is given back
+    pool, lease, confirm = publisher.opening[-1]
+    assert confirm and len(publisher.moves) == 1  # a publish channel, in confirm mode
+    up = pool.take_parked(1) or pool.open_now(1)
+    assert up is not None and up.conn is rig.upstream
+    publisher.session.channel_ready(lease, up)
+    assert up.id == 1 and rig.broker.take() == body  # the parked channel: just the message

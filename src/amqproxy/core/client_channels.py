@@ -50,6 +50,7 @@ class ChannelTable:
     def _end(self, lease: Lease) -> None:
         if self.leases.get(lease.channel_id) is lease:
             del self.leases[lease.channel_id]
+        self.split.tentative.discard(lease)
 
     # ---- opening ------------------------------------------------------------------------------
 
@@ -182,16 +183,20 @@ class ChannelTable:
             # Every upstream channel is in confirm mode, and the broker refuses confirm -> tx:
             # move this client channel to a fresh upstream channel, then select tx there.
             frame = data[start - c.FRAME_HEADER_SIZE : end + 1]
-            self._swap_upstream(lease, frame, "client needs a channel without confirm mode")
+            self._swap_upstream(lease, frame, "client needs a channel without confirm mode", False)
             return Verdict.DROP
         if mid == c.CONFIRM_SELECT:
             return self._confirm_select(lease, up, args["nowait"])
         move = self.split.move(lease, up, mid, args, self.exclusive_queues)
         if move is not None:  # a consumer: to a consume connection, this method first
             frame = data[start - c.FRAME_HEADER_SIZE : end + 1]
-            self._swap_upstream(lease, frame, "moved to a consume connection", move)
+            self._swap_upstream(lease, frame, "moved to a consume connection", True, move)
+            if move.tentative:
+                self.split.tentative.add(lease)
             return Verdict.DROP
         self._note_state(lease, up, mid, args)
+        if up.dirty is not None and self.split.tentative:
+            self.split.tentative.discard(lease)  # a consumer now: it stays
         if mid in ALWAYS_REPLIED or (mid in NOWAIT_METHODS and not args["nowait"]):
             up.request_sent()
         return Verdict.FORWARD
@@ -277,21 +282,31 @@ class ChannelTable:
         close = commands.Channel.Close(code, frames.reply_text(text), mid >> 16, mid & 0xFFFF)
         self._write(frames.encode_method(lease.channel_id, close))
 
+    def publishing(self, lease: Lease, pending_frame: bytes) -> bool:
+        """A tentative lease (``Split.tentative``) publishes: True if it goes back to a
+        publish channel with ``pending_frame`` first (the rest of the message follows it
+        there), False if it publishes where it is."""
+        if not self.split.back(lease):
+            return False
+        self._swap_upstream(lease, pending_frame, "publishes: back to a publish connection", True)
+        return True
+
     def _swap_upstream(
-        self, lease: Lease, pending_frame: bytes, why: str, move: Move | None = None
+        self, lease: Lease, pending_frame: bytes, why: str, confirm: bool, move: Move | None = None
     ) -> None:
         """Give back the lease's upstream channel and continue on a new one, with
-        ``pending_frame`` first on it: without confirm mode (the client's Tx.Select), or in
-        the proxy's confirm mode on a consume connection (``move``)."""
+        ``pending_frame`` first on it: without confirm mode (``confirm`` False: the client's
+        Tx.Select), or in the proxy's confirm mode on a publish connection, or on a consume
+        connection (``move``)."""
         lease.owner.release(lease, why)
         lease.reopen()
         lease.queue_frame(pending_frame)
         pool = self.session.pool
         assert pool is not None
         if move is None:
-            self.session.host.open_channel(pool, lease, False)
+            self.session.host.open_channel(pool, lease, confirm)
         else:
-            self.session.host.open_channel(pool, lease, True, True, move.near)
+            self.session.host.open_channel(pool, lease, confirm, True, move.near)
 
     # ---- what the upstream side reports -------------------------------------------------------
 
@@ -327,6 +342,7 @@ class ChannelTable:
     def release_all(self, why: str) -> None:
         """The client is leaving: give back its channels, delete its exclusive queues."""
         leases, self.leases = self.leases, {}
+        self.split.tentative.clear()
         for lease in leases.values():
             lease.owner.release(lease, why)
         queues, self.exclusive_queues = self.exclusive_queues, {}
