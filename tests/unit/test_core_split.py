@@ -100,10 +100,14 @@ async def test_qos_then_consume_move_to_the_consume_connection_qos_first() -> No
 @in_loop
 async def test_a_channel_that_cannot_move_unnoticed_stays() -> None:
     rig, _, cbroker = split_rig()
-    confirms = rig.client("confirms")  # selected confirms: its tags are the channel's
+    confirms = rig.client("confirms")  # published since it selected confirms: its tags
     open_channel(confirms, rig)
     confirms.send(method(1, commands.Confirm.Select()))
     assert names(confirms.take()) == ["SelectOk"]
+    confirms.send(message(1, b"confirmed"))
+    rig.broker.take()
+    rig.broker.send(method(1, commands.Basic.Ack(delivery_tag=1)))
+    assert confirms.take() == method(1, commands.Basic.Ack(delivery_tag=1))
     confirms.send(method(1, commands.Basic.Consume(queue="q")))
     assert names(rig.broker.take()) == ["Consume"] and not confirms.moves
 
@@ -246,3 +250,33 @@ async def test_while_the_publish_connection_is_blocked_declarations_go_where_con
     assert up is not None and up.conn is rig.upstream
     publisher.session.channel_ready(lease, up)
     assert up.id == 1 and rig.broker.take() == body  # the parked channel: just the message
+
+
+@in_loop
+async def test_a_client_with_confirms_moves_before_it_publishes_and_keeps_its_tags() -> None:
+    rig, _, cbroker = split_rig()
+    earlier = rig.client("earlier")  # leaves a parked channel with three confirmed publishes
+    open_channel(earlier, rig)
+    earlier.send(message(1, b"1") + message(1, b"2") + message(1, b"3") + method(1, CLOSE))
+    rig.broker.take()
+    rig.broker.send(method(1, commands.Basic.Ack(delivery_tag=3, multiple=True)))
+    assert rig.pool.parked == [rig.channel(1)]
+    rig.broker.send(method(0, commands.Connection.Blocked("low on memory")))
+
+    client = rig.client()
+    client.send(method(1, commands.Channel.Open()) + method(1, commands.Confirm.Select()))
+    assert names(client.take()) == ["OpenOk", "SelectOk"]  # the parked channel
+    client.send(method(1, commands.Queue.Declare(queue="q", passive=True)))
+    up_id = finish_move(rig, client, cbroker)  # blocked publish connection: it moves for now
+    assert names(cbroker.take()) == ["Open", "Select", "Declare"]
+    cbroker.send(method(up_id, commands.Queue.DeclareOk("q", 0, 0)))
+    assert names(client.take()) == ["DeclareOk"]
+
+    client.send(message(1, b"mine"))  # a publish: back to a publish channel, tag 1 still
+    pool, lease, confirm = client.opening[-1]
+    up = pool.take_parked(1)
+    assert confirm and up is rig.channel(1) and up.published == 3
+    client.session.channel_ready(lease, up)
+    assert rig.broker.take() == message(1, b"mine")
+    rig.broker.send(method(1, commands.Basic.Ack(delivery_tag=4)))
+    assert client.take() == method(1, commands.Basic.Ack(delivery_tag=1))

@@ -102,6 +102,8 @@ class ChannelTable:
             lease.owner.release(lease, "opened after its client left")
             return b"", 0
         self.split.bound(up)
+        if lease.client_confirm:  # it moved (``core.split``) before it published: tag 1 next
+            lease.confirm_offset = up.published
         if not lease.announced:
             lease.announced = True
             self._write(frames.method_frame(lease.channel_id, frames.CHANNEL_OPEN_OK))

@@ -56,12 +56,13 @@ def consumer_like(mid: int, args: dict[str, Any]) -> bool:
 
 
 def movable(lease: Lease, up: UpstreamChannel) -> bool:
-    """Nothing on ``up`` that its client could miss on another channel: no client confirms
-    (their tags), no message half sent, no reply or confirm due (order), no delivery seen (its
-    tags), no state on the channel (qos, consumer, tx, flow, an exclusive queue)."""
+    """Nothing on ``up`` that its client could miss on another channel: no publish since the
+    client selected confirms, if it did (its next tag is 1 on any channel), no message half
+    sent, no reply or confirm due (order), no delivery seen (its tags), no state on the
+    channel (qos, consumer, tx, flow, an exclusive queue)."""
     return (
         lease.state is LeaseState.OPEN
-        and not lease.client_confirm
+        and (not lease.client_confirm or up.published == lease.confirm_offset)
         and lease.message.stage is Stage.NONE
         and not lease.declares
         and up.confirm_mode
