@@ -411,6 +411,7 @@ class Pool:
             not self.clients
             and not self.upstreams
             and self._connecting is None
+            and not self.roles.connecting
             and not self.delivery.pending
             and not self.waiters
             and not self.room

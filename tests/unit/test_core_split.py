@@ -19,6 +19,7 @@ from pamqp import commands
 from support.core import BrokerPeer, ClientPeer, Rig, content, message, method, methods_of
 
 from amqproxy.core.upstream import UpstreamSession
+from amqproxy.janitor import sweep_pool
 from amqproxy.roles import CONSUME, PUBLISH
 
 CLOSE = commands.Channel.Close(200, "bye", 0, 0)
@@ -280,3 +281,12 @@ async def test_a_client_with_confirms_moves_before_it_publishes_and_keeps_its_ta
     assert rig.broker.take() == message(1, b"mine")
     rig.broker.send(method(1, commands.Basic.Ack(delivery_tag=4)))
     assert client.take() == method(1, commands.Basic.Ack(delivery_tag=1))
+
+
+@in_loop
+async def test_idle_sweeps_keep_the_last_publish_connection_of_a_pool_with_clients() -> None:
+    rig, consume, cbroker = split_rig()
+    rig.client()  # admitted, nothing leased: both connections are idle
+    sweep_pool(rig.pool, rig.loop.time() + 60, idle_timeout=5)
+    assert rig.upstream.open  # where the next Channel.Open lands at once
+    assert not consume.open and names(cbroker.take()) == ["Close"]

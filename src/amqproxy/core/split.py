@@ -131,4 +131,6 @@ class Split:
         more)."""
         self.tentative.discard(lease)
         up = lease.up
-        return up is not None and movable(lease, up) and self.session.settings.split_consumers
+        if up is None or up.conn.role != CONSUME:  # its consume connection died meanwhile
+            return False
+        return movable(lease, up) and self.session.settings.split_consumers
