@@ -100,15 +100,20 @@ class Roles:
             return fallback
         return None
 
-    def consume_connection(self, near: Connection | None) -> Connection | None:
+    def consume_connection(self, near: Connection | None, quiet: bool = False) -> Connection | None:
         """A consume connection with room: ``near`` (where the client's other consumers and
-        its exclusive queues are) if it can, else the first with room."""
+        its exclusive queues are) if it can, else the first where nobody publishes (a channel
+        that consumes and publishes would have the broker block it), else (unless ``quiet``)
+        the first with room."""
         if near is not None and near.role == CONSUME and self._usable(near):
             return near
+        fallback = None
         for conn in self.pool.upstreams:
             if conn.role == CONSUME and self._usable(conn):
-                return conn
-        return None
+                if not any(up.published for up in conn.channels.values()):
+                    return conn
+                fallback = fallback or conn
+        return None if quiet else fallback
 
     def may_connect(self) -> bool:
         """A consume connection may be opened (or is being opened) without going past
@@ -131,17 +136,14 @@ class Roles:
         return conn.open_channel(preferred, True)
 
     async def channel(self, preferred: int, near: Connection | None) -> UpstreamChannel | None:
-        """A channel on a consume connection, opening one first when none has room; None when
-        none can be had (at the limit, or the connection failed): the caller then places the
-        channel as any other."""
-        up = self.channel_now(preferred, near)
-        if up is not None or not self.may_connect():
-            return up
-        try:
-            await self.connect()
-        except (UpstreamRefused, TimeoutError) as exc:
-            log.debug("no consume connection for %s: %s", self.pool.name, exc)
-            return None
+        """A channel on a consume connection, opening one first when none has room (or all
+        those with room carry publishes too) and the limit allows; None when none can be had
+        (the connection failed): the caller then places the channel as any other."""
+        if self.consume_connection(near, quiet=True) is None and self.may_connect():
+            try:
+                await self.connect()
+            except (UpstreamRefused, TimeoutError) as exc:
+                log.debug("no new consume connection for %s: %s", self.pool.name, exc)
         return self.channel_now(preferred, near)
 
     async def connect(self) -> Connection:

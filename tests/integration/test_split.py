@@ -42,8 +42,9 @@ def roles(proxy: Proxy, tenant: Tenant) -> list[str]:
 
 @contextlib.contextmanager
 def memory_alarm(node: BrokerNode) -> Iterator[None]:
-    """A memory alarm on the test run's own node, lifted whatever happens."""
-    done = node.ctl("set_vm_memory_high_watermark", "absolute", "1")
+    """A memory alarm on the test run's own node (watermark 0.0001, as test_fidelity's),
+    lifted whatever happens."""
+    done = node.ctl("set_vm_memory_high_watermark", "0.0001")
     assert done.returncode == 0, done.stderr
     try:
         yield

@@ -290,3 +290,19 @@ async def test_idle_sweeps_keep_the_last_publish_connection_of_a_pool_with_clien
     sweep_pool(rig.pool, rig.loop.time() + 60, idle_timeout=5)
     assert rig.upstream.open  # where the next Channel.Open lands at once
     assert not consume.open and names(cbroker.take()) == ["Close"]
+
+
+@in_loop
+async def test_new_consumers_avoid_a_consume_connection_where_a_channel_publishes() -> None:
+    rig, consume, cbroker = split_rig()
+    roles = rig.pool.roles
+    rpc = rig.client("rpc-server")  # consumes, then publishes its replies on that channel
+    open_channel(rpc, rig)
+    rpc.send(method(1, QOS))
+    finish_move(rig, rpc, cbroker)
+    rpc.send(message(1, b"reply"))
+    assert roles.consume_connection(None) is consume  # the only one: it will do
+    assert roles.consume_connection(None, quiet=True) is None  # Roles.channel connects first
+    clean, _ = rig.consume_upstream()
+    assert roles.consume_connection(None) is clean
+    assert roles.consume_connection(consume) is consume  # a client's own stays together

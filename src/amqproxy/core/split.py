@@ -29,8 +29,8 @@ from amqproxy.roles import CONSUME, PUBLISH
 # Methods whose empty queue name means the queue last declared on the channel: a new
 # upstream channel would not know it.
 _LAST_QUEUE = frozenset({c.BASIC_CONSUME, c.BASIC_GET})
-# What a blocked publish connection would keep from the broker, besides publishes (tx and
-# flow leave the channel unfit to move anyway).
+# What a blocked publish connection would keep from the broker, besides publishes (not the
+# tx methods: a channel in a transaction does not move).
 _WHILE_BLOCKED = NOWAIT_METHODS | (ALWAYS_REPLIED - {c.TX_SELECT, c.TX_COMMIT, c.TX_ROLLBACK})
 
 
