@@ -100,10 +100,10 @@ class Roles:
             return fallback
         return None
 
-    def consume_connection(self, near: Connection | None, quiet: bool = False) -> Connection | None:
+    def consume_connection(self, near: Connection | None, clean: bool = False) -> Connection | None:
         """A consume connection with room: ``near`` (where the client's other consumers and
         its exclusive queues are) if it can, else the first where nobody publishes (a channel
-        that consumes and publishes would have the broker block it), else (unless ``quiet``)
+        that consumes and publishes would have the broker block it), else (unless ``clean``)
         the first with room."""
         if near is not None and near.role == CONSUME and self._usable(near):
             return near
@@ -113,7 +113,7 @@ class Roles:
                 if not any(up.published for up in conn.channels.values()):
                     return conn
                 fallback = fallback or conn
-        return None if quiet else fallback
+        return None if clean else fallback
 
     def may_connect(self) -> bool:
         """A consume connection may be opened (or is being opened) without going past
@@ -139,7 +139,7 @@ class Roles:
         """A channel on a consume connection, opening one first when none has room (or all
         those with room carry publishes too) and the limit allows; None when none can be had
         (the connection failed): the caller then places the channel as any other."""
-        if self.consume_connection(near, quiet=True) is None and self.may_connect():
+        if self.consume_connection(near, clean=True) is None and self.may_connect():
             try:
                 await self.connect()
             except (UpstreamRefused, TimeoutError) as exc:

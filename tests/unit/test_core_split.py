@@ -302,7 +302,7 @@ async def test_new_consumers_avoid_a_consume_connection_where_a_channel_publishe
     finish_move(rig, rpc, cbroker)
     rpc.send(message(1, b"reply"))
     assert roles.consume_connection(None) is consume  # the only one: it will do
-    assert roles.consume_connection(None, quiet=True) is None  # Roles.channel connects first
+    assert roles.consume_connection(None, clean=True) is None  # Roles.channel connects first
     clean, _ = rig.consume_upstream()
     assert roles.consume_connection(None) is clean
     assert roles.consume_connection(consume) is consume  # a client's own stays together
