@@ -79,6 +79,11 @@ POOL_COUNTERS = (
     ("channel_opens", "amqproxy_upstream_channel_opens", "Channel.Open sent upstream"),
     ("channel_reuses", "amqproxy_channel_reuses", "Client channels served by a parked channel"),
     (
+        "consumer_moves",
+        "amqproxy_consumer_moves",
+        "Client channels moved to a consume connection when they began to consume",
+    ),
+    (
         "orphan_channel_errors",
         "amqproxy_orphan_channel_errors",
         "Channel errors that arrived after their client had left",

@@ -140,8 +140,8 @@ def clients(proxy: Proxy) -> Json:
 
 def upstreams(proxy: Proxy) -> Json:
     """Every upstream connection: its pool, the broker address it went to (``node``), its
-    channels, its age and how long since the broker last sent anything (heartbeats
-    included)."""
+    role (publish or consume, ``roles``), its channels, its age and how long since the broker
+    last sent anything (heartbeats included)."""
     now = asyncio.get_running_loop().time()
     out = []
     for pool in proxy.registry.pools.values():
@@ -153,6 +153,7 @@ def upstreams(proxy: Proxy) -> Json:
                     "user": pool.user,
                     "vhost": pool.vhost,
                     "node": conn.remote,
+                    "role": conn.role,
                     "local_address": conn.peer,
                     "open": conn.open,
                     "channels": len(conn.channels),

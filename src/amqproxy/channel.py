@@ -41,6 +41,7 @@ class Connection(Protocol):
     channels: dict[int, UpstreamChannel]
     exclusive_owners: dict[bytes, Client]  # exclusive queues declared here -> their client
     paused: bool  # its write buffer is full: clients stop reading until it drains
+    role: str  # "publish" or "consume" (``roles``)
 
     @property
     def free_channels(self) -> int: ...

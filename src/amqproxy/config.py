@@ -97,6 +97,7 @@ class Settings:
     # (2 to 2.5 intervals of silence); None: the broker's proposal (RabbitMQ's is 60 s).
     upstream_heartbeat: int | None = 6
     park_channels: bool = True
+    split_consumers: bool = True  # consuming channels on upstream connections of their own
     credential_ttl: float = 60.0  # how long a broker's "yes" to a password is trusted
     channel_max: int = 2047  # offered to clients
     max_client_buffer: int = 64 * 1024 * 1024
@@ -210,6 +211,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("park_channels", _bool,
            "close every channel upstream when its client closes it (no reuse)",
            ("--no-park-channels",), const="false"),
+    Option("split_consumers", _bool,
+           "keep consuming channels on the publish connections instead of moving them to "
+           "upstream connections of their own (fewer broker connections)",
+           ("--no-split-consumers",), const="false"),
     Option("credential_ttl", _seconds,
            "admit a client whose credentials the broker accepted this recently without asking "
            "it again (default 60; 0: the broker checks every client)", ("--credential-ttl",)),

@@ -121,6 +121,7 @@ UPSTREAMS: list[Column] = [
     ("name", lambda r: r["name"]),
     ("pool", lambda r: r["pool"]),
     ("node", lambda r: r["node"]),
+    ("role", lambda r: r["role"]),
     ("channels", lambda r: r["channels"]),
     ("leased", lambda r: r["leased"]),
     ("age", lambda r: _duration(r["age_seconds"])),

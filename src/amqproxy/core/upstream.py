@@ -26,6 +26,7 @@ from amqproxy.core.host import UpstreamHost
 from amqproxy.core.upstream_stream import BrokerStream
 from amqproxy.errors import UpstreamRefused
 from amqproxy.pool import Pool
+from amqproxy.roles import PUBLISH
 
 log = logging.getLogger("amqproxy.upstream")
 
@@ -82,6 +83,7 @@ class UpstreamSession:
         self.paused = False  # our write buffer toward the broker is full
         self.waiting_clients: set[Client] = set()  # they stopped reading until we drain
         self.exclusive_owners: dict[bytes, Client] = {}  # exclusive queues declared here
+        self.role = PUBLISH  # or consume: set by the pool when it joins (``roles``)
         self.handshaking = True  # until OpenOk, or until the broker refuses or drops us
         self.tuned = False  # the broker accepted the credentials (its Tune arrived)
         self.ready_error: UpstreamRefused | None = None  # why the handshake failed
