@@ -30,6 +30,11 @@ from amqproxy.core.split import Move, Split
 from amqproxy.outbox import publishes_in
 
 log = logging.getLogger("amqproxy.client")
+# Tx.Select on a channel the proxy cannot move to one without its confirm mode.
+TX_AFTER_STATE = (
+    "PRECONDITION_FAILED - amqproxy: select tx before consuming, qos or a pending request on "
+    "a channel (its state cannot move to a channel without the proxy's confirm mode)"
+)
 
 MAX_BACKLOG = 4 * 1024 * 1024  # frames a client sent on a channel still opening upstream
 
@@ -183,7 +188,11 @@ class ChannelTable:
             return Verdict.DROP
         if mid == c.TX_SELECT and up.confirm_mode and not lease.client_confirm:
             # Every upstream channel is in confirm mode, and the broker refuses confirm -> tx:
-            # move this client channel to a fresh upstream channel, then select tx there.
+            # move this client channel to a fresh upstream channel, then select tx there -
+            # unless the channel holds what a move would lose (a consumer, qos, deliveries).
+            if up.dirty is not None or up.requests or up.delivered != lease.tag_offset:
+                self.refuse(lease, c.PRECONDITION_FAILED, TX_AFTER_STATE, mid)
+                return Verdict.DROP
             frame = data[start - c.FRAME_HEADER_SIZE : end + 1]
             self._swap_upstream(lease, frame, "client needs a channel without confirm mode", False)
             return Verdict.DROP
