@@ -58,25 +58,30 @@ class Nodes:
 
     def sync(self) -> set[str]:
         """Follow the upstream list of the settings (at start, and after a reload): a node
-        kept keeps its health and connections; a new one is checked at once (when watching);
+        kept keeps its health and connections; one added is checked at once (one URL
+        replacing another keeps today's way: the health carries over until the next look);
         one no longer listed is watched no more. Returns the listed addresses."""
+        before = dict(self.listed)
         listed: dict[str, Broker] = {}
         for host, port, _ in self.settings.upstream_nodes:
             name = f"{host}:{port}"
-            broker = self.listed.get(name) or self.unlisted.pop(name, None)
+            broker = before.get(name)
             if broker is None:
-                broker = Broker(self.settings, self.ssl_context, host, port, self._serials)
-                broker.learned = self._learned
-                broker.health.listener = self._summarize
-                if self._running:  # added by a reload: checked now, then watched
+                broker = self.unlisted.pop(name, None) or self._broker(host, port)
+                if len(before) == 1 == len(self.settings.upstream_nodes):
+                    _carry_over(next(iter(before.values())).health, broker.health)
+                elif self._running:  # added by a reload: checked now, then watched
                     self._watch(broker, first=True)
             listed[name] = broker
-        for name, broker in self.listed.items():
+        for name, broker in before.items():
             if name not in listed:
                 self.unlisted[name] = broker
                 watch = self._watches.pop(name, None)
                 if watch is not None:
                     watch.cancel()
+        for name, broker in listed.items():
+            if self._interval and name not in self._watches:  # carried over, or listed again
+                self._watch(broker, first=False)
         self.listed = listed
         several = len(listed) > 1
         for name, broker in listed.items():
@@ -84,6 +89,12 @@ class Nodes:
         if self._running:
             self._summarize()
         return set(listed)
+
+    def _broker(self, host: str, port: int) -> Broker:
+        broker = Broker(self.settings, self.ssl_context, host, port, self._serials)
+        broker.learned = self._learned
+        broker.health.listener = self._summarize
+        return broker
 
     def reloaded(self, ssl_context: ssl.SSLContext | None) -> None:
         """SIGHUP: new upstream connections use the TLS context built from the files as they
@@ -259,6 +270,17 @@ class Nodes:
         if self._tune_cache is None or self._tune_cache[0] != key:
             self._tune_cache = (key, frames.encode_method(0, commands.Connection.Tune(*key)))
         return self._tune_cache[1]
+
+
+def _carry_over(old: Health, new: Health) -> None:
+    """What was known of the one broker, for the one that replaces it (as when one URL was
+    all there could be): the next check or connection updates it."""
+    new.state, new.detail, new.checked_at, new.since = (
+        old.state,
+        old.detail,
+        old.checked_at,
+        old.since,
+    )
 
 
 def _iso(wall: float) -> str:

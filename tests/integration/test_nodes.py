@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 import uuid
@@ -261,3 +262,42 @@ def test_e_the_upstream_list_in_each_place_a_setting_can_be_given(tmp_path):
     assert json.loads(printed.stdout)["upstream"] == ["amqp://n1", "amqp://n2/vh"]
     assert "secret" not in printed.stdout + printed.stderr
     assert main(["--print-config", "amqp://n1,amqps://n2"]) == 2
+
+
+def test_f_a_reload_of_the_list_drains_the_nodes_no_longer_listed(cluster, tmp_path, proxy_factory):
+    """SIGHUP with another list: connections to a node still listed stay; one to a node no
+    longer listed keeps its leased channel, takes no new one, and closes once nothing is
+    leased on it; the next pools go to the listed nodes."""
+    first, second, third = cluster.nodes
+    ini = tmp_path / "nodes.ini"
+
+    def write(nodes: list[BrokerNode]) -> None:
+        upstream = ",\n  ".join(node.url for node in nodes)
+        ini.write_text(f"[main]\nupstream = {upstream}\nbroker_check_interval = 1\n")
+
+    write([first, second])
+    p = proxy_factory("-t", "60", "-c", str(ini), upstream=None)
+    kept, dropped = p.connect(tenant(0)), p.connect(tenant(1))
+    kept_channel, dropped_channel = kept.channel(), dropped.channel()
+    assert nodes_of(p, tenant(0).user) == [address(first)]
+    assert nodes_of(p, tenant(1).user) == [address(second)]
+    write([first, third])
+    p.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reload: upstream" in p.log(), 10)
+    wait_for(lambda: node_states(p).get(address(third)) == "reachable", 10)
+    assert {row["node"]: row["listed"] for row in api(p, "/api/nodes")["nodes"]} == {
+        address(first): True, address(third): True, address(second): False,
+    }  # fmt: skip
+    newcomer = p.connect(tenant(2))
+    newcomer.channel()
+    assert nodes_of(p, tenant(2).user) == [address(third)]  # the new node had no connection
+    dropped_channel.basic_publish("", "nowhere", b"still served")  # the old lease still works
+    again = dropped.channel()  # the pool's next channel: on a listed node
+    assert sorted(nodes_of(p, tenant(1).user)) == sorted([address(second), address(first)])
+    dropped_channel.close()
+    wait_for(lambda: nodes_of(p, tenant(1).user) == [address(first)], 10)
+    assert nodes_of(p, tenant(0).user) == [address(first)]
+    kept_channel.basic_publish("", "nowhere", b"untouched")
+    again.close()
+    for conn in (kept, dropped, newcomer):
+        conn.close()
