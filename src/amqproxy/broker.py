@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import re
 import ssl
 import struct
 from collections.abc import Callable, Iterator
@@ -34,6 +35,10 @@ from amqproxy.tls import describe
 log = logging.getLogger("amqproxy.broker")
 
 REACHABLE, UNREACHABLE, NOT_AMQP, UNKNOWN = "reachable", "unreachable", "not-amqp", "unknown"
+# The 320s RabbitMQ sends about one vhost or user (deleted, its vhost process down on this
+# node): the node itself is fine. Every other 320 (shutdown, maintenance, an operator's
+# close) takes the node out of placement until a probe or a connection finds it answering.
+NOT_THE_NODE = re.compile(r"(CONNECTION_FORCED - )?(vhost|user) '")
 
 
 class NotAMQP(ConnectionError):
@@ -144,7 +149,7 @@ class Broker:
 
         def closed(code: int, text: str, lost: bool) -> None:
             self.sessions.discard(session)
-            if lost and code == c.CONNECTION_FORCED:
+            if lost and code == c.CONNECTION_FORCED and not NOT_THE_NODE.match(text):
                 self.health.record(UNREACHABLE, text.removeprefix("CONNECTION_FORCED - "))
 
         session.on_closed = closed
