@@ -290,7 +290,7 @@ OPTIONS: tuple[Option, ...] = (
            "default none: they are open to whoever reaches the HTTP port",
            ("--admin-token",), "AMQPROXY_ADMIN_TOKEN", metavar="TOKEN"),
     Option("broker_check_interval", _seconds,
-           "seconds between checks that the broker answers AMQP, for /readyz (default 5; "
+           "seconds between checks that each broker node answers AMQP, for /readyz (default 5; "
            "0: only at start and by upstream connections)", ("--broker-check-interval",)),
 )  # fmt: skip
 BY_KEY = {option.key: option for option in OPTIONS}

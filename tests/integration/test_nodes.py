@@ -190,7 +190,8 @@ def test_a2_what_a_dying_node_did_not_confirm_is_replayed_on_another(cluster, pr
         loop.stop()
         victim.start_app()
         relay.close()
-    assert [c for c in loop.cycles if c[3] is not None] == [], "a client failed"
+    # A client caught mid-call by the loss may get the 320 of today (it was not handed over).
+    assert [c for c in loop.cycles if c[0] >= stopped and c[3] is not None] == []
     handed_over = {body for _, _, body, error in loop.cycles if error is None}
     wait_for(lambda: api(p, "/readyz")["outbox"]["messages"] == 0, 30)
     assert p.metric("amqproxy_messages_replayed_total", user=who.user, vhost="/") >= 10
