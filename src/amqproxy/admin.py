@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from amqproxy import api
 from amqproxy.api import Proxy
+from amqproxy.nodes import NodeCollector
 
 log = logging.getLogger("amqproxy.admin")
 
@@ -36,7 +37,8 @@ REASONS = {
     413: "Payload Too Large",
     503: "Service Unavailable",
 }
-GETS = {"/healthz", "/readyz", "/metrics", "/api/pools", "/api/clients", "/api/upstreams"}
+GETS = {"/healthz", "/readyz", "/metrics", "/api/pools", "/api/clients", "/api/upstreams",
+        "/api/nodes"}  # fmt: skip
 CLOSE_PATH = re.compile(r"/api/clients/(\d{1,18})/close")
 
 
@@ -248,6 +250,7 @@ class AdminServer:
         self.proxy = proxy
         self.metrics = CollectorRegistry(auto_describe=False)
         self.metrics.register(PoolCollector(proxy))
+        self.metrics.register(NodeCollector(proxy.nodes))
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -293,7 +296,8 @@ class AdminServer:
         if path in ("/healthz", "/readyz"):
             ready, body = api.health(proxy)
             return _json(200 if ready or path == "/healthz" else 503, body)
-        build = {"/api/pools": api.pools, "/api/clients": api.clients}.get(path, api.upstreams)
+        views = {"/api/pools": api.pools, "/api/clients": api.clients, "/api/nodes": api.nodes}
+        build = views.get(path, api.upstreams)
         return _json(200, build(proxy))
 
     def _post(self, request: Request) -> Response:

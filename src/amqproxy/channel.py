@@ -28,6 +28,7 @@ class Connection(Protocol):
     name: str
     peer: str
     remote: str  # the broker's address, "host:port"
+    node: str  # the node of the upstream list it went to, "host:port"
     started: float  # loop time the connection was made
     last_read: float  # loop time of the broker's last bytes (heartbeats included)
     open: bool

@@ -394,10 +394,11 @@ class Pool:
                 conn.last_used = max(conn.last_used, now)
         self.registry.maybe_drop(self)
 
-    def retire_upstreams(self) -> None:
-        """The upstream address changed (a reload): the connections open now keep serving
-        their leased channels and drain; new channels and connections go to the new one."""
-        self.retired.update(self.upstreams)
+    def retire_upstreams(self, which: Callable[[Connection], bool] = lambda conn: True) -> None:
+        """The upstream list changed (a reload): the connections open now to a node no longer
+        listed (``which``) keep serving their leased channels and drain; new channels and
+        connections go to the listed nodes."""
+        self.retired.update(conn for conn in self.upstreams if which(conn))
         for up in [up for up in self.parked if up.conn in self.retired]:
             self.close_channel(up, "its upstream address was replaced")
         self.room.wake_all()

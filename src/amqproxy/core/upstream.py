@@ -89,6 +89,9 @@ class UpstreamSession:
         self.ready_error: UpstreamRefused | None = None  # why the handshake failed
         self.not_amqp: str | None = None  # what the broker's address answered, if not AMQP
         self.remote = ""  # the broker's address, "host:port"
+        self.node = ""  # the node of the upstream list it went to, "host:port"
+        # Told when the connection ends: (code, text, lost: it was open and we did not close it).
+        self.on_closed: Callable[[int, str, bool], None] | None = None
         self.started = now
         self.last_read = now  # the broker's last bytes (heartbeats included)
         self._start_seen = False
@@ -203,6 +206,8 @@ class UpstreamSession:
         was_open = self.open
         self.closed = True
         self.open = False
+        if self.on_closed is not None:  # first: a node that died takes no replacement
+            self.on_closed(code, text, was_open and not expected)
         if self.handshaking:
             self._handshake_done(UpstreamRefused(code, text))
         if self._pool is None:  # a login that never got its vhost: nothing else to undo

@@ -17,12 +17,12 @@ from typing import Any, cast
 from amqproxy.amqp import constants as c
 from amqproxy.amqp.auth import Credentials
 from amqproxy.amqp.frames import Buffer
-from amqproxy.broker import Broker
 from amqproxy.channel import Connection, Lease
 from amqproxy.config import Settings
 from amqproxy.core.client import ClientSession
 from amqproxy.errors import NoChannelFree, UpstreamRefused
 from amqproxy.io.heartbeat import Heartbeat
+from amqproxy.nodes import Nodes
 from amqproxy.pool import Login, Pool, PoolRegistry
 from amqproxy.stats import PoolStats
 from amqproxy.tls import subject
@@ -62,7 +62,7 @@ class ClientProtocol(asyncio.Protocol):
         self,
         settings: Settings,
         registry: PoolRegistry,
-        broker: Broker,
+        broker: Nodes,
         clients: set[Any],
         refusal: str = "",
     ) -> None:
