@@ -20,11 +20,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from amqproxy import api
 from amqproxy.api import Proxy
 from amqproxy.httpd import HttpServer, Request, Response, error, json_response, unauthorized
+from amqproxy.nodes import NodeCollector
 
 log = logging.getLogger("amqproxy.admin")
 
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-GETS = {"/healthz", "/readyz", "/metrics", "/api/pools", "/api/clients", "/api/upstreams"}
+GETS = {"/healthz", "/readyz", "/metrics", "/api/pools", "/api/clients", "/api/upstreams",
+        "/api/nodes"}  # fmt: skip
 CLOSE_PATH = re.compile(r"/api/clients/(\d{1,18})/close")
 
 
@@ -66,6 +68,11 @@ POOL_COUNTERS = (
     ),
     ("channel_opens", "amqproxy_upstream_channel_opens", "Channel.Open sent upstream"),
     ("channel_reuses", "amqproxy_channel_reuses", "Client channels served by a parked channel"),
+    (
+        "consumer_moves",
+        "amqproxy_consumer_moves",
+        "Client channels moved to a consume connection when they began to consume",
+    ),
     (
         "orphan_channel_errors",
         "amqproxy_orphan_channel_errors",
@@ -191,6 +198,7 @@ class AdminServer:
         self._http = HttpServer(self._answer)
         self.metrics = CollectorRegistry(auto_describe=False)
         self.metrics.register(PoolCollector(proxy))
+        self.metrics.register(NodeCollector(proxy.nodes))
 
     async def start(self) -> None:
         settings = self.proxy.settings
@@ -230,7 +238,8 @@ class AdminServer:
         if path in ("/healthz", "/readyz"):
             ready, body = api.health(proxy)
             return json_response(200 if ready or path == "/healthz" else 503, body)
-        build = {"/api/pools": api.pools, "/api/clients": api.clients}.get(path, api.upstreams)
+        views = {"/api/pools": api.pools, "/api/clients": api.clients, "/api/nodes": api.nodes}
+        build = views.get(path, api.upstreams)
         return json_response(200, build(proxy))
 
     def _post(self, request: Request) -> Response:

@@ -82,6 +82,31 @@ def upstreams(answers: Mapping[int, Json]) -> Json:
     return {"upstreams": out}
 
 
+def _node_rows(answers: Mapping[int, list[Json]]) -> list[Json]:
+    """One row per node: what the worker that checked it last saw, the workers' upstream
+    connections to it summed, and each worker's view of its state (``workers``)."""
+    rows: dict[str, Json] = {}
+    for index, found in sorted(answers.items()):
+        for row in found:
+            name = str(row.get("node"))
+            have = rows.get(name)
+            states = (have or {}).get("workers", {})
+            states[str(index)] = row.get("state")
+            connections = int(row.get("upstream_connections") or 0)
+            if have is not None:
+                connections += int(have.get("upstream_connections") or 0)
+                fresher = (row.get("checked_seconds_ago") or float("inf")) < (
+                    have.get("checked_seconds_ago") or float("inf")
+                )
+                row = row if fresher else have
+            rows[name] = {**row, "upstream_connections": connections, "workers": states}
+    return list(rows.values())
+
+
+def nodes(answers: Mapping[int, Json]) -> Json:
+    return {"nodes": _node_rows({i: body.get("nodes", []) for i, body in answers.items()})}
+
+
 def paused(answers: Mapping[int, Json], asked: int) -> Json:
     """The answer of POST /api/pause or /api/resume sent to every worker."""
     return {
@@ -149,6 +174,8 @@ def health(
         _merge(outbox, b.get("outbox", {}))
         warnings += [w for w in b.get("warnings", []) if w not in warnings]
     body["outbox"] = outbox
+    if any("nodes" in b for b in bodies):
+        body["nodes"] = _node_rows({i: answers[i].get("nodes", []) for i in answers})
     if warnings:
         body["warnings"] = warnings
     rows = _worker_rows(workers, answers)

@@ -17,9 +17,10 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from amqproxy.amqp import constants as c
-from amqproxy.broker import NOT_AMQP, REACHABLE, UNKNOWN, UNREACHABLE, Broker
+from amqproxy.broker import NOT_AMQP, REACHABLE, UNKNOWN, UNREACHABLE
 from amqproxy.config import Settings
 from amqproxy.io.client import ClientProtocol
+from amqproxy.nodes import Nodes
 from amqproxy.pool import PoolRegistry
 from amqproxy.stats import PoolStats
 
@@ -34,7 +35,7 @@ class Proxy(Protocol):
 
     settings: Settings
     registry: PoolRegistry
-    broker: Broker
+    nodes: Nodes
     draining: bool
     accepted: int  # client connections accepted since start
 
@@ -141,8 +142,8 @@ def clients(proxy: Proxy) -> Json:
 
 def upstreams(proxy: Proxy) -> Json:
     """Every upstream connection: its pool, the broker address it went to (``node``), its
-    channels, its age and how long since the broker last sent anything (heartbeats
-    included)."""
+    role (publish or consume, ``roles``), its channels, its age and how long since the broker
+    last sent anything (heartbeats included)."""
     now = asyncio.get_running_loop().time()
     out = []
     for pool in proxy.registry.pools.values():
@@ -153,7 +154,8 @@ def upstreams(proxy: Proxy) -> Json:
                     "pool": f"{pool.user}@{pool.vhost}",
                     "user": pool.user,
                     "vhost": pool.vhost,
-                    "node": conn.remote,
+                    "node": conn.node or conn.remote,
+                    "role": conn.role,
                     "local_address": conn.peer,
                     "open": conn.open,
                     "channels": len(conn.channels),
@@ -169,13 +171,22 @@ def upstreams(proxy: Proxy) -> Json:
     return {"upstreams": out}
 
 
+# ---- GET /api/nodes ---------------------------------------------------------------------------
+
+
+def nodes(proxy: Proxy) -> Json:
+    """Every node of the upstream list (and those a reload removed while connections to them
+    drain): its state, since when, and this proxy's upstream connections to it."""
+    return {"nodes": proxy.nodes.rows()}
+
+
 # ---- /healthz and /readyz ---------------------------------------------------------------------
 
 
 def _not_ready(proxy: Proxy) -> list[tuple[str, str]]:
     """Why the proxy should not get new clients now: (status word, reason), most urgent
     first; empty when it is ready."""
-    health = proxy.broker.health
+    health = proxy.nodes.health
     reasons = []
     if proxy.draining:
         reasons.append(("draining", "draining: shutting down"))
@@ -195,7 +206,7 @@ def _not_ready(proxy: Proxy) -> list[tuple[str, str]]:
 def health(proxy: Proxy) -> tuple[bool, Json]:
     """(ready, the body of /healthz and /readyz): what was checked, and why it is not ready."""
     registry = proxy.registry
-    broker = proxy.broker.health
+    broker = proxy.nodes.health
     now = asyncio.get_running_loop().time()
     not_ready = _not_ready(proxy)
     body: Json = {
@@ -217,6 +228,7 @@ def health(proxy: Proxy) -> tuple[bool, Json]:
         "clients": len(proxy.clients),
         "upstream_connections": registry.upstream_count,
         "upstream": proxy.settings.upstream_address,
+        "nodes": proxy.nodes.rows(),
     }
     outbox = registry.outbox
     body["outbox"] = {

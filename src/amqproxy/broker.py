@@ -1,27 +1,29 @@
-"""What the proxy knows of the broker, and how it reaches it.
+"""What the proxy knows of one broker node, and how it reaches it.
 
 Its address and TLS context, its ``Connection.Start`` properties (the proxy mirrors them to its
-own clients rather than making them up), its frame_max, whether it answers AMQP now (checked at
-start and every few seconds: ``/readyz``), and the one helper that opens an upstream
-connection: TCP/TLS connect and AMQP handshake, each within its timeout.
+own clients rather than making them up), whether it answers AMQP now (checked at start and
+every few seconds: ``/readyz``), the upstream connections open to it, and the one helper that
+opens an upstream connection: TCP/TLS connect and AMQP handshake, each within its timeout.
+``nodes.Nodes`` holds one per URL of the upstream list and places connections among them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import re
 import ssl
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from pamqp import commands
 
-from amqproxy import __version__
-from amqproxy.amqp import auth, frames, handshake
 from amqproxy.amqp import constants as c
+from amqproxy.amqp import frames, handshake
 from amqproxy.amqp.auth import Credentials
 from amqproxy.config import Settings
 from amqproxy.core.upstream import UpstreamSession
@@ -33,6 +35,10 @@ from amqproxy.tls import describe
 log = logging.getLogger("amqproxy.broker")
 
 REACHABLE, UNREACHABLE, NOT_AMQP, UNKNOWN = "reachable", "unreachable", "not-amqp", "unknown"
+# The 320s RabbitMQ sends about one vhost or user (deleted, its vhost process down on this
+# node): the node itself is fine. Every other 320 (shutdown, maintenance, an operator's
+# close) takes the node out of placement until a probe or a connection finds it answering.
+NOT_THE_NODE = re.compile(r"(CONNECTION_FORCED - )?(vhost|user) '")
 
 
 class NotAMQP(ConnectionError):
@@ -42,39 +48,59 @@ class NotAMQP(ConnectionError):
 @dataclass
 class Health:
     """What the last look at the broker found: a check of its own (``Broker.check``), or an
-    upstream connection attempt (``Broker.connect``)."""
+    upstream connection attempt (``Broker.connect``) or loss. ``label`` names it in the log:
+    "broker" for the only node, "broker node HOST:PORT" for one of several."""
 
     state: str = UNKNOWN
     detail: str = "not checked yet"
     checked_at: float | None = None  # loop time of the last look
     since: float | None = None  # loop time the state last changed
+    label: str = "broker"
+    listener: Callable[[], None] | None = None  # told of every look (``Nodes``' summary)
 
     def record(self, state: str, detail: str) -> None:
         now = asyncio.get_running_loop().time()
         if state != self.state:
             if state == REACHABLE:
                 if self.state != UNKNOWN:
-                    log.info("broker answers AMQP again (%s)", detail)
+                    log.info("%s answers AMQP again (%s)", self.label, detail)
             elif state == UNREACHABLE:
-                log.warning("broker unreachable: %s", detail)
-            else:
+                log.warning("%s unreachable: %s", self.label, detail)
+            elif self.label == "broker":
                 log.warning("%s", detail)
+            else:
+                log.warning("%s: %s", self.label, detail)
             self.since = now
         self.state, self.detail, self.checked_at = state, detail, now
+        if self.listener is not None:
+            self.listener()
 
 
 class Broker:
-    """The upstream broker, as far as the proxy knows it."""
+    """One broker node, as far as the proxy knows it."""
 
-    def __init__(self, settings: Settings, ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        ssl_context: ssl.SSLContext | None,
+        host: str = "",
+        port: int = 0,
+        serials: Iterator[int] | None = None,
+    ) -> None:
+        """``host``, ``port``: the node (default: the first of the upstream list);
+        ``serials``: connection numbers shared with the other nodes (names stay unique)."""
         self.settings = settings
         self.ssl_context = ssl_context  # tls.upstream_context: verifies the URL's host name
+        self.host = host or settings.upstream_host
+        self.port = port or settings.upstream_port
+        self.name = f"{self.host}:{self.port}"
         self.server_properties: dict[str, Any] | None = None  # learned from Connection.Start
-        self._serial = 0
+        self.learned: Callable[[dict[str, Any]], None] | None = None  # told of new properties
+        self._serials = serials or itertools.count(1)
         self._probe: asyncio.Future[dict[str, Any]] | None = None
-        self._start_cache: tuple[dict[str, Any], bytes] | None = None
-        self._tune_cache: tuple[tuple[int, int, int], bytes] | None = None
         self.health = Health()
+        # Upstream connections to this node, handshaking ones included (placement counts them).
+        self.sessions: set[UpstreamSession] = set()
 
     def reloaded(self, ssl_context: ssl.SSLContext | None) -> None:
         """SIGHUP: new upstream connections use the TLS context built from the files as they
@@ -89,26 +115,50 @@ class Broker:
 
         UpstreamRefused: the broker could not be reached (``reachable`` False), did not finish
         the handshake in time, or refused the credentials or vhost (the broker's code)."""
-        self._serial += 1
-        session = UpstreamSession(pool, self._serial, self.settings, self._now())
-        protocol = await self._open(session)
-        await self._handshake(protocol, protocol.ready)
+        now = asyncio.get_running_loop().time()
+        session = self._session(UpstreamSession(pool, next(self._serials), self.settings, now))
+        try:
+            protocol = await self._open(session)
+            await self._handshake(protocol, protocol.ready)
+        finally:
+            if not session.open:
+                self.sessions.discard(session)
         return self._connected(session)
 
     async def login(self, credentials: Credentials, mechanism: str = "PLAIN") -> Login:
         """An upstream connection whose broker accepted ``credentials`` (its Tune arrived),
         waiting for the vhost: ``Login.finish(pool)`` completes it, ``abandon()`` drops it.
         UpstreamRefused as for ``connect``; a wrong password is the broker's 403."""
-        self._serial += 1
-        now = self._now()
-        session = UpstreamSession(None, self._serial, self.settings, now, credentials, mechanism)
-        protocol = await self._open(session)
-        await self._handshake(protocol, protocol.tuned)
+        serial, now = next(self._serials), asyncio.get_running_loop().time()
+        session = UpstreamSession(None, serial, self.settings, now, credentials, mechanism)
+        self._session(session)
+        try:
+            protocol = await self._open(session)
+            await self._handshake(protocol, protocol.tuned)
+        finally:
+            if session.closed or not session.tuned:
+                self.sessions.discard(session)
         self.health.record(REACHABLE, "the broker checked a client's password")
         return Login(self, session, protocol)
 
-    def _now(self) -> float:
-        return asyncio.get_running_loop().time()
+    def _session(self, session: UpstreamSession) -> UpstreamSession:
+        """Count ``session`` as this node's until it ends; its loss (or the broker closing
+        it with 320: shutting down, drained) marks the node down at once."""
+        session.node = self.name
+        self.sessions.add(session)
+
+        def closed(code: int, text: str, lost: bool) -> None:
+            self.sessions.discard(session)
+            if lost and code == c.CONNECTION_FORCED and not NOT_THE_NODE.match(text):
+                self.health.record(UNREACHABLE, text.removeprefix("CONNECTION_FORCED - "))
+
+        session.on_closed = closed
+        return session
+
+    @property
+    def open_connections(self) -> int:
+        """Upstream connections to this node past their handshake."""
+        return sum(1 for session in self.sessions if session.open)
 
     async def _open(self, session: UpstreamSession) -> UpstreamProtocol:
         """TCP (and TLS) to the broker, within --connect-timeout."""
@@ -118,10 +168,10 @@ class Broker:
             await asyncio.wait_for(
                 asyncio.get_running_loop().create_connection(
                     lambda: protocol,
-                    settings.upstream_host,
-                    settings.upstream_port,
+                    self.host,
+                    self.port,
                     ssl=self.ssl_context,
-                    server_hostname=settings.upstream_host if settings.upstream_tls else None,
+                    server_hostname=self.host if settings.upstream_tls else None,
                 ),
                 settings.connect_timeout,
             )
@@ -152,8 +202,13 @@ class Broker:
     def _connected(self, session: UpstreamSession) -> UpstreamSession:
         self.health.record(REACHABLE, "an upstream connection opened")
         if session.server_properties:
-            self.server_properties = session.server_properties
+            self._learn(session.server_properties)
         return session
+
+    def _learn(self, properties: dict[str, Any]) -> None:
+        self.server_properties = properties
+        if self.learned is not None:
+            self.learned(properties)
 
     # ---- whether it answers ------------------------------------------------------------------
 
@@ -174,13 +229,13 @@ class Broker:
         else:
             self.health.record(REACHABLE, "answered the protocol header with Connection.Start")
 
-    async def watch(self, interval: float, connected: Callable[[], bool]) -> None:
-        """Look at the broker every ``interval`` seconds. While an upstream connection is
-        open, its heartbeats prove the broker answers: no check then (each one costs the
+    async def watch(self, interval: float) -> None:
+        """Look at the node every ``interval`` seconds. While an upstream connection to it is
+        open, its heartbeats prove the node answers: no check then (each one costs the
         broker a connection and a log line)."""
         while True:
             await asyncio.sleep(interval)
-            if connected():
+            if self.open_connections:
                 self.health.record(REACHABLE, "upstream connections open")
             else:
                 await self.check()
@@ -206,10 +261,10 @@ class Broker:
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(
-                    settings.upstream_host,
-                    settings.upstream_port,
+                    self.host,
+                    self.port,
                     ssl=self.ssl_context,
-                    server_hostname=settings.upstream_host if settings.upstream_tls else None,
+                    server_hostname=self.host if settings.upstream_tls else None,
                 ),
                 settings.connect_timeout,
             )
@@ -228,43 +283,10 @@ class Broker:
             if not isinstance(method, commands.Connection.Start):
                 raise NotAMQP(f"{handshake.NOT_AMQP} (its first frame is {method.name})")
             properties = dict(method.server_properties or {})
-            self.server_properties = properties
+            self._learn(properties)
             return properties
         finally:
             writer.close()
-
-    def start_frame(self) -> bytes | None:
-        """Connection.Start with the broker's properties, encoded once per change of them."""
-        properties = self.server_properties
-        if properties is None:
-            return None
-        if self._start_cache is None or self._start_cache[0] is not properties:
-            start = commands.Connection.Start(
-                version_major=0,
-                version_minor=9,
-                server_properties=properties,
-                mechanisms=auth.MECHANISMS,
-                locales="en_US",
-            )
-            self._start_cache = (properties, frames.encode_method(0, start))
-        return self._start_cache[1]
-
-    def fallback_start_frame(self) -> bytes:
-        """Connection.Start when the broker could not be reached; Open will then fail (320)."""
-        start = commands.Connection.Start(
-            server_properties={"product": "amqproxy", "version": __version__},
-            mechanisms=auth.MECHANISMS,
-            locales="en_US",
-        )
-        return frames.encode_method(0, start)
-
-    def tune_frame(self, frame_max: int) -> bytes:
-        """Connection.Tune offering the broker's frame_max (known once an upstream tuned)."""
-        settings = self.settings
-        key = (settings.channel_max, frame_max, settings.heartbeat)
-        if self._tune_cache is None or self._tune_cache[0] != key:
-            self._tune_cache = (key, frames.encode_method(0, commands.Connection.Tune(*key)))
-        return self._tune_cache[1]
 
 
 def _unreachable(exc: BaseException) -> str:

@@ -28,6 +28,7 @@ class Connection(Protocol):
     name: str
     peer: str
     remote: str  # the broker's address, "host:port"
+    node: str  # the node of the upstream list it went to, "host:port"
     started: float  # loop time the connection was made
     last_read: float  # loop time of the broker's last bytes (heartbeats included)
     open: bool
@@ -41,6 +42,7 @@ class Connection(Protocol):
     channels: dict[int, UpstreamChannel]
     exclusive_owners: dict[bytes, Client]  # exclusive queues declared here -> their client
     paused: bool  # its write buffer is full: clients stop reading until it drains
+    role: str  # "publish" or "consume" (``roles``)
 
     @property
     def free_channels(self) -> int: ...

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="amqproxy status [--clients] [--upstreams] [--json] [--url URL] shows a running "
         "proxy's pools, clients or upstream connections (amqproxy status --help).",
     )
-    parser.add_argument("upstream", nargs="?", help=BY_KEY["upstream"].help)
+    parser.add_argument("upstream", nargs="*", help=BY_KEY["upstream"].help)
     for option in OPTIONS:
         if not option.flags:
             continue
@@ -56,6 +56,7 @@ def loader_from(argv: Sequence[str] | None) -> tuple[Callable[[], Settings], boo
     only --print-config was asked."""
     args = build_parser().parse_args(argv)
     overrides = {option.key: getattr(args, option.key, None) for option in OPTIONS}
+    overrides["upstream"] = ",".join(args.upstream) or None  # several URLs: a cluster's nodes
     if args.debug:
         overrides["log_level"] = "debug"
     return functools.partial(load, args.config, dict(os.environ), overrides), args.print_config

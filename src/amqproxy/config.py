@@ -6,6 +6,7 @@ import configparser
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,8 +84,33 @@ def _workers(value: str) -> int:
 
 
 def _upstream(value: str) -> str:
-    parse_upstream(value)
+    """One broker URL, or several (the nodes of a cluster), separated by commas or white
+    space; kept as given (one URL: exactly as before lists existed)."""
+    nodes(value)
     return value
+
+
+def upstream_urls(value: str) -> list[str]:
+    """The URLs of an ``upstream`` setting, in their order."""
+    return [url for url in re.split(r"[\s,]+", value.strip()) if url]
+
+
+def nodes(value: str) -> list[tuple[str, int, bool]]:
+    """(host, port, tls) of each URL of ``value``. They share one TLS setting (the context,
+    the CA, the client certificate), so amqp:// and amqps:// do not mix; an address listed
+    twice would count twice in placement."""
+    urls = upstream_urls(value)
+    if not urls:
+        raise ValueError("no URL")
+    found = [parse_upstream(url)[:3] for url in urls]
+    if len({tls for _, _, tls in found}) > 1:
+        raise ValueError("mixes amqp:// and amqps:// URLs: all nodes share one TLS setting")
+    seen: set[tuple[str, int]] = set()
+    for host, port, _ in found:
+        if (host, port) in seen:
+            raise ValueError(f"lists {host}:{port} twice")
+        seen.add((host, port))
+    return found
 
 
 @dataclass
@@ -108,6 +134,7 @@ class Settings:
     # (2 to 2.5 intervals of silence); None: the broker's proposal (RabbitMQ's is 60 s).
     upstream_heartbeat: int | None = 6
     park_channels: bool = True
+    split_consumers: bool = True  # consuming channels on upstream connections of their own
     credential_ttl: float = 60.0  # how long a broker's "yes" to a password is trusted
     channel_max: int = 2047  # offered to clients
     max_client_buffer: int = 64 * 1024 * 1024
@@ -129,27 +156,34 @@ class Settings:
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
+    def upstream_nodes(self) -> list[tuple[str, int, bool]]:
+        """(host, port, tls) of every node of the upstream list."""
+        return nodes(self.upstream)
+
+    @property
     def upstream_host(self) -> str:
-        return parse_upstream(self.upstream)[0]
+        return self.upstream_nodes[0][0]
 
     @property
     def upstream_port(self) -> int:
-        return parse_upstream(self.upstream)[1]
+        return self.upstream_nodes[0][1]
 
     @property
     def upstream_tls(self) -> bool:
-        return parse_upstream(self.upstream)[2]
+        return self.upstream_nodes[0][2]
 
     @property
     def upstream_address(self) -> str:
-        return f"{self.upstream_host}:{self.upstream_port}"
+        """host:port of each node, comma-separated."""
+        return ", ".join(f"{host}:{port}" for host, port, _ in self.upstream_nodes)
 
     def public(self) -> dict[str, Any]:
         """The settings as plain values (for --print-config and the status API); the
         upstream URL without the credentials it may carry."""
         values = dataclasses.asdict(self)
         values.pop("sources")
-        values["upstream"] = redacted(self.upstream)
+        urls = [redacted(url) for url in upstream_urls(self.upstream)]
+        values["upstream"] = urls[0] if len(urls) == 1 else urls
         if values["admin_token"]:
             values["admin_token"] = "(set)"  # a secret: never printed
         return values
@@ -183,8 +217,9 @@ class Option:
 
 # Every setting, once: the command line, the environment and the config file are made from it.
 OPTIONS: tuple[Option, ...] = (
-    Option("upstream", _upstream, "broker URL, amqp://host[:port] or amqps://host[:port]",
-           env="AMQP_URL", metavar="URL"),
+    Option("upstream", _upstream,
+           "broker URL, amqp://host[:port] or amqps://host[:port]; several (the nodes of a "
+           "cluster: separate arguments, or separated by commas)", env="AMQP_URL", metavar="URL"),
     Option("listen_address", str, "address to listen on (default localhost)", ("-l", "--listen"),
            "LISTEN_ADDRESS", "listen", ("address", "bind"), "ADDRESS", reloadable=False),
     Option("listen_port", _port, "AMQP port (default 5673)", ("-p", "--port"), "LISTEN_PORT",
@@ -222,6 +257,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("park_channels", _bool,
            "close every channel upstream when its client closes it (no reuse)",
            ("--no-park-channels",), const="false"),
+    Option("split_consumers", _bool,
+           "keep consuming channels on the publish connections instead of moving them to "
+           "upstream connections of their own (fewer broker connections)",
+           ("--no-split-consumers",), const="false"),
     Option("credential_ttl", _seconds,
            "admit a client whose credentials the broker accepted this recently without asking "
            "it again (default 60; 0: the broker checks every client)", ("--credential-ttl",)),
@@ -268,7 +307,7 @@ OPTIONS: tuple[Option, ...] = (
            "default none: they are open to whoever reaches the HTTP port",
            ("--admin-token",), "AMQPROXY_ADMIN_TOKEN", metavar="TOKEN"),
     Option("broker_check_interval", _seconds,
-           "seconds between checks that the broker answers AMQP, for /readyz (default 5; "
+           "seconds between checks that each broker node answers AMQP, for /readyz (default 5; "
            "0: only at start and by upstream connections)", ("--broker-check-interval",)),
     Option("workers", _workers,
            "worker processes sharing the listen ports (SO_REUSEPORT), run by a supervisor "
@@ -363,8 +402,9 @@ def changes(old: Settings, new: Settings) -> list[tuple[Option, Any, Any]]:
 def shown(key: str, value: Any) -> str:
     """A setting's value for a log line: the upstream URL without credentials or vhost."""
     if key == "upstream":
-        host, port, tls, _ = parse_upstream(value)
-        return f"{'amqps' if tls else 'amqp'}://{host}:{port}"
+        return ", ".join(
+            f"{'amqps' if tls else 'amqp'}://{host}:{port}" for host, port, tls in nodes(value)
+        )
     if isinstance(value, float):
         return f"{value:g}"
     return "''" if value == "" else str(value)
@@ -384,7 +424,9 @@ def warnings(settings: Settings) -> list[str]:
     URL parts the proxy does not use, TLS settings that do nothing (upstream files with
     amqp://, a TLS port without a certificate)."""
     found = []
-    ignored = parse_upstream(settings.upstream)[3]
+    ignored = sorted(
+        {part for url in upstream_urls(settings.upstream) for part in parse_upstream(url)[3]}
+    )
     if ignored:
         what = " and ".join(ignored) + (" is" if len(ignored) == 1 else " are")
         found.append(

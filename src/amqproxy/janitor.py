@@ -3,9 +3,10 @@
 Channels released while replies or confirms were still due get ``SETTLE_TIMEOUT`` to settle;
 parked channels nobody took for ``PARKED_IDLE`` close (a burst leaves many behind); upstream
 connections unused for ``--idle-connection-timeout`` close, except the last one of a pool with
-admitted clients, and those to an upstream address a reload replaced once nothing is leased
-or settling on them; empty pools are forgotten; after a crowd of clients has left, freed heap
-pages go back to the operating system.
+admitted clients and its last publish connection (where their channels open at once), and
+those to an upstream address a reload replaced once nothing is leased or settling on them;
+empty pools are forgotten; after a crowd of clients has left, freed heap pages go back to the
+operating system.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import gc
 import logging
 from collections.abc import Sized
 
+from amqproxy.channel import Connection
 from amqproxy.pool import Pool, PoolRegistry
+from amqproxy.roles import PUBLISH
 
 log = logging.getLogger("amqproxy.pool")
 
@@ -45,7 +48,7 @@ def sweep_pool(pool: Pool, now: float, idle_timeout: float) -> None:
             continue
         if conn in pool.retired:
             continue
-        if pool.clients and _live_count(pool) == 1:
+        if pool.clients and (_live_count(pool) == 1 or _last_publisher(pool, conn)):
             continue  # admitted clients keep one connection to open channels on
         log.info("closing idle upstream %s (unused for %.1fs)", conn.name, now - conn.last_used)
         conn.close("idle")
@@ -53,6 +56,14 @@ def sweep_pool(pool: Pool, now: float, idle_timeout: float) -> None:
 
 def _live_count(pool: Pool) -> int:
     return sum(1 for u in pool.upstreams if u.open and u not in pool.retired)
+
+
+def _last_publisher(pool: Pool, conn: Connection) -> bool:
+    """``conn`` is the pool's one live publish connection (``roles``)."""
+    if conn.role != PUBLISH:
+        return False
+    live = (u for u in pool.upstreams if u.open and u not in pool.retired)
+    return not any(u.role == PUBLISH and u is not conn for u in live)
 
 
 def return_memory() -> None:

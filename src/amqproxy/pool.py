@@ -9,6 +9,7 @@ accepted while the broker was unreachable (the outage hold).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,7 @@ from amqproxy.delivery import Redelivery
 from amqproxy.errors import NoChannelFree, UpstreamRefused, retrieve
 from amqproxy.outage import Outage
 from amqproxy.outbox import Totals
+from amqproxy.roles import CONSUME, PUBLISH, Roles
 from amqproxy.stats import PoolStats
 from amqproxy.waitqueue import WaitQueue
 
@@ -67,6 +69,7 @@ class Pool:
         self.verified_at = float("-inf")  # when the broker last accepted these credentials
         self.delivery = Redelivery(self)  # outbox messages waiting for a channel
         self.outage = Outage(self.name, lambda: self.settings.outbox_hold)
+        self.roles = Roles(self, functools.partial(self._connect, role=CONSUME))  # roles.py
 
     def __repr__(self) -> str:
         return f"<Pool {self.name}>"
@@ -114,9 +117,10 @@ class Pool:
         behind while the pool is busy). ``login``: the broker accepted the password on it
         already; its Open for this pool's vhost is the rest of the proof, and it joins the
         pool."""
-        if login is not None:  # it joins the pool, unless the pool has a live connection: then it
-            # was the proof, and closes (one more connection per --credential-ttl otherwise)
-            await self._connect(keep=self.live_upstream() is None, opener=login.finish)
+        if login is not None:  # it joins the pool, unless the pool has a live connection once
+            # it is open: then it was the proof, and closes (decided after the await: concurrent
+            # cold clients must not each keep one)
+            await self._connect(keep=None, opener=login.finish)
             return
         if self.trusted():
             return
@@ -162,9 +166,12 @@ class Pool:
             log.debug("upstream refused %s@%s: %d %s", self.user, self.vhost, exc.code, exc.text)
             self.registry.upstream_reachable = True
 
-    async def _connect(self, keep: bool = True, opener: Connect | None = None) -> Connection:
-        """A new upstream connection with the pool's credentials; ``keep``: it joins the pool,
-        else it closes as soon as the broker accepted them (a probe)."""
+    async def _connect(
+        self, keep: bool | None = True, opener: Connect | None = None, role: str = PUBLISH
+    ) -> Connection:
+        """A new upstream connection with the pool's credentials; ``keep``: it joins the pool
+        in ``role``, else it closes as soon as the broker accepted them (a probe); None: it
+        joins only if the pool has no live connection by the time it is open."""
         loop = asyncio.get_running_loop()
         try:
             conn = await (opener or self.registry.connect)(self)
@@ -176,15 +183,19 @@ class Pool:
         self.registry.frame_max = conn.frame_max
         self.verified_at = loop.time()
         self.stats.connects += 1
+        if keep is None:
+            keep = self.live_upstream() is None
         if not keep:
             log.debug("credentials of %s@%s accepted again (probe)", self.user, self.vhost)
             conn.close("amqproxy: credentials verified")
             return conn
+        conn.role = role
         self.upstreams.append(conn)
         self.outage.end()
         log.info(
-            "upstream %s connected from %s (channel_max=%d frame_max=%d heartbeat=%d)",
+            "upstream %s (%s) connected from %s (channel_max=%d frame_max=%d heartbeat=%d)",
             conn.name,
+            role,
             conn.peer,
             conn.channel_max,
             conn.frame_max,
@@ -213,14 +224,15 @@ class Pool:
         return None
 
     def open_now(self, preferred: int = 0, confirm: bool = True) -> UpstreamChannel | None:
-        """A new upstream channel on a live connection with room, usable at once: Channel.Open
-        (and Confirm.Select) go out now and the client's frames follow them, so nobody waits
-        for the broker's OpenOk. None when every connection is full or none is live."""
-        for conn in self.upstreams:
-            if conn.open and conn.free_channels > 0 and conn not in self.retired:
-                self.stats.channel_opens += 1
-                return conn.open_channel(preferred, confirm)
-        return None
+        """A new upstream channel on a live publish connection with room (``roles``), usable
+        at once: Channel.Open (and Confirm.Select) go out now and the client's frames follow
+        them, so nobody waits for the broker's OpenOk. None when every one is full or none is
+        live."""
+        conn = self.roles.publish_connection()
+        if conn is None:
+            return None
+        self.stats.channel_opens += 1
+        return conn.open_channel(preferred, confirm)
 
     async def new_channel(self, preferred: int = 0, confirm: bool = True) -> UpstreamChannel:
         """An upstream channel: a new one, connecting first when no live connection has room;
@@ -262,7 +274,12 @@ class Pool:
         limit = self.settings.max_upstream_connections
         if not limit or self._connecting is not None:
             return False
-        return len(self.upstreams) - len(self.retired) >= limit
+        return self.connection_count() >= limit
+
+    def connection_count(self) -> int:
+        """Connections to the current address, open or being opened (any role)."""
+        opening = (self._connecting is not None) + self.roles.connecting
+        return len(self.upstreams) - len(self.retired) + opening
 
     async def _wait_for_room(self, started: float, first: bool) -> None:
         """Wait for a channel or connection to be freed; NoChannelFree when
@@ -321,6 +338,8 @@ class Pool:
         now = asyncio.get_running_loop().time()
         if up.dirty is None and up.conn in self.retired:
             up.mark_dirty("its upstream address was replaced")
+        if up.dirty is None and up.conn.role == CONSUME:  # Channel.Open takes publish channels
+            up.mark_dirty("on a consume connection")
         if up.dirty is not None:
             log.debug("closing upstream channel %s/%d: %s", up.conn.name, up.id, up.dirty)
             up.conn.close_channel(up, f"amqproxy: {why}")
@@ -375,10 +394,11 @@ class Pool:
                 conn.last_used = max(conn.last_used, now)
         self.registry.maybe_drop(self)
 
-    def retire_upstreams(self) -> None:
-        """The upstream address changed (a reload): the connections open now keep serving
-        their leased channels and drain; new channels and connections go to the new one."""
-        self.retired.update(self.upstreams)
+    def retire_upstreams(self, which: Callable[[Connection], bool] = lambda conn: True) -> None:
+        """The upstream list changed (a reload): the connections open now to a node no longer
+        listed (``which``) keep serving their leased channels and drain; new channels and
+        connections go to the listed nodes."""
+        self.retired.update(conn for conn in self.upstreams if which(conn))
         for up in [up for up in self.parked if up.conn in self.retired]:
             self.close_channel(up, "its upstream address was replaced")
         self.room.wake_all()
@@ -396,6 +416,7 @@ class Pool:
             not self.clients
             and not self.upstreams
             and self._connecting is None
+            and not self.roles.connecting
             and not self.delivery.pending
             and not self.waiters
             and not self.room

@@ -17,12 +17,12 @@ from amqproxy import logsetup
 from amqproxy.admin import AdminServer
 from amqproxy.amqp import constants as c
 from amqproxy.amqp import scan
-from amqproxy.broker import Broker
 from amqproxy.config import ConfigError, Settings, changes, shown, warnings
 from amqproxy.io.admission import ClientLimit
 from amqproxy.io.client import ClientProtocol
 from amqproxy.io.tls_accept import TlsListener
 from amqproxy.janitor import Janitor
+from amqproxy.nodes import Nodes
 from amqproxy.pool import PoolRegistry
 from amqproxy.tls import Contexts
 from amqproxy.tls import load as load_tls
@@ -60,8 +60,8 @@ class Proxy:
         self.worker = worker
         self.accepted = 0  # client connections accepted since start
         self.client_limit = ClientLimit(settings)
-        self.broker = Broker(settings, self.tls.upstream)
-        self.registry = PoolRegistry(settings, self.broker.connect)
+        self.nodes = Nodes(settings, self.tls.upstream)  # the upstream list's brokers
+        self.registry = PoolRegistry(settings, self.nodes.connect)
         self.clients: set[ClientProtocol] = set()
         self.janitor = Janitor(self.registry, self.clients)
         self.draining = False
@@ -71,7 +71,6 @@ class Proxy:
         self._stop = asyncio.Event()
         self._signals = 0
         self._janitor: asyncio.Task[None] | None = None
-        self._watch: asyncio.Task[None] | None = None
 
     @property
     def listening(self) -> bool:
@@ -81,7 +80,7 @@ class Proxy:
     def _client(self) -> ClientProtocol:
         self.accepted += 1
         refusal = self.client_limit.refusal(len(self.clients))
-        return ClientProtocol(self.settings, self.registry, self.broker, self.clients, refusal)
+        return ClientProtocol(self.settings, self.registry, self.nodes, self.clients, refusal)
 
     @property
     def clients_refused(self) -> int:
@@ -130,24 +129,20 @@ class Proxy:
             if settings.tls_client_ca:
                 addresses += " (client certificates required)"
         log.info(
-            "amqproxy listening on %s, upstream %s%s, frame scanner: %s",
+            "amqproxy listening on %s, upstream %s, frame scanner: %s",
             addresses,
-            "amqps://" if settings.upstream_tls else "amqp://",
-            settings.upstream_address,
+            shown("upstream", settings.upstream),
             "compiled" if scan.COMPILED else "pure Python",
         )
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._janitor = loop.create_task(self.janitor.run(), name="janitor")
-        await self.broker.check()  # bounded by the connect and handshake timeouts
+        await (
+            self.nodes.check()
+        )  # every node at once, bounded by the connect and handshake timeouts
         if settings.broker_check_interval > 0:
-            registry = self.registry
-            watch = self.broker.watch(
-                settings.broker_check_interval,
-                lambda: any(pool.live_upstream() for pool in registry.pools.values()),
-            )
-            self._watch = loop.create_task(watch, name="broker check")
+            self.nodes.watch(settings.broker_check_interval)
 
     async def run(self) -> None:
         await self.start()
@@ -189,14 +184,18 @@ class Proxy:
         if (contexts.client is None) != (self.tls.client is None):
             log.warning("reload: turning the TLS listener on or off needs a restart; not applied")
             contexts = dataclasses.replace(contexts, client=self.tls.client)
+        was_tls = self.settings.upstream_tls
         applied = self._apply(new)
         self.tls = contexts  # the TLS port reads it on every accept; the next clients get it
-        self.broker.reloaded(contexts.upstream)
+        self.nodes.reloaded(contexts.upstream)
         if "upstream" in applied:
             for warning in warnings(self.settings):
                 log.warning("%s", warning)
+            listed = self.nodes.sync()
+            if was_tls != self.settings.upstream_tls:
+                listed = set()  # amqp:// <-> amqps://: no connection is to a listed node
             for pool in list(self.registry.pools.values()):
-                pool.retire_upstreams()
+                pool.retire_upstreams(lambda conn: conn.node not in listed)
         if "log_level" in applied:
             logsetup.set_level(self.settings.log_level)
         if "outbox_max_bytes" in applied:
@@ -258,8 +257,7 @@ class Proxy:
                 ", ".join(f"{pool}: {count}" for pool, count in sorted(undelivered.items())),
                 extra={"event": "outbox.undelivered", "reason": str(undelivered)},
             )
-        if self._watch is not None:
-            self._watch.cancel()
+        self.nodes.stop()
         if self._admin is not None:
             await self._admin.stop()
         log.info("amqproxy stopped")

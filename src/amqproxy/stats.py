@@ -14,6 +14,7 @@ class PoolStats:
     connect_failures: int = 0
     channel_opens: int = 0
     channel_reuses: int = 0
+    consumer_moves: int = 0  # client channels moved to a consume connection (``roles``)
     orphan_channel_errors: int = 0
     replayed: int = 0  # messages published again after their channel or connection died
     refused: int = 0  # messages the broker refused (nack or channel error) for a client that

@@ -31,11 +31,13 @@ class StatusError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="amqproxy status",
-        description="Show a running proxy's pools (default), clients or upstream connections.",
+        description="Show a running proxy's pools (default), clients, upstream connections or "
+        "upstream nodes.",
     )
     add = parser.add_argument
     add("--clients", action="store_true", help="list the client connections")
     add("--upstreams", action="store_true", help="list the upstream connections")
+    add("--nodes", action="store_true", help="list the upstream nodes and their state")
     add("--json", action="store_true", help="print the API's JSON instead of tables")
     add("--url", help="the proxy's HTTP endpoint (default: http://ADDRESS:HTTP_PORT from the "
         "environment or -c FILE, else http://127.0.0.1:15673)")  # fmt: skip
@@ -121,13 +123,21 @@ UPSTREAMS: list[Column] = [
     ("name", lambda r: r["name"]),
     ("pool", lambda r: r["pool"]),
     ("node", lambda r: r["node"]),
+    ("role", lambda r: r["role"]),
     ("channels", lambda r: r["channels"]),
     ("leased", lambda r: r["leased"]),
     ("age", lambda r: _duration(r["age_seconds"])),
     ("last_heartbeat", lambda r: _duration(r["last_heartbeat_seconds"])),
     ("state", lambda r: f"blocked: {r['blocked']}" if r["blocked"] else _open(r["open"])),
 ]
-VIEWS = {"pools": POOLS, "clients": CLIENTS, "upstreams": UPSTREAMS}
+NODES: list[Column] = [
+    ("node", lambda r: r["node"]),
+    ("state", lambda r: r["state"] if r["listed"] else f"{r['state']} (unlisted)"),
+    ("since", lambda r: r["since"] or "-"),
+    ("upstreams", lambda r: r["upstream_connections"]),
+    ("detail", lambda r: r["detail"]),
+]
+VIEWS = {"pools": POOLS, "clients": CLIENTS, "upstreams": UPSTREAMS, "nodes": NODES}
 
 
 def table(columns: list[Column], rows: list[Row]) -> str:
@@ -195,7 +205,8 @@ def main(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         print(f"amqproxy status: configuration error: {exc}", file=sys.stderr)
         return 2
-    views = [view for view in ("clients", "upstreams") if getattr(args, view)] or ["pools"]
+    views = [view for view in ("clients", "upstreams", "nodes") if getattr(args, view)]
+    views = views or ["pools"]
     try:
         health = fetch(base, "/readyz")
         if not isinstance(health, dict):

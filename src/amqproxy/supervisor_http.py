@@ -134,7 +134,11 @@ class SupervisorHttp:
             ready, health = aggregate.health(answers, supervisor.views(), supervisor.draining)
             return json_response(200 if ready or path == "/healthz" else 503, health)
         answers = await self._json_all(path)
-        build = {"/api/pools": aggregate.pools, "/api/clients": aggregate.clients}
+        build = {
+            "/api/pools": aggregate.pools,
+            "/api/clients": aggregate.clients,
+            "/api/nodes": aggregate.nodes,
+        }
         return json_response(200, build.get(path, aggregate.upstreams)(answers))
 
     async def _post(self, request: Request) -> Response:

@@ -100,6 +100,7 @@ def test_pools_clients_and_upstreams_with_real_clients_and_no_password(
     _, upstreams = http(p, "GET", "/api/upstreams")
     up = row_of(upstreams["upstreams"], pool=f"{tenant.user}@{tenant.vhost}")
     assert up["node"] == f"127.0.0.1:{tenant.port}" and up["open"] is True
+    assert up["role"] == "publish"  # where Channel.Open lands (consumers move: test_split.py)
     assert up["leased"] == 1 and up["channels"] >= 1
     assert 0 <= up["last_heartbeat_seconds"] < 30 and up["age_seconds"] >= 0
 

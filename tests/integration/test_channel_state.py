@@ -300,7 +300,8 @@ def test_exclusive_queue_dies_with_its_client(proxy, tenant):
     b = proxy.connect(tenant)
     b.channel().queue_declare("", exclusive=True)
     b.close()
-    assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) == 1
+    # one publish and one consume connection (exclusive queues live with the consumers)
+    assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) == 2
 
 
 def _acked_tags(raw: RawAMQP, last_tag: int, timeout: float = 5.0) -> set[int]:
@@ -520,7 +521,8 @@ def test_exclusive_queue_is_locked_for_other_clients_of_the_pool(proxy, tenant, 
     och.queue_purge(name)
     other.close()
     owner.close()
-    assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) == 1  # one shared upstream
+    # the pool's two upstreams: publish, and consume (where the exclusive queue lives)
+    assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) == 2
 
 
 @pytest.mark.timeout(30)

@@ -138,10 +138,14 @@ def test_channel_id_above_channel_max_is_refused(hs_proxy, tenant):
 
 
 @pytest.mark.timeout(60)
-def test_client_that_stops_reading_does_not_stall_others_on_its_upstream(hs_proxy, tenant, queues):
+def test_client_that_stops_reading_does_not_stall_others_on_its_upstream(
+    proxy_factory, tenant, queues
+):
     """A consumer that never reads its socket while the broker pushes ~20 MiB at it must not
     stall confirms for another client of the same pool (DESIGN 2.5: one slow client cannot
-    stall the others)."""
+    stall the others). Both on one upstream connection, as without the split (which would put
+    the consumer apart): the proxy itself must keep it from stalling the other."""
+    hs_proxy = proxy_factory("-t", "60", "--no-split-consumers")
     q_big = queues.declare(tenant)
     q_small = queues.declare(tenant)
     chunk = b"s" * (64 * 1024)

@@ -587,7 +587,11 @@ def _slow_phase(
 def test_consumer_that_never_reads_is_dropped_and_does_not_slow_its_neighbours(
     proxy_factory, tenant, queues
 ):
-    prx = proxy_factory("-t", "60", "--max-client-buffer", str(MAX_CLIENT_BUFFER))
+    # S and P on one upstream connection, as without the split (which would put S apart): the
+    # proxy itself must keep S from stalling P
+    prx = proxy_factory(
+        "-t", "60", "--max-client-buffer", str(MAX_CLIENT_BUFFER), "--no-split-consumers"
+    )
     assert prx.proc is not None
     q_slow = queues.declare(tenant)
     q_p = queues.declare(tenant)

@@ -585,3 +585,43 @@ def test_streams_through_both_frame_scanners(proxy_factory, tenant, queues, scan
     assert [b for b in got if b.startswith(b"1-")] == [sent[1]]  # one copy each, whole
     assert queue_counts(tenant, q)[0] == 0
     assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_cold_burst_behind_a_slow_link_keeps_one_upstream_connection(
+    proxy_factory, tenant, queues, fault_relay
+):
+    """Clients that arrive together at a cold pool each have their password checked by the
+    broker (a login per client, at StartOk); once those logins are open, one joins the pool and
+    the others close. Behind a 50 ms link every login is still opening when the next client
+    arrives: the choice must be made when each login is open, not when it starts."""
+    fault_relay.delay = 0.025  # each way: the broker 50 ms away
+    p = proxy_factory(upstream=fault_relay.url)
+    q = queues.declare(tenant)
+    clients, errors = 20, []
+    start = threading.Barrier(clients)
+
+    def publish(i: int) -> None:
+        try:
+            start.wait(10)
+            conn = p.connect(tenant)
+            conn.channel().basic_publish("", q, f"msg-{i}".encode())
+            conn.close()
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publish, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    _assert_each_once(tenant, q, clients)
+    lbl = tenant.labels
+    assert p.metrics().get(UPSTREAM_CONNECTS, **lbl) >= clients  # a login each, as designed
+    p.wait_metric(UPSTREAM_CONNECTIONS, 1, timeout=5, **lbl)
+    wait_for(
+        lambda: fault_relay.connections == 1,
+        5,
+        message=lambda: f"{fault_relay.connections} upstream connections through the relay",
+    )

@@ -98,6 +98,8 @@ def test_short_clients_spread_over_both_workers_and_metrics_sum_them(proxy_facto
     rows = [r for r in pools if r["vhost"] == tenant.vhost]
     assert len(rows) == 1 and rows[0]["messages_in"] == n
     assert rows[0]["upstream_connections"] == 2  # one per worker: each has its own pools
+    nodes = p.get_json("/api/nodes")["nodes"]  # the broker as each worker sees it, one row
+    assert len(nodes) == 1 and nodes[0]["workers"] == {"1": "reachable", "2": "reachable"}
 
 
 @pytest.mark.timeout(90)

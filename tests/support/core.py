@@ -25,6 +25,7 @@ from amqproxy.config import Settings, load
 from amqproxy.core.client import ClientSession
 from amqproxy.core.upstream import UpstreamSession
 from amqproxy.pool import Pool, PoolRegistry
+from amqproxy.roles import CONSUME
 
 PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
 FRAME_MAX = 131072
@@ -84,6 +85,7 @@ class ClientPeer:
         self.closed = self.aborted = False
         self.held: set[str] = set()
         self.opening: list[tuple[Pool, Lease, bool]] = []  # open_channel round trips asked for
+        self.moves: list[tuple[Lease, Any]] = []  # ... those for a consume connection, and near
         self.heartbeat = 0
         self.session = ClientSession(self, rig.settings, rig.registry, rig)
 
@@ -124,8 +126,12 @@ class ClientPeer:
     def authenticate(self, pool: Pool, login: Any) -> None:
         self.session.admitted(pool)
 
-    def open_channel(self, pool: Pool, lease: Lease, confirm: bool) -> None:
+    def open_channel(
+        self, pool: Pool, lease: Lease, confirm: bool, consume: bool = False, near: Any = None
+    ) -> None:
         self.opening.append((pool, lease, confirm))
+        if consume:
+            self.moves.append((lease, near))
 
     def update_secret(self, pool: Pool, credentials: Credentials, reason: str) -> None:
         self.session.secret_updated(pool, credentials, reason)
@@ -187,10 +193,13 @@ class BrokerPeer:
 
 
 class Rig:
-    """One pool, its upstream connection, and the clients the test adds."""
+    """One pool, its upstream connection, and the clients the test adds. The split of
+    consumers from publishers is off unless a test asks for it (``split_consumers=True``)
+    and adds a consume connection (``consume_upstream``)."""
 
     def __init__(self, **settings: Any) -> None:
         self.loop = asyncio.get_running_loop()
+        settings.setdefault("split_consumers", False)
         overrides = {key: str(value) for key, value in settings.items()}
         self.settings: Settings = load(None, {"AMQP_URL": "amqp://broker"}, overrides)
         self.registry = PoolRegistry(self.settings, self._connect)
@@ -201,8 +210,15 @@ class Rig:
     async def _connect(self, pool: Pool) -> UpstreamSession:
         raise AssertionError("the rig's pool has its upstream already")
 
-    def _open_upstream(self, broker: BrokerPeer) -> UpstreamSession:
-        session = UpstreamSession(self.pool, 1, self.settings, self.loop.time())
+    def consume_upstream(self) -> tuple[UpstreamSession, BrokerPeer]:
+        """A second upstream connection of the pool, in the consume role."""
+        broker = BrokerPeer()
+        session = self._open_upstream(broker, serial=2)
+        session.role = CONSUME
+        return session, broker
+
+    def _open_upstream(self, broker: BrokerPeer, serial: int = 1) -> UpstreamSession:
+        session = UpstreamSession(self.pool, serial, self.settings, self.loop.time())
         broker.session = session
         session.connected(broker, "127.0.0.1:1")
         start = commands.Connection.Start(server_properties={"product": "RabbitMQ"})

@@ -99,3 +99,16 @@ def test_metrics_are_summed_per_label_set_with_per_worker_series() -> None:
 def test_restart_backoff_and_exit_descriptions() -> None:
     assert [backoff(n) for n in range(8)] == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0]
     assert describe_exit(-9) == "killed by SIGKILL" and describe_exit(3) == "exit status 3"
+
+
+def test_nodes_are_one_row_each_with_every_workers_view() -> None:
+    def node(state: str, checked: float, conns: int) -> dict[str, object]:
+        return {"node": "n1:5672", "state": state, "checked_seconds_ago": checked,
+                "upstream_connections": conns}  # fmt: skip
+
+    rows = aggregate.nodes(
+        {1: {"nodes": [node("reachable", 3.0, 2)]}, 2: {"nodes": [node("unreachable", 0.5, 1)]}}
+    )["nodes"]
+    assert len(rows) == 1
+    assert rows[0]["state"] == "unreachable" and rows[0]["upstream_connections"] == 3
+    assert rows[0]["workers"] == {"1": "reachable", "2": "unreachable"}

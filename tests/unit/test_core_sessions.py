@@ -302,3 +302,29 @@ async def test_a_full_upstream_stops_reading_its_clients_until_it_drains() -> No
     assert "upstream" in client.held
     rig.upstream.set_paused(False)
     assert not client.held
+
+
+@in_loop
+async def test_tx_select_after_a_consume_is_refused_rather_than_losing_the_consumer() -> None:
+    """The proxy's upstream channels are in confirm mode, and the broker refuses tx there: a
+    clean channel moves to one without confirm mode, but a consumer cannot move with it. Its
+    client gets a channel error (406) instead of a channel whose consumer silently vanished;
+    the upstream channel, consumer and all, is closed, never parked."""
+    rig = Rig()
+    client = rig.client()
+    open_channel(client, rig)
+    client.send(method(1, commands.Basic.Consume(queue="q")))
+    assert names(rig.broker.take()) == ["Consume"]
+    rig.broker.send(method(1, commands.Basic.ConsumeOk("ctag")))
+    assert names(client.take()) == ["ConsumeOk"]
+    client.send(method(1, commands.Tx.Select()))
+    (close,) = [m for _, m in methods_of(client.take())]
+    assert isinstance(close, commands.Channel.Close) and close.reply_code == 406
+    assert "select tx before consuming" in close.reply_text
+    assert names(rig.broker.take()) == ["Close"]  # the consumer's channel, closed upstream
+    assert not client.opening  # no new channel without the consumer
+
+    fresh = rig.client("fresh")  # a clean channel still moves, tx first
+    open_channel(fresh, rig)
+    fresh.send(method(1, commands.Tx.Select()))
+    assert client.take() == b"" and len(fresh.opening) == 1

@@ -75,6 +75,7 @@ def test_one_table_makes_the_flags_the_environment_and_the_file() -> None:
         assert set(option.flags) <= known, option.key
     samples = {"upstream": "amqp://h:1", "listen_address": "0.0.0.0", "log_level": "warning",
                "upstream_heartbeat": "broker", "park_channels": "false",
+               "split_consumers": "false",
                "upstream_ca": __file__, "log_format": "json"}  # fmt: skip
     for option in OPTIONS:
         text = samples.get(option.key, "7")

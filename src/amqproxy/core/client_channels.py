@@ -26,9 +26,15 @@ from amqproxy.core.policy import (
     Verdict,
 )
 from amqproxy.core.session import Session
+from amqproxy.core.split import Move, Split
 from amqproxy.outbox import publishes_in
 
 log = logging.getLogger("amqproxy.client")
+# Tx.Select on a channel the proxy cannot move to one without its confirm mode.
+TX_AFTER_STATE = (
+    "PRECONDITION_FAILED - amqproxy: select tx before consuming, qos or a pending request on "
+    "a channel (its state cannot move to a channel without the proxy's confirm mode)"
+)
 
 MAX_BACKLOG = 4 * 1024 * 1024  # frames a client sent on a channel still opening upstream
 
@@ -41,6 +47,7 @@ class ChannelTable:
         self.leases: dict[int, Lease] = {}
         self.late_close_ok: set[int] = set()  # channels whose Close crossed the broker's
         self.exclusive_queues: dict[bytes, Connection] = {}  # declared here, die with us
+        self.split = Split(session)  # consumers apart from publishers (``roles``)
 
     def _write(self, data: bytes) -> None:
         self.session.host.write(data)
@@ -48,6 +55,7 @@ class ChannelTable:
     def _end(self, lease: Lease) -> None:
         if self.leases.get(lease.channel_id) is lease:
             del self.leases[lease.channel_id]
+        self.split.tentative.discard(lease)
 
     # ---- opening ------------------------------------------------------------------------------
 
@@ -98,6 +106,9 @@ class ChannelTable:
         if not self.session.is_open or self.leases.get(lease.channel_id) is not lease:
             lease.owner.release(lease, "opened after its client left")
             return b"", 0
+        self.split.bound(up)
+        if lease.client_confirm:  # it moved (``core.split``) before it published: tag 1 next
+            lease.confirm_offset = up.published
         if not lease.announced:
             lease.announced = True
             self._write(frames.method_frame(lease.channel_id, frames.CHANNEL_OPEN_OK))
@@ -177,12 +188,26 @@ class ChannelTable:
             return Verdict.DROP
         if mid == c.TX_SELECT and up.confirm_mode and not lease.client_confirm:
             # Every upstream channel is in confirm mode, and the broker refuses confirm -> tx:
-            # move this client channel to a fresh upstream channel, then select tx there.
-            self._swap_upstream(lease, data[start - c.FRAME_HEADER_SIZE : end + 1])
+            # move this client channel to a fresh upstream channel, then select tx there -
+            # unless the channel holds what a move would lose (a consumer, qos, deliveries).
+            if up.dirty is not None or up.requests or up.delivered != lease.tag_offset:
+                self.refuse(lease, c.PRECONDITION_FAILED, TX_AFTER_STATE, mid)
+                return Verdict.DROP
+            frame = data[start - c.FRAME_HEADER_SIZE : end + 1]
+            self._swap_upstream(lease, frame, "client needs a channel without confirm mode", False)
             return Verdict.DROP
         if mid == c.CONFIRM_SELECT:
             return self._confirm_select(lease, up, args["nowait"])
+        move = self.split.move(lease, up, mid, args, self.exclusive_queues)
+        if move is not None:  # a consumer: to a consume connection, this method first
+            frame = data[start - c.FRAME_HEADER_SIZE : end + 1]
+            self._swap_upstream(lease, frame, "moved to a consume connection", True, move)
+            if move.tentative:
+                self.split.tentative.add(lease)
+            return Verdict.DROP
         self._note_state(lease, up, mid, args)
+        if up.dirty is not None and self.split.tentative:
+            self.split.tentative.discard(lease)  # a consumer now: it stays
         if mid in ALWAYS_REPLIED or (mid in NOWAIT_METHODS and not args["nowait"]):
             up.request_sent()
         return Verdict.FORWARD
@@ -268,15 +293,31 @@ class ChannelTable:
         close = commands.Channel.Close(code, frames.reply_text(text), mid >> 16, mid & 0xFFFF)
         self._write(frames.encode_method(lease.channel_id, close))
 
-    def _swap_upstream(self, lease: Lease, pending_frame: bytes) -> None:
-        """Give back the lease's upstream channel and continue on a new one without confirm
-        mode (``pending_frame``, the client's Tx.Select, goes first on it)."""
-        lease.owner.release(lease, "client needs a channel without confirm mode")
+    def publishing(self, lease: Lease, pending_frame: bytes) -> bool:
+        """A tentative lease (``Split.tentative``) publishes: True if it goes back to a
+        publish channel with ``pending_frame`` first (the rest of the message follows it
+        there), False if it publishes where it is."""
+        if not self.split.back(lease):
+            return False
+        self._swap_upstream(lease, pending_frame, "publishes: back to a publish connection", True)
+        return True
+
+    def _swap_upstream(
+        self, lease: Lease, pending_frame: bytes, why: str, confirm: bool, move: Move | None = None
+    ) -> None:
+        """Give back the lease's upstream channel and continue on a new one, with
+        ``pending_frame`` first on it: without confirm mode (``confirm`` False: the client's
+        Tx.Select), or in the proxy's confirm mode on a publish connection, or on a consume
+        connection (``move``)."""
+        lease.owner.release(lease, why)
         lease.reopen()
         lease.queue_frame(pending_frame)
         pool = self.session.pool
         assert pool is not None
-        self.session.host.open_channel(pool, lease, False)
+        if move is None:
+            self.session.host.open_channel(pool, lease, confirm)
+        else:
+            self.session.host.open_channel(pool, lease, confirm, True, move.near)
 
     # ---- what the upstream side reports -------------------------------------------------------
 
@@ -312,6 +353,7 @@ class ChannelTable:
     def release_all(self, why: str) -> None:
         """The client is leaving: give back its channels, delete its exclusive queues."""
         leases, self.leases = self.leases, {}
+        self.split.tentative.clear()
         for lease in leases.values():
             lease.owner.release(lease, why)
         queues, self.exclusive_queues = self.exclusive_queues, {}

@@ -115,6 +115,8 @@ class ClientStream:
         self._keep_partial(view, pos, unless=lease)
         if lease is None or lease.state is not LeaseState.OPEN:
             return None
+        if self.channels.split.tentative and lease in self.channels.split.tentative:
+            return None  # its publishes are looked at one by one (``core.split``)
         return lease
 
     def _keep_partial(self, view: memoryview, pos: int, unless: Lease | None = None) -> None:
@@ -308,6 +310,10 @@ class ClientStream:
         assert up is not None
         view = batch.view
         if mid == c.BASIC_PUBLISH:
+            if lease in self.channels.split.tentative:
+                self.flush(batch)  # what it sent before goes first, where it was going
+                if self.channels.publishing(lease, data[pos : end + 1]):
+                    return  # back to a publish connection: the message follows it there
             self._begin(lease, args["mandatory"] | args["immediate"] << 1)
             header = frames.header(c.FRAME_METHOD, up.id, end - start)
             lease.message.frames = [header, view[start : end + 1]]

@@ -14,7 +14,7 @@ from amqproxy.amqp.auth import Credentials
 from amqproxy.amqp.frames import Buffer
 
 if TYPE_CHECKING:
-    from amqproxy.channel import Lease
+    from amqproxy.channel import Connection, Lease
     from amqproxy.pool import Login, Pool
 
 
@@ -71,11 +71,20 @@ class ClientHost(Protocol):
         """Prove the pool's credentials and vhost (finishing ``login`` when there is one):
         then ``admitted(pool)`` or ``refused(pool, code, text)``."""
 
-    def open_channel(self, pool: Pool, lease: Lease, confirm: bool) -> None:
+    def open_channel(
+        self,
+        pool: Pool,
+        lease: Lease,
+        confirm: bool,
+        consume: bool = False,
+        near: Connection | None = None,
+    ) -> None:
         """A new upstream channel of ``pool`` for ``lease`` (waiting for the broker while an
         outage is held, or for a channel to be freed at ``--max-upstream-connections``):
         ``channel_ready(lease, up)``, ``channel_refused(lease, code, text)`` (no channel in
-        time: a channel error) or ``channel_failed(lease, code, text)`` (a connection error)."""
+        time: a channel error) or ``channel_failed(lease, code, text)`` (a connection error).
+        ``consume``: on a consume connection, ``near`` if it has room (``roles``), else where
+        any channel goes."""
 
     def update_secret(self, pool: Pool, credentials: Credentials, reason: str) -> None:
         """Prove a new secret: ``secret_updated(...)`` or ``secret_refused(...)``."""

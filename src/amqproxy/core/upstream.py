@@ -26,6 +26,7 @@ from amqproxy.core.host import UpstreamHost
 from amqproxy.core.upstream_stream import BrokerStream
 from amqproxy.errors import UpstreamRefused
 from amqproxy.pool import Pool
+from amqproxy.roles import PUBLISH
 
 log = logging.getLogger("amqproxy.upstream")
 
@@ -82,11 +83,15 @@ class UpstreamSession:
         self.paused = False  # our write buffer toward the broker is full
         self.waiting_clients: set[Client] = set()  # they stopped reading until we drain
         self.exclusive_owners: dict[bytes, Client] = {}  # exclusive queues declared here
+        self.role = PUBLISH  # or consume: set by the pool when it joins (``roles``)
         self.handshaking = True  # until OpenOk, or until the broker refuses or drops us
         self.tuned = False  # the broker accepted the credentials (its Tune arrived)
         self.ready_error: UpstreamRefused | None = None  # why the handshake failed
         self.not_amqp: str | None = None  # what the broker's address answered, if not AMQP
         self.remote = ""  # the broker's address, "host:port"
+        self.node = ""  # the node of the upstream list it went to, "host:port"
+        # Told when the connection ends: (code, text, lost: it was open and we did not close it).
+        self.on_closed: Callable[[int, str, bool], None] | None = None
         self.started = now
         self.last_read = now  # the broker's last bytes (heartbeats included)
         self._start_seen = False
@@ -201,6 +206,8 @@ class UpstreamSession:
         was_open = self.open
         self.closed = True
         self.open = False
+        if self.on_closed is not None:  # first: a node that died takes no replacement
+            self.on_closed(code, text, was_open and not expected)
         if self.handshaking:
             self._handshake_done(UpstreamRefused(code, text))
         if self._pool is None:  # a login that never got its vhost: nothing else to undo

@@ -17,12 +17,12 @@ from typing import Any, cast
 from amqproxy.amqp import constants as c
 from amqproxy.amqp.auth import Credentials
 from amqproxy.amqp.frames import Buffer
-from amqproxy.broker import Broker
-from amqproxy.channel import Lease
+from amqproxy.channel import Connection, Lease
 from amqproxy.config import Settings
 from amqproxy.core.client import ClientSession
 from amqproxy.errors import NoChannelFree, UpstreamRefused
 from amqproxy.io.heartbeat import Heartbeat
+from amqproxy.nodes import Nodes
 from amqproxy.pool import Login, Pool, PoolRegistry
 from amqproxy.stats import PoolStats
 from amqproxy.tls import subject
@@ -62,7 +62,7 @@ class ClientProtocol(asyncio.Protocol):
         self,
         settings: Settings,
         registry: PoolRegistry,
-        broker: Broker,
+        broker: Nodes,
         clients: set[Any],
         refusal: str = "",
     ) -> None:
@@ -252,12 +252,22 @@ class ClientProtocol(asyncio.Protocol):
             return
         self.session.admitted(pool)
 
-    def open_channel(self, pool: Pool, lease: Lease, confirm: bool) -> None:
-        self._spawn(self._open_channel(pool, lease, confirm))
+    def open_channel(
+        self,
+        pool: Pool,
+        lease: Lease,
+        confirm: bool,
+        consume: bool = False,
+        near: Connection | None = None,
+    ) -> None:
+        self._spawn(self._open_channel(pool, lease, confirm, consume, near))
 
-    async def _open_channel(self, pool: Pool, lease: Lease, confirm: bool) -> None:
+    async def _open_channel(
+        self, pool: Pool, lease: Lease, confirm: bool, consume: bool, near: Connection | None
+    ) -> None:
         try:
-            up = await pool.new_channel(lease.channel_id, confirm)
+            up = await pool.roles.channel(lease.channel_id, near) if consume else None
+            up = up or await pool.new_channel(lease.channel_id, confirm)
         except NoChannelFree as exc:
             self.session.channel_refused(lease, exc.code, exc.text)
             return
