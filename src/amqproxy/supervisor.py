@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from amqproxy import logsetup
 from amqproxy.aggregate import WorkerView
 from amqproxy.config import ConfigError, Settings
+from amqproxy.io.sockets import bound_socket
 from amqproxy.server import ListenError
 from amqproxy.supervisor_http import SupervisorHttp
 
@@ -292,14 +293,7 @@ def _bind_all(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
     bound: list[socket.socket] = []
     try:
         for family, kind, proto, _name, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
-            bound.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
+            bound.append(bound_socket(family, kind, proto, address, reuse_port))
     except OSError:
         for sock in bound:
             sock.close()

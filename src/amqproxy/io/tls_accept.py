@@ -17,6 +17,7 @@ import socket
 import ssl
 from collections.abc import Callable
 
+from amqproxy.io.sockets import Address, bound_socket
 from amqproxy.tls import describe
 
 log = logging.getLogger("amqproxy.client")
@@ -108,24 +109,17 @@ def _bind(
     family: socket.AddressFamily,
     kind: socket.SocketKind,
     proto: int,
-    address: tuple[str, int] | tuple[str, int, int, int] | tuple[int, bytes],
+    address: Address,
     backlog: int,
     reuse_port: bool = False,
 ) -> socket.socket:
-    sock = socket.socket(family, kind, proto)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(address)
-        sock.listen(backlog)
-        sock.setblocking(False)
+        sock = bound_socket(family, kind, proto, address, reuse_port)
     except OSError as exc:
-        sock.close()
         where = ":".join(str(part) for part in address[:2])
         raise OSError(f"TLS port: cannot bind {where}: {exc.strerror}") from None
+    sock.listen(backlog)
+    sock.setblocking(False)
     return sock
 
 
