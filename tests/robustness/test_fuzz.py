@@ -252,7 +252,12 @@ def rss_kib(pid: int) -> int:
 
 @pytest.mark.timeout(CASES * 2 + 120)
 def test_no_input_affects_another_client(proxy_factory, tenant, queues):
-    p = proxy_factory("-t", "600", "--handshake-timeout", "3", "--credential-ttl", "3600")
+    # --no-split-consumers: a case that consumes would otherwise move to a consume connection
+    # of its own, and what it sends next would no longer share the witness's upstream.
+    p = proxy_factory(
+        "-t", "600", "--handshake-timeout", "3", "--credential-ttl", "3600",
+        "--no-split-consumers",
+    )  # fmt: skip
     q = queues.declare(tenant)
     witness = p.connect(tenant)
     channel = witness.channel()
