@@ -265,6 +265,15 @@ class Lease:
         self.verbatim = up.id == self.channel_id and self.client.frame_max <= up.conn.frame_max
 
     @property
+    def holds_channel_state(self) -> bool:
+        """Its upstream channel carries what a move to another channel would lose: a consumer,
+        qos, tx or flow (``dirty``), a reply due, or deliveries whose tags the client holds."""
+        up = self.up
+        return up is not None and (
+            up.dirty is not None or bool(up.requests) or up.delivered != self.tag_offset
+        )
+
+    @property
     def detachable(self) -> bool:
         """The lease can wait for another upstream channel when its connection dies, unseen by
         its client: nothing it sent is waiting for an answer but publishes the proxy answers

@@ -190,7 +190,7 @@ class ChannelTable:
             # Every upstream channel is in confirm mode, and the broker refuses confirm -> tx:
             # move this client channel to a fresh upstream channel, then select tx there -
             # unless the channel holds what a move would lose (a consumer, qos, deliveries).
-            if up.dirty is not None or up.requests or up.delivered != lease.tag_offset:
+            if lease.holds_channel_state:
                 self.refuse(lease, c.PRECONDITION_FAILED, TX_AFTER_STATE, mid)
                 return Verdict.DROP
             frame = data[start - c.FRAME_HEADER_SIZE : end + 1]

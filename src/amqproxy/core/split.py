@@ -66,10 +66,8 @@ def movable(lease: Lease, up: UpstreamChannel) -> bool:
         and lease.message.stage is Stage.NONE
         and not lease.declares
         and up.confirm_mode
-        and up.dirty is None
-        and not up.requests
+        and not lease.holds_channel_state
         and up.unconfirmed == 0
-        and up.delivered == lease.tag_offset
     )
 
 
