@@ -125,6 +125,7 @@ class PoolCollector:
         yield from self._pool_gauges()
         registry = self.proxy.registry
         counters = {key: CounterMetricFamily(n, h, labels=LABELS) for key, n, h in POOL_COUNTERS}
+        registry.credit_traffic()
         for labels, stats in registry.stats.items():
             for key, counter in counters.items():
                 counter.add_metric(list(labels), getattr(stats, key))

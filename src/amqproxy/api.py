@@ -84,6 +84,7 @@ def pools(proxy: Proxy) -> Json:
     """Per user and vhost: the live pools' state and the totals kept since the start. A user
     and vhost the broker never accepted (a mistyped password) has no row."""
     registry = proxy.registry
+    registry.credit_traffic()
     now = asyncio.get_running_loop().time()
     rows: dict[tuple[str, str], Json] = {}
     for (user, vhost), stats in registry.stats.items():

@@ -81,6 +81,9 @@ class Client(Protocol):
 
     def close_with(self, code: int, text: str) -> None: ...
 
+    def credit_traffic(self) -> None:
+        """Bring the pool's byte totals up to date with this client's."""
+
     def channel_closed_by_broker(self, lease: Lease, close_payload: bytes) -> None: ...
 
     def channel_closed_upstream(self, lease: Lease) -> None: ...

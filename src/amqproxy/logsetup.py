@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -46,13 +47,16 @@ def set_level(level: str) -> None:
     logging.getLogger().setLevel(level.upper())
 
 
-def hot_info(logger: logging.Logger, message: str, **fields: Any) -> None:
+def hot_info(
+    logger: logging.Logger, message: str, fields: Callable[[], dict[str, Any]] | None = None
+) -> None:
     """An INFO line on a hot path (a client came or went): the same line as ``logger.info``
-    would write, without the record machinery when the proxy's text handler is in use."""
+    would write, without the record machinery when the proxy's text handler is in use.
+    ``fields`` (the JSON line's subject) is called only when a record is built."""
     if not logger.isEnabledFor(logging.INFO):
         return
     if _handler is None or not isinstance(_handler.formatter, LogFormatter):
-        logger.info("%s", message, extra=fields)
+        logger.info("%s", message, extra=fields() if fields is not None else None)
     else:
         _handler.emit_line("INFO", logger.name, message)
 
@@ -103,12 +107,17 @@ class LogFormatter(logging.Formatter):
         return f"{self._stamp},{int((created - second) * 1000):03d}"
 
 
+FLUSH_DELAY = 0.05  # seconds a line may wait for the lines logged after it
+FLUSH_LINES = 1000  # ... and how many may wait
+
+
 class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes the lines logged during one event-loop turn with one system call.
+    """Writes the lines logged within ``FLUSH_DELAY`` with one system call.
 
     Every client logs a line when it connects and one when it leaves: with short-lived clients
-    that is thousands of lines a second, and a write per line. Records at ERROR and above,
-    and records logged outside the event loop, are written at once; ``flush`` (called by
+    that is thousands of lines a second, and a write per line (or per loop turn: one client
+    cycle is several turns). Records at ERROR and above, records logged outside the event
+    loop, and the ``FLUSH_LINES``-th pending line are written at once; ``flush`` (called by
     ``logging.shutdown``) writes whatever is pending.
     """
 
@@ -136,11 +145,12 @@ class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        self._pending.append(line)
-        if loop is None or urgent:
+        pending = self._pending
+        pending.append(line)
+        if loop is None or urgent or len(pending) >= FLUSH_LINES:
             self.flush()
-        elif len(self._pending) == 1:
-            loop.call_soon(self.flush)
+        elif len(pending) == 1:
+            loop.call_later(FLUSH_DELAY, self.flush)
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]

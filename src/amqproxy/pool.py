@@ -464,6 +464,12 @@ class PoolRegistry:
             for key, pool in self.pools.items()
         )
 
+    def credit_traffic(self) -> None:
+        """Every pool's byte totals catch up with its clients' (before they are reported)."""
+        for pool in self.pools.values():
+            for client in pool.clients:
+                client.credit_traffic()
+
     def maybe_drop(self, pool: Pool) -> None:
         """Forget a pool with no clients and no connections (e.g. failed credentials)."""
         if pool.empty and self.pools.get(pool.key) is pool:

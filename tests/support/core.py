@@ -26,6 +26,7 @@ from amqproxy.core.client import ClientSession
 from amqproxy.core.upstream import UpstreamSession
 from amqproxy.pool import Pool, PoolRegistry
 from amqproxy.roles import CONSUME
+from amqproxy.stats import PoolStats
 
 PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
 FRAME_MAX = 131072
@@ -116,6 +117,9 @@ class ClientPeer:
 
     def start_heartbeat(self, seconds: int) -> None:
         self.heartbeat = seconds
+
+    def credit_traffic(self, stats: PoolStats) -> None:
+        pass  # the rig counts no bytes
 
     def learn_broker(self) -> None:
         self.session.send_start(self.rig.start_frame())

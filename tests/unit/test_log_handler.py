@@ -1,10 +1,11 @@
-"""The log handler batches the lines of one event-loop turn into one write, and loses none."""
+"""The log handler batches the lines of FLUSH_DELAY into one write, and loses none."""
 
 import asyncio
 import io
 import logging
 
-from amqproxy.logsetup import LogFormatter, TurnBufferedHandler
+from amqproxy import logsetup
+from amqproxy.logsetup import FLUSH_DELAY, FLUSH_LINES, LogFormatter, TurnBufferedHandler
 
 
 class CountingStream(io.StringIO):
@@ -28,21 +29,33 @@ def make_logger() -> tuple[logging.Logger, CountingStream]:
     return logger, stream
 
 
-def test_lines_of_one_loop_turn_go_out_in_one_write_after_it() -> None:
+def test_lines_of_several_loop_turns_go_out_in_one_write_after_the_delay() -> None:
     logger, stream = make_logger()
 
     async def main() -> tuple[str, str]:
-        for i in range(3):
+        for i in range(3):  # one client cycle is several loop turns
             logger.info("client %d connected", i)
+            await asyncio.sleep(0)
         during = stream.getvalue()
-        await asyncio.sleep(0)  # the turn ends: the pending lines are written
-        await asyncio.sleep(0)
+        await asyncio.sleep(FLUSH_DELAY * 2)  # the delay ends: the pending lines are written
         return during, stream.getvalue()
 
     during, after = asyncio.run(main())
     assert during == ""
     assert after == "INFO client 0 connected\nINFO client 1 connected\nINFO client 2 connected\n"
     assert stream.writes == 1
+
+
+def test_the_pending_lines_are_bounded() -> None:
+    logger, stream = make_logger()
+
+    async def main() -> int:
+        for i in range(FLUSH_LINES):
+            logger.info("client %d connected", i)
+        return stream.writes
+
+    assert asyncio.run(main()) == 1  # the FLUSH_LINES-th line wrote them all at once
+    assert stream.getvalue().count("\n") == FLUSH_LINES
 
 
 def test_errors_and_records_outside_the_loop_are_written_at_once() -> None:
@@ -71,8 +84,6 @@ def test_flush_writes_what_is_pending() -> None:
 
 
 def test_hot_info_writes_the_line_logger_info_would(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from amqproxy import logsetup
-
     stream = CountingStream()
     handler = TurnBufferedHandler(stream)
     handler.setFormatter(LogFormatter(logsetup.FORMAT))
@@ -87,7 +98,7 @@ def test_hot_info_writes_the_line_logger_info_would(monkeypatch) -> None:  # typ
         logsetup.hot_info(logger, "client a@/ from 127.0.0.1:1 connected")
         logger.setLevel(logging.WARNING)
         logsetup.hot_info(logger, "not written at WARNING")
-        await asyncio.sleep(0)
+        await asyncio.sleep(FLUSH_DELAY * 2)
 
     asyncio.run(main())
     one, two = stream.getvalue().splitlines()

@@ -87,10 +87,6 @@ class ClientSession:
     def is_open(self) -> bool:
         return self.state is State.OPEN
 
-    @property
-    def _reads_later(self) -> bool:
-        return self.state is State.HANDSHAKE or self.state is State.AUTHENTICATING
-
     def log_fields(self, event: str, **more: object) -> dict[str, object]:
         """What a JSON log line says about this client (``logsetup.FIELDS``)."""
         return {
@@ -102,6 +98,11 @@ class ClientSession:
             "pool": f"{self.user}@{self.vhost}" if self.vhost else "",
             **more,
         }
+
+    def credit_traffic(self) -> None:
+        """The pool's byte totals catch up with this client's (``io.client``)."""
+        if self.pool is not None:
+            self.host.credit_traffic(self.pool.stats)
 
     def describe(self) -> str:
         name = f" ({self.connection_name})" if self.connection_name else ""
@@ -115,19 +116,24 @@ class ClientSession:
             data = self._rest + data
             self._rest = b""
         try:
-            if self.state is State.HANDSHAKE:
+            state = self.state
+            if state is State.OPEN:
+                self._rest = self.stream.process(data)
+                return
+            if state is State.HANDSHAKE:
                 data = self.handshake.receive(data)
-                if not self.is_open:
-                    if self._reads_later:
+                state = self.state
+                if state is not State.OPEN:
+                    if state is State.HANDSHAKE or state is State.AUTHENTICATING:
                         self._rest = data  # a partial frame, or what follows Open
                     return
                 if not data:
                     return
-            if self.state is State.OPEN:
+            if state is State.OPEN:
                 self._rest = self.stream.process(data)
-            elif self.state is State.CLOSING:
+            elif state is State.CLOSING:
                 self._rest = self._while_closing(data)
-            elif self.state is State.AUTHENTICATING:
+            elif state is State.AUTHENTICATING:
                 self._rest = data  # read after OpenOk
         except Exception as exc:  # a bug of ours: this client goes, the others stay
             self.internal_error("handling data", exc)
@@ -268,11 +274,15 @@ class ClientSession:
         self.channels.release_all("client left")
         self.registry.outbox.waiters.discard(self)
         if self.pool is not None:
+            self.credit_traffic()
             self.pool.client_gone(self)
         if was_open:
             reason = self.close_reason or (f"connection lost: {exc}" if exc else "connection lost")
-            fields = self.log_fields("client.disconnected", reason=reason)
-            hot_info(log, f"client {self.identity} disconnected: {reason}", **fields)
+            hot_info(
+                log,
+                f"client {self.identity} disconnected: {reason}",
+                lambda: self.log_fields("client.disconnected", reason=reason),
+            )
 
     # ---- outcomes of the host's round trips ------------------------------------------------
 
@@ -333,7 +343,9 @@ class ClientSession:
         pool.client_added(self)
         self.state = State.OPEN
         self.host.write(frames.method_frame(0, frames.CONNECTION_OPEN_OK))
-        hot_info(log, f"client {self.identity} connected", **self.log_fields("client.connected"))
+        hot_info(
+            log, f"client {self.identity} connected", lambda: self.log_fields("client.connected")
+        )
         if self._rest:
             data, self._rest = self._rest, b""
             self.receive(data)
@@ -351,6 +363,7 @@ class ClientSession:
         if self.state is not State.OPEN or old is None:
             self.registry.maybe_drop(pool)
             return
+        self.credit_traffic()  # what it did so far counts for the pool it leaves
         self.credentials = credentials
         self.pool = pool
         pool.client_added(self)

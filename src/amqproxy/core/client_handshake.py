@@ -52,6 +52,8 @@ class Handshake:
                 self.session.host.learn_broker()
                 return data
             self.start(start)
+            if not data:
+                return data
         if self.state is Step.LEARNING or self.state is Step.CHECKING:
             return data
         try:

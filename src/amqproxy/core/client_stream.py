@@ -61,14 +61,18 @@ class ClientStream:
         outbox = session.registry.outbox
         kept_before = outbox.bytes
         pos, error = self._walk(data, batch)
-        self._keep_partial(batch.view, pos)
-        self.flush(batch)
+        if self.open_msg is not None:
+            self._keep_partial(batch.view, pos)
+        if batch.outs or batch.run_dest is not None:
+            self.flush(batch)
         if outbox.full and outbox.bytes > kept_before:
             session.hold_for_outbox()
         if error is not None:
             session.close_with(error.code, error.text)
             return b""
-        return data[pos:] if pos < len(data) and session.is_open else b""
+        if pos >= len(data):
+            return b""
+        return data[pos:] if session.is_open else b""
 
     def _walk(self, data: bytes, batch: Batch[Connection]) -> tuple[int, FrameError | None]:
         """Frame by frame (run by run where the scanner can): where the walk stopped, and
@@ -99,7 +103,8 @@ class ClientStream:
                         pos = stop
                         continue
                 cached_id = -1  # the slow path may change the lease
-                batch.cut()
+                if batch.run_dest is not None:
+                    batch.cut()
                 self._slow(ftype, channel_id, data, batch, pos, end)
                 pos = end + 1
                 if not session.is_open:
@@ -112,7 +117,8 @@ class ClientStream:
         """The open lease of ``channel_id``, if it has one; a message of another channel
         that was being read keeps what it has so far (``pos``: where the walk is)."""
         lease = self.channels.leases.get(channel_id) if channel_id else None
-        self._keep_partial(view, pos, unless=lease)
+        if self.open_msg is not None:
+            self._keep_partial(view, pos, unless=lease)
         if lease is None or lease.state is not LeaseState.OPEN:
             return None
         if self.channels.split.tentative and lease in self.channels.split.tentative:
@@ -128,7 +134,10 @@ class ClientStream:
 
     def flush(self, batch: Batch[Connection]) -> None:
         """Queue what the walk produced, per upstream; stop reading when one is full."""
-        for conn, pieces in batch.take().items():
+        outs = batch.take()
+        if not outs:
+            return
+        for conn, pieces in outs.items():
             conn.send(pieces)
             if conn.paused:
                 conn.wait_for_room(self.session)

@@ -16,6 +16,7 @@ from amqproxy.amqp.frames import Buffer
 if TYPE_CHECKING:
     from amqproxy.channel import Connection, Lease
     from amqproxy.pool import Login, Pool
+    from amqproxy.stats import PoolStats
 
 
 class BrokerFacts(Protocol):
@@ -55,6 +56,9 @@ class ClientHost(Protocol):
         """Stop reading until every reason given is released."""
 
     def release(self, reason: str) -> None: ...
+
+    def credit_traffic(self, stats: PoolStats) -> None:
+        """Add the bytes read and written since the last call to ``stats``."""
 
     def start_heartbeat(self, seconds: int) -> None:
         """Heartbeats on this leg: calls ``heartbeat_missed()`` when the client falls silent."""

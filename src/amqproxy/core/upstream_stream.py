@@ -79,14 +79,16 @@ class BrokerStream:
                 if stop:
                     pos = stop
                     continue
-            batch.cut()
+            if batch.run_dest is not None:
+                batch.cut()
             if channel_id == 0:
                 conn.on_connection_frame(ftype, data, pos + HEADER_SIZE, end)
             elif up is not None:
                 self._frame(up, ftype, channel_id, data, batch.view, pos, end, batch)
             pos = end + 1
-        for client, pieces in batch.take().items():
-            client.send(pieces)
+        if batch.outs or batch.run_dest is not None:
+            for client, pieces in batch.take().items():
+                client.send(pieces)
         return data[pos:] if pos < length else b""
 
     def _pass(

@@ -74,7 +74,7 @@ class ClientProtocol(asyncio.Protocol):
         self.connected_at = time.time()  # wall clock, for operators
         self.bytes_in = 0  # counted per read and write (``/api/clients``; pools: PoolStats)
         self.bytes_out = 0
-        self.stats: PoolStats | None = None  # the pool's totals, once admitted
+        self._credited = (0, 0)  # what the pool's totals have of them (``credit_traffic``)
         self.peer = "?"  # "address:port", and " [subject]" of a TLS client's certificate
         self.certificate = ""  # that subject, e.g. "CN=app1,O=Example"
         self.transport: asyncio.Transport | None = None
@@ -110,12 +110,7 @@ class ClientProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.heartbeat.read_seen = True
         self.bytes_in += len(data)
-        stats = self.stats
-        if stats is not None:
-            stats.bytes_in += len(data)
         self.session.receive(data)
-        if stats is None:
-            self._join_stats()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.heartbeat.stop()
@@ -139,7 +134,7 @@ class ClientProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             self.heartbeat.wrote = True
-            self._count_out(len(data))
+            self.bytes_out += len(data)
             transport.write(data)
 
     def deliver(self, pieces: list[Buffer]) -> None:
@@ -148,7 +143,7 @@ class ClientProtocol(asyncio.Protocol):
             return
         self.heartbeat.wrote = True
         data = b"".join(pieces)
-        self._count_out(len(data))
+        self.bytes_out += len(data)
         transport.write(data)
         if (
             self._write_paused
@@ -162,22 +157,14 @@ class ClientProtocol(asyncio.Protocol):
             )
             transport.abort()
 
-    def _count_out(self, size: int) -> None:
-        self.bytes_out += size
-        stats = self.stats
-        if stats is not None:
-            stats.bytes_out += size
-        else:
-            self._join_stats()
-
-    def _join_stats(self) -> None:
-        """Once admitted, the client's bytes count toward its pool's totals too, from its
-        first byte (the two views agree); until then, nothing to do."""
-        pool = self.session.pool
-        if self.stats is None and pool is not None:
-            self.stats = pool.stats
-            self.stats.bytes_in += self.bytes_in
-            self.stats.bytes_out += self.bytes_out
+    def credit_traffic(self, stats: PoolStats) -> None:
+        """Add what was read and written since the last call to ``stats``: a pool's byte
+        totals are brought up to date when they are read and when a client leaves the pool,
+        not on every read and write."""
+        credited_in, credited_out = self._credited
+        stats.bytes_in += self.bytes_in - credited_in
+        stats.bytes_out += self.bytes_out - credited_out
+        self._credited = (self.bytes_in, self.bytes_out)
 
     def close(self) -> None:
         if self.transport is not None:
