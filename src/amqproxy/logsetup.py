@@ -107,23 +107,27 @@ class LogFormatter(logging.Formatter):
         return f"{self._stamp},{int((created - second) * 1000):03d}"
 
 
-FLUSH_DELAY = 0.05  # seconds a line may wait for the lines logged after it
-FLUSH_LINES = 1000  # ... and how many may wait
+FLUSH_INTERVAL = 0.05  # seconds between two writes for the per-client lines, at least
+FLUSH_LINES = 1000  # ... unless this many lines wait
 
 
 class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes the lines logged within ``FLUSH_DELAY`` with one system call.
+    """Writes the lines logged during one event-loop turn with one system call; the
+    per-client lines of ``hot_info`` wait up to ``FLUSH_INTERVAL`` for the next write.
 
     Every client logs a line when it connects and one when it leaves: with short-lived clients
     that is thousands of lines a second, and a write per line (or per loop turn: one client
-    cycle is several turns). Records at ERROR and above, records logged outside the event
-    loop, and the ``FLUSH_LINES``-th pending line are written at once; ``flush`` (called by
-    ``logging.shutdown``) writes whatever is pending.
+    cycle is several turns). Other lines go out at the end of their turn, records at ERROR
+    and above, records logged outside the event loop and the ``FLUSH_LINES``-th pending line
+    at once; ``flush`` (called by ``logging.shutdown``) writes whatever is pending.
     """
 
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
         self._pending: list[str] = []
+        self._written = -FLUSH_INTERVAL  # time.monotonic() of the last write
+        self._flush_soon = False  # a flush is due at the end of this turn
+        self._flush_later = False  # ... or after the interval
         self.tag = ""  # "[worker 2] " before the logger's name
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -138,9 +142,9 @@ class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         """A line in the handler's format from its parts (``hot_info``)."""
         formatter = self.formatter
         stamp = formatter.stamp(time.time()) if isinstance(formatter, LogFormatter) else ""
-        self._queue(f"{stamp} {level} {self.tag}{name}: {message}", urgent=False)
+        self._queue(f"{stamp} {level} {self.tag}{name}: {message}", urgent=False, hot=True)
 
-    def _queue(self, line: str, urgent: bool) -> None:
+    def _queue(self, line: str, urgent: bool, hot: bool = False) -> None:
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -149,13 +153,22 @@ class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pending.append(line)
         if loop is None or urgent or len(pending) >= FLUSH_LINES:
             self.flush()
-        elif len(pending) == 1:
-            loop.call_later(FLUSH_DELAY, self.flush)
+        elif self._flush_soon:
+            return
+        elif hot and (self._flush_later or self._written + FLUSH_INTERVAL > time.monotonic()):
+            if not self._flush_later:
+                self._flush_later = True
+                loop.call_later(FLUSH_INTERVAL, self.flush)
+        else:
+            self._flush_soon = True
+            loop.call_soon(self.flush)
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
             lines, self._pending = self._pending, []
+            self._flush_soon = self._flush_later = False
             if lines:
+                self._written = time.monotonic()
                 try:
                     self.stream.write("\n".join(lines) + "\n")
                 except Exception:  # a closed or broken log stream must not stop the proxy

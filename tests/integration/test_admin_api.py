@@ -181,7 +181,7 @@ def test_pause_refuses_new_clients_while_present_ones_keep_publishing(
     later.channel().basic_publish("", q, b"after")
     later.close()
     present.close()
-    assert "paused: new clients are refused" in p.log()
+    assert wait_for(lambda: "paused: new clients are refused" in p.log(), 5)
 
 
 @pytest.mark.timeout(60)

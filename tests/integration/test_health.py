@@ -87,8 +87,8 @@ def test_readyz_follows_the_broker_while_healthz_stays_alive(proxy_factory, faul
     fault_relay.mode = "refuse"  # no client, no upstream connection: only the check notices
     wait_for(lambda: readyz(p)[0] == 503, 10, message="/readyz missed the broker going away")
     assert p.http_get("/healthz")[0] == 200
+    assert wait_for(lambda: "broker answers AMQP again" in p.log(), 5)
     assert p.log().count("broker unreachable: ") == 2  # once per change, not once per check
-    assert "broker answers AMQP again" in p.log()
 
 
 @pytest.mark.timeout(60)

@@ -554,7 +554,7 @@ def test_streams_through_both_frame_scanners(proxy_factory, tenant, queues, scan
     same upstream id and on one renumbered upstream, with confirms, acks and big bodies."""
     env = {"AMQPROXY_PURE_PYTHON_SCANNER": "1"} if scanner == "pure Python" else None
     proxy = proxy_factory(env=env)
-    assert f"frame scanner: {scanner}" in proxy.log()
+    assert wait_for(lambda: f"frame scanner: {scanner}" in proxy.log(), 5)
     q = queues.declare(tenant)
     first, second = proxy.connect(tenant), proxy.connect(tenant)
     try:

@@ -1,11 +1,12 @@
-"""The log handler batches the lines of FLUSH_DELAY into one write, and loses none."""
+"""The log handler batches the lines of a loop turn (and of FLUSH_INTERVAL when busy) into one
+write, and loses none."""
 
 import asyncio
 import io
 import logging
 
 from amqproxy import logsetup
-from amqproxy.logsetup import FLUSH_DELAY, FLUSH_LINES, LogFormatter, TurnBufferedHandler
+from amqproxy.logsetup import FLUSH_INTERVAL, FLUSH_LINES, LogFormatter, TurnBufferedHandler
 
 
 class CountingStream(io.StringIO):
@@ -29,21 +30,45 @@ def make_logger() -> tuple[logging.Logger, CountingStream]:
     return logger, stream
 
 
-def test_lines_of_several_loop_turns_go_out_in_one_write_after_the_delay() -> None:
+def test_lines_of_one_loop_turn_go_out_in_one_write_after_it() -> None:
     logger, stream = make_logger()
 
     async def main() -> tuple[str, str]:
-        for i in range(3):  # one client cycle is several loop turns
+        for i in range(3):
             logger.info("client %d connected", i)
-            await asyncio.sleep(0)
         during = stream.getvalue()
-        await asyncio.sleep(FLUSH_DELAY * 2)  # the delay ends: the pending lines are written
+        await asyncio.sleep(0)  # the turn ends: the pending lines are written
+        await asyncio.sleep(0)
         return during, stream.getvalue()
 
     during, after = asyncio.run(main())
     assert during == ""
     assert after == "INFO client 0 connected\nINFO client 1 connected\nINFO client 2 connected\n"
     assert stream.writes == 1
+
+
+def test_busy_per_client_lines_are_written_at_most_once_per_interval() -> None:
+    logger, stream = make_logger()
+    handler = logger.handlers[0]
+    assert isinstance(handler, TurnBufferedHandler)
+
+    async def main() -> tuple[int, int, int]:
+        logger.info("first")
+        await asyncio.sleep(0.001)
+        for i in range(3):  # one client cycle is several loop turns
+            handler.emit_line("INFO", "amqproxy.client", f"client {i} connected")
+            await asyncio.sleep(0)
+        held = stream.writes
+        await asyncio.sleep(FLUSH_INTERVAL * 2)  # the interval ends: the waiting lines go
+        after_interval = stream.writes
+        handler.emit_line("INFO", "amqproxy.client", "client 3 connected")
+        logger.warning("a line of another kind")  # not held by the interval, nor the one before
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return held, after_interval, stream.writes
+
+    assert asyncio.run(main()) == (1, 2, 3)
+    assert stream.getvalue().count("\n") == 6
 
 
 def test_the_pending_lines_are_bounded() -> None:
@@ -98,7 +123,7 @@ def test_hot_info_writes_the_line_logger_info_would(monkeypatch) -> None:  # typ
         logsetup.hot_info(logger, "client a@/ from 127.0.0.1:1 connected")
         logger.setLevel(logging.WARNING)
         logsetup.hot_info(logger, "not written at WARNING")
-        await asyncio.sleep(FLUSH_DELAY * 2)
+        await asyncio.sleep(FLUSH_INTERVAL * 2)
 
     asyncio.run(main())
     one, two = stream.getvalue().splitlines()

@@ -284,6 +284,12 @@ class ClientSession:
                 lambda: self.log_fields("client.disconnected", reason=reason),
             )
 
+    def let_go(self) -> None:
+        """After ``lost``, once no round trip of the host is running: the session's parts
+        (which point back at it) are dropped, so that reference counting frees them. Only
+        the host's side may still be called (``resume_reading``)."""
+        del self.handshake, self.channels, self.stream
+
     # ---- outcomes of the host's round trips ------------------------------------------------
 
     def send_start(self, start: bytes) -> None:

@@ -84,6 +84,8 @@ class ClientProtocol(asyncio.Protocol):
         self.heartbeat = Heartbeat(self.loop, self._send_heartbeat, self.session.heartbeat_missed)
         self._write_paused = False
         self._timer: asyncio.TimerHandle | None = None
+        self._round_trips = 0  # tasks running for this client (``_spawn``)
+        self._gone = False  # the socket is closed
 
     # ---- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -116,8 +118,22 @@ class ClientProtocol(asyncio.Protocol):
         self.heartbeat.stop()
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
         self.clients.discard(self)
         self.session.lost(exc)
+        self.transport = None
+        self.flow = None
+        self._gone = True
+        if not self._round_trips:
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """The socket is closed and no round trip is running: nothing reads or calls this
+        client's parts again. The references between them go, so that reference counting
+        frees them at once rather than the cycle collector, thousands of clients later."""
+        self.session.let_go()
+        del self.heartbeat  # it holds this protocol's and the session's methods
+        del self.session
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -199,11 +215,15 @@ class ClientProtocol(asyncio.Protocol):
         """Run control-path work (an upstream round trip) beside the hot path."""
         task = self.loop.create_task(work, name=getattr(work, "__qualname__", "task"))
         task.add_done_callback(self._task_done)
+        self._round_trips += 1
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._round_trips -= 1
         exc = None if task.cancelled() else task.exception()
         if exc is not None:
             self.session.internal_error(f"in {task.get_name()}", exc)
+        if self._gone and not self._round_trips:
+            self._let_go()
 
     def learn_broker(self) -> None:
         self._spawn(self._learn_broker())
