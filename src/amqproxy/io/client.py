@@ -81,7 +81,9 @@ class ClientProtocol(asyncio.Protocol):
         self.flow: FlowControl | None = None
         self.session = ClientSession(self, settings, registry, broker)
         self.session.refusal = refusal  # over --max-clients: refused at Connection.StartOk
-        self.heartbeat = Heartbeat(self.loop, self._send_heartbeat, self.session.heartbeat_missed)
+        self.heartbeat = Heartbeat(
+            self.loop, self._send_heartbeat, self.session.heartbeat_missed, self._traffic
+        )
         self._write_paused = False
         self._timer: asyncio.TimerHandle | None = None
         self._round_trips = 0  # tasks running for this client (``_spawn``)
@@ -110,7 +112,6 @@ class ClientProtocol(asyncio.Protocol):
             self._timer = self.loop.call_later(timeout, self._handshake_expired)
 
     def data_received(self, data: bytes) -> None:
-        self.heartbeat.read_seen = True
         self.bytes_in += len(data)
         self.session.receive(data)
 
@@ -149,7 +150,6 @@ class ClientProtocol(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            self.heartbeat.wrote = True
             self.bytes_out += len(data)
             transport.write(data)
 
@@ -157,7 +157,6 @@ class ClientProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        self.heartbeat.wrote = True
         data = b"".join(pieces)
         self.bytes_out += len(data)
         transport.write(data)
@@ -205,6 +204,9 @@ class ClientProtocol(asyncio.Protocol):
 
     def start_heartbeat(self, seconds: int) -> None:
         self.heartbeat.start(seconds)
+
+    def _traffic(self) -> tuple[int, int]:
+        return self.bytes_in, self.bytes_out
 
     def _send_heartbeat(self, frame: bytes) -> None:
         self.write(frame)

@@ -1,7 +1,8 @@
 """Heartbeats owned by the proxy, one leg at a time (docs/ARCHITECTURE.md).
 
 Every H/2: send a heartbeat if nothing was written since the last tick; after 2·H with nothing
-read, the peer is dead. The hot path only sets the two booleans.
+read, the peer is dead. The hot path only sets the two booleans, or (``traffic``) counts the
+bytes it reads and writes anyway.
 """
 
 from __future__ import annotations
@@ -17,17 +18,23 @@ TICKS_TO_DEATH = 4  # 4 ticks of H/2 = 2·H
 class Heartbeat:
     """The heartbeat timer of one socket; ``send`` writes a frame, ``dead`` ends the peer."""
 
-    __slots__ = ("_interval", "_silent", "_timer", "dead", "loop", "read_seen", "send", "wrote")
+    __slots__ = (
+        "_interval", "_seen", "_silent", "_timer", "dead", "loop", "read_seen", "send", "traffic",
+        "wrote",
+    )  # fmt: skip
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         send: Callable[[bytes], None],
         dead: Callable[[], None],
+        traffic: Callable[[], tuple[int, int]] | None = None,
     ) -> None:
         self.loop = loop
         self.send = send
         self.dead = dead
+        self.traffic = traffic  # (bytes read, bytes written) so far, instead of the booleans
+        self._seen = (0, 0)  # ... at the last tick
         self.read_seen = False  # something arrived since the last tick
         self.wrote = False  # something was written since the last tick
         self._silent = 0
@@ -45,6 +52,10 @@ class Heartbeat:
             self._timer = None
 
     def _tick(self) -> None:
+        if self.traffic is not None:
+            seen, self._seen = self._seen, self.traffic()
+            self.read_seen = self._seen[0] != seen[0]
+            self.wrote = self._seen[1] != seen[1]
         if not self.wrote:
             self.send(frames.HEARTBEAT)
         self.wrote = False
