@@ -203,7 +203,7 @@ class ChannelOutbox:
         attempts: int = 1,
     ) -> None:
         """Keep frames sent upstream; ``attempts``: how often these messages were sent."""
-        size = sum(len(frame) for frame in frames)
+        size = sum(map(len, frames))
         self.entries.append(Entry(last_tag, count, frames, size, origin, since, attempts))
         self.size += size
         self.count += count

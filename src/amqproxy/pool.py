@@ -248,7 +248,7 @@ class Pool:
                     self.open_now(preferred, confirm)
                 )
                 if up is not None:
-                    if waited and self.room:
+                    if waited and self.room.waiters:
                         self.room.wake_one()  # there may be room for the next one too
                     return up
                 if self.at_connection_limit():
@@ -346,7 +346,7 @@ class Pool:
         elif up.settled:
             up.settling_since = now  # parked since, for PARKED_IDLE
             self.parked.append(up)
-            if self.room:
+            if self.room.waiters:
                 self.room.wake_one()
         else:
             up.settling_since = now
@@ -362,7 +362,7 @@ class Pool:
         self.settling.discard(up)
         if up in self.parked:
             self.parked.remove(up)
-        if self.room:
+        if self.room.waiters:
             self.room.wake_one()
 
     # ---- housekeeping -----------------------------------------------------------------------
@@ -373,7 +373,7 @@ class Pool:
         if conn in self.upstreams:
             self.upstreams.remove(conn)
         self.retired.discard(conn)
-        if self.room:
+        if self.room.waiters:
             self.room.wake_one()
         self.parked = [up for up in self.parked if up.conn is not conn]
         self.settling = {up for up in self.settling if up.conn is not conn}
@@ -459,10 +459,10 @@ class PoolRegistry:
         """A pool with exactly these user and password bytes (any vhost) is trusted: the
         broker accepted them less than --credential-ttl ago."""
         user, password = credentials
-        return any(
-            key[0] == user and key[1] == password and pool.trusted()
-            for key, pool in self.pools.items()
-        )
+        for key, pool in self.pools.items():
+            if key[0] == user and key[1] == password and pool.trusted():
+                return True
+        return False
 
     def credit_traffic(self) -> None:
         """Every pool's byte totals catch up with its clients' (before they are reported)."""

@@ -17,18 +17,18 @@ class WaitQueue:
     a newcomer does not take what was freed for it."""
 
     def __init__(self) -> None:
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self.waiters: deque[asyncio.Future[None]] = deque()  # truthy: someone waits
 
     def __len__(self) -> int:
-        return len(self._waiters)
+        return len(self.waiters)
 
     async def wait(self, deadline: float, first: bool = False) -> None:
         """Until woken; TimeoutError at ``deadline`` (the event loop's time)."""
         waiter = asyncio.get_running_loop().create_future()
         if first:
-            self._waiters.appendleft(waiter)
+            self.waiters.appendleft(waiter)
         else:
-            self._waiters.append(waiter)
+            self.waiters.append(waiter)
         try:
             async with asyncio.timeout_at(deadline):
                 await waiter
@@ -38,16 +38,16 @@ class WaitQueue:
             raise
         finally:
             with contextlib.suppress(ValueError):
-                self._waiters.remove(waiter)
+                self.waiters.remove(waiter)
 
     def wake_one(self) -> None:
-        for waiter in self._waiters:
+        for waiter in self.waiters:
             if not waiter.done():
                 waiter.set_result(None)
                 return
 
     def wake_all(self) -> None:
         """The limits changed (a reload): everyone looks again."""
-        for waiter in self._waiters:
+        for waiter in self.waiters:
             if not waiter.done():
                 waiter.set_result(None)

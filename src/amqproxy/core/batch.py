@@ -36,11 +36,13 @@ class Batch(Generic[D]):
 
     def piece(self, dest: D, piece: Buffer) -> None:
         """A piece of its own (a copy, a rewritten frame) for ``dest``."""
-        self.cut()
+        if self.run_dest is not None:
+            self.cut()
         _add(self.outs, dest, [piece])
 
     def pieces(self, dest: D, pieces: list[Buffer]) -> None:
-        self.cut()
+        if self.run_dest is not None:
+            self.cut()
         _add(self.outs, dest, pieces)
 
     def cut(self) -> None:
@@ -51,7 +53,8 @@ class Batch(Generic[D]):
 
     def take(self) -> dict[D, list[Buffer]]:
         """Everything so far, per destination; the batch starts empty again."""
-        self.cut()
+        if self.run_dest is not None:
+            self.cut()
         outs, self.outs = self.outs, {}
         return outs
 

@@ -10,7 +10,6 @@ the methods under "Outcomes". Its parts, each in its own module: the handshake
 
 from __future__ import annotations
 
-import enum
 import logging
 from typing import TYPE_CHECKING
 
@@ -24,6 +23,7 @@ from amqproxy.core.client_channels import ChannelTable
 from amqproxy.core.client_handshake import Handshake, Step
 from amqproxy.core.client_stream import ClientStream
 from amqproxy.core.host import BrokerFacts, ClientHost
+from amqproxy.core.session import State
 from amqproxy.logsetup import hot_info
 
 if TYPE_CHECKING:
@@ -34,14 +34,6 @@ log = logging.getLogger("amqproxy.client")
 
 CLOSE_OK_TIMEOUT = 5.0  # how long a client may take to answer our Connection.Close
 PAUSED = "CONNECTION_FORCED - amqproxy is paused and admits no new clients; retry later"
-
-
-class State(enum.Enum):
-    HANDSHAKE = "handshake"  # protocol header to Connection.Open (``Handshake`` knows where)
-    AUTHENTICATING = "authenticating"  # proving the credentials upstream
-    OPEN = "open"
-    CLOSING = "closing"  # our Connection.Close sent, waiting for CloseOk
-    CLOSED = "closed"
 
 
 class ClientSession:

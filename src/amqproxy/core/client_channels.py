@@ -49,9 +49,6 @@ class ChannelTable:
         self.exclusive_queues: dict[bytes, Connection] = {}  # declared here, die with us
         self.split = Split(session)  # consumers apart from publishers (``roles``)
 
-    def _write(self, data: bytes) -> None:
-        self.session.host.write(data)
-
     def _end(self, lease: Lease) -> None:
         if self.leases.get(lease.channel_id) is lease:
             del self.leases[lease.channel_id]
@@ -69,7 +66,7 @@ class ChannelTable:
             if mid == c.CHANNEL_CLOSE_OK:
                 return
         if mid == c.CHANNEL_CLOSE:  # closed already (a second Close): RabbitMQ answers CloseOk
-            self._write(frames.method_frame(channel_id, frames.CHANNEL_CLOSE_OK))
+            self.session.host.write(frames.method_frame(channel_id, frames.CHANNEL_CLOSE_OK))
             return
         if mid != c.CHANNEL_OPEN:
             raise FrameError(
@@ -91,11 +88,11 @@ class ChannelTable:
         if up is not None:
             lease.backlog = None
             lease.bind(up)
-            self._write(frames.method_frame(channel_id, frames.CHANNEL_OPEN_OK))
+            self.session.host.write(frames.method_frame(channel_id, frames.CHANNEL_OPEN_OK))
             return
         if pool.holding():
             lease.announced = True
-            self._write(frames.method_frame(channel_id, frames.CHANNEL_OPEN_OK))
+            self.session.host.write(frames.method_frame(channel_id, frames.CHANNEL_OPEN_OK))
         session.host.open_channel(pool, lease, True)
 
     def ready(self, lease: Lease, up: UpstreamChannel) -> tuple[bytes, int]:
@@ -111,7 +108,7 @@ class ChannelTable:
             lease.confirm_offset = up.published
         if not lease.announced:
             lease.announced = True
-            self._write(frames.method_frame(lease.channel_id, frames.CHANNEL_OPEN_OK))
+            self.session.host.write(frames.method_frame(lease.channel_id, frames.CHANNEL_OPEN_OK))
         return lease.take_backlog()
 
     def open_refused(self, lease: Lease, code: int, text: str) -> None:
@@ -152,7 +149,9 @@ class ChannelTable:
                 # Both sides closed at once: answer, and accept the CloseOk that may follow.
                 self._end(lease)
                 self.late_close_ok.add(lease.channel_id)
-                self._write(frames.method_frame(lease.channel_id, frames.CHANNEL_CLOSE_OK))
+                self.session.host.write(
+                    frames.method_frame(lease.channel_id, frames.CHANNEL_CLOSE_OK)
+                )
 
     def _closed_while_waiting(self, lease: Lease, ftype: int, data: bytes, start: int) -> bool:
         """Channel.Close on a channel still waiting for its upstream (an outage is held): when
@@ -163,7 +162,7 @@ class ChannelTable:
             return False  # it waits for replies: the Close waits its turn behind them
         self._end(lease)
         lease.owner.release(lease, "channel closed")
-        self._write(frames.method_frame(lease.channel_id, frames.CHANNEL_CLOSE_OK))
+        self.session.host.write(frames.method_frame(lease.channel_id, frames.CHANNEL_CLOSE_OK))
         return True
 
     # ---- methods the proxy acts on ------------------------------------------------------------
@@ -217,7 +216,7 @@ class ChannelTable:
         if up.reusable and self.session.settings.park_channels:
             self._end(lease)
             lease.owner.release(lease, "channel closed")
-            self._write(frames.method_frame(lease.channel_id, frames.CHANNEL_CLOSE_OK))
+            self.session.host.write(frames.method_frame(lease.channel_id, frames.CHANNEL_CLOSE_OK))
             return Verdict.DROP
         lease.close_sent()
         return Verdict.FORWARD
@@ -250,7 +249,9 @@ class ChannelTable:
             lease.confirm_offset = up.published
         if up.confirm_mode:  # the proxy's own confirm mode: answer here
             if not nowait:
-                self._write(frames.method_frame(lease.channel_id, frames.CONFIRM_SELECT_OK))
+                self.session.host.write(
+                    frames.method_frame(lease.channel_id, frames.CONFIRM_SELECT_OK)
+                )
             return Verdict.DROP
         up.confirm_mode = True  # a channel without it (Tx): the broker answers, or refuses
         if not nowait:
@@ -291,7 +292,7 @@ class ChannelTable:
         lease.owner.release(lease, "channel error answered by the proxy")
         lease.refused()
         close = commands.Channel.Close(code, frames.reply_text(text), mid >> 16, mid & 0xFFFF)
-        self._write(frames.encode_method(lease.channel_id, close))
+        self.session.host.write(frames.encode_method(lease.channel_id, close))
 
     def publishing(self, lease: Lease, pending_frame: bytes) -> bool:
         """A tentative lease (``Split.tentative``) publishes: True if it goes back to a
@@ -328,12 +329,12 @@ class ChannelTable:
         the client gets the broker's Close now and the CloseOk for its Close when the broker
         sends it (the lease stays bound until then)."""
         lease.closed_by_broker()
-        self._write(frames.encode(c.FRAME_METHOD, lease.channel_id, close_payload))
+        self.session.host.write(frames.encode(c.FRAME_METHOD, lease.channel_id, close_payload))
 
     def closed_upstream(self, lease: Lease) -> None:
         """The broker answered the client's own Channel.Close."""
         lease.unbind()
-        self._write(frames.method_frame(lease.channel_id, frames.CHANNEL_CLOSE_OK))
+        self.session.host.write(frames.method_frame(lease.channel_id, frames.CHANNEL_CLOSE_OK))
         if not lease.client_close_ok_due:  # crossed: the lease ends with the client's CloseOk
             self._end(lease)
 

@@ -21,11 +21,12 @@ from amqproxy.core.batch import Batch
 from amqproxy.core.client_channels import ChannelTable
 from amqproxy.core.policy import ACKS, CLIENT_WATCHED, Verdict
 from amqproxy.core.publish import content_expected
-from amqproxy.core.session import Session
+from amqproxy.core.session import Session, State
 
 _HEADER = struct.Struct(">BHI")
 _U32 = struct.Struct(">I")
 HEADER_SIZE = c.FRAME_HEADER_SIZE
+OPEN = State.OPEN
 
 
 def _too_large(size: int, frame_max: int) -> FrameError:
@@ -72,7 +73,7 @@ class ClientStream:
             return b""
         if pos >= len(data):
             return b""
-        return data[pos:] if session.is_open else b""
+        return data[pos:] if session.state is OPEN else b""
 
     def _walk(self, data: bytes, batch: Batch[Connection]) -> tuple[int, FrameError | None]:
         """Frame by frame (run by run where the scanner can): where the walk stopped, and
@@ -107,7 +108,7 @@ class ClientStream:
                     batch.cut()
                 self._slow(ftype, channel_id, data, batch, pos, end)
                 pos = end + 1
-                if not session.is_open:
+                if session.state is not OPEN:
                     break
         except FrameError as exc:
             return pos, exc

@@ -6,6 +6,7 @@ protocol so that they do not import the module that assembles them.
 
 from __future__ import annotations
 
+import enum
 from typing import Protocol
 
 from amqproxy.amqp.auth import Credentials
@@ -13,6 +14,16 @@ from amqproxy.channel import Client
 from amqproxy.config import Settings
 from amqproxy.core.host import BrokerFacts, ClientHost
 from amqproxy.pool import Pool, PoolRegistry
+
+
+class State(enum.Enum):
+    """Where a client connection is (``ClientSession.state``)."""
+
+    HANDSHAKE = "handshake"  # protocol header to Connection.Open (``Handshake`` knows where)
+    AUTHENTICATING = "authenticating"  # proving the credentials upstream
+    OPEN = "open"
+    CLOSING = "closing"  # our Connection.Close sent, waiting for CloseOk
+    CLOSED = "closed"
 
 
 class Session(Client, Protocol):
@@ -24,6 +35,7 @@ class Session(Client, Protocol):
     channel_max: int
     heartbeat: int
     refusal: str  # over --max-clients: the text of the Connection.Close at StartOk
+    state: State
 
     @property
     def host(self) -> ClientHost: ...
