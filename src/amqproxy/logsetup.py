@@ -139,12 +139,29 @@ class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._queue(line, urgent=record.levelno >= logging.ERROR)
 
     def emit_line(self, level: str, name: str, message: str) -> None:
-        """A line in the handler's format from its parts (``hot_info``)."""
+        """A line in the handler's format from its parts (``hot_info``): written with the
+        next write, at most ``FLUSH_INTERVAL`` from now."""
         formatter = self.formatter
         stamp = formatter.stamp(time.time()) if isinstance(formatter, LogFormatter) else ""
-        self._queue(f"{stamp} {level} {self.tag}{name}: {message}", urgent=False, hot=True)
+        pending = self._pending
+        pending.append(f"{stamp} {level} {self.tag}{name}: {message}")
+        if self._flush_soon or self._flush_later:
+            if len(pending) >= FLUSH_LINES:
+                self.flush()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if self._written + FLUSH_INTERVAL > time.monotonic():
+            self._flush_later = True
+            loop.call_later(FLUSH_INTERVAL, self.flush)
+        else:
+            self._flush_soon = True
+            loop.call_soon(self.flush)
 
-    def _queue(self, line: str, urgent: bool, hot: bool = False) -> None:
+    def _queue(self, line: str, urgent: bool) -> None:
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -153,13 +170,7 @@ class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pending.append(line)
         if loop is None or urgent or len(pending) >= FLUSH_LINES:
             self.flush()
-        elif self._flush_soon:
-            return
-        elif hot and (self._flush_later or self._written + FLUSH_INTERVAL > time.monotonic()):
-            if not self._flush_later:
-                self._flush_later = True
-                loop.call_later(FLUSH_INTERVAL, self.flush)
-        else:
+        elif not self._flush_soon:  # (a flush only due after the interval is brought forward)
             self._flush_soon = True
             loop.call_soon(self.flush)
 

@@ -67,6 +67,7 @@ class ClientSession:
         # at StartOk with Connection.Close 320 and this text.
         self.refusal = ""
         self._rest = b""
+        self.bytes_in = 0  # read from the client, for the host's counts
         self._sent_blocked = False  # we told the client Connection.Blocked (outbox full)
         self.login: Login | None = None  # the broker accepted the password; the vhost is next
         self.unreachable = ""  # why the broker could not check the password at StartOk
@@ -103,7 +104,8 @@ class ClientSession:
     # ---- bytes in ---------------------------------------------------------------------------
 
     def receive(self, data: bytes) -> None:
-        """Bytes from the client."""
+        """Bytes from the client (the host hands every read here)."""
+        self.bytes_in += len(data)
         if self._rest:
             data = self._rest + data
             self._rest = b""

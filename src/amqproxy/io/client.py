@@ -72,8 +72,8 @@ class ClientProtocol(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.id = next(_ids)
         self.connected_at = time.time()  # wall clock, for operators
-        self.bytes_in = 0  # counted per read and write (``/api/clients``; pools: PoolStats)
-        self.bytes_out = 0
+        self.bytes_out = 0  # counted per write (``/api/clients``; pools: PoolStats)
+        self._read = -1  # the session's bytes_in, once it is let go
         self._credited = (0, 0)  # what the pool's totals have of them (``credit_traffic``)
         self.peer = "?"  # "address:port", and " [subject]" of a TLS client's certificate
         self.certificate = ""  # that subject, e.g. "CN=app1,O=Example"
@@ -84,6 +84,9 @@ class ClientProtocol(asyncio.Protocol):
         self.heartbeat = Heartbeat(
             self.loop, self._send_heartbeat, self.session.heartbeat_missed, self._traffic
         )
+        # Reads go straight to the session (one call less per read: the transport looks the
+        # method up on this object); ``bytes_in`` is the session's count.
+        self.data_received = self.session.receive  # type: ignore[method-assign]
         self._write_paused = False
         self._timer: asyncio.TimerHandle | None = None
         self._round_trips = 0  # tasks running for this client (``_spawn``)
@@ -94,13 +97,13 @@ class ClientProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # TCP_NODELAY is already on: uvloop and asyncio set it on every TCP transport.
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self.flow = FlowControl(self.transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = f"{peer[0]}:{peer[1]}"
-        self.certificate = subject(transport.get_extra_info("peercert"))
-        if self.certificate:  # --tls-client-ca: who the certificate says it is, in every line
-            self.peer += f" [{self.certificate}]"
+        if self.settings.tls_client_ca:  # who the certificate says it is, in every line
+            self.certificate = subject(transport.get_extra_info("peercert"))
+            if self.certificate:
+                self.peer += f" [{self.certificate}]"
         if not self.session.refusal:  # a refused socket is not one of the clients served
             self.clients.add(self)
         timeout = self.settings.handshake_timeout
@@ -112,8 +115,7 @@ class ClientProtocol(asyncio.Protocol):
             self._timer = self.loop.call_later(timeout, self._handshake_expired)
 
     def data_received(self, data: bytes) -> None:
-        self.bytes_in += len(data)
-        self.session.receive(data)
+        self.session.receive(data)  # (replaced in __init__ by the session's own method)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.heartbeat.stop()
@@ -132,8 +134,10 @@ class ClientProtocol(asyncio.Protocol):
         """The socket is closed and no round trip is running: nothing reads or calls this
         client's parts again. The references between them go, so that reference counting
         frees them at once rather than the cycle collector, thousands of clients later."""
+        self._read = self.session.bytes_in
         self.session.let_go()
         del self.heartbeat  # it holds this protocol's and the session's methods
+        del self.data_received  # the session's method
         del self.session
 
     def pause_writing(self) -> None:
@@ -172,6 +176,11 @@ class ClientProtocol(asyncio.Protocol):
             )
             transport.abort()
 
+    @property
+    def bytes_in(self) -> int:
+        """Bytes read from the client (``/api/clients``)."""
+        return self._read if self._read >= 0 else self.session.bytes_in
+
     def credit_traffic(self, stats: PoolStats) -> None:
         """Add what was read and written since the last call to ``stats``: a pool's byte
         totals are brought up to date when they are read and when a client leaves the pool,
@@ -195,6 +204,8 @@ class ClientProtocol(asyncio.Protocol):
         self._timer = self.loop.call_later(seconds, self.abort)
 
     def hold(self, reason: str) -> None:
+        if self.flow is None and self.transport is not None:  # made when first needed
+            self.flow = FlowControl(self.transport)
         if self.flow is not None:
             self.flow.hold(reason)
 
