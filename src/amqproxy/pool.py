@@ -455,14 +455,14 @@ class PoolRegistry:
             pool = self.pools[key] = Pool(self, key)
         return pool
 
-    def credentials_trusted(self, credentials: Credentials) -> bool:
-        """A pool with exactly these user and password bytes (any vhost) is trusted: the
+    def credentials_trusted(self, credentials: Credentials) -> Pool | None:
+        """A pool with exactly these user and password bytes (any vhost) that is trusted: the
         broker accepted them less than --credential-ttl ago."""
         user, password = credentials
         for key, pool in self.pools.items():
             if key[0] == user and key[1] == password and pool.trusted():
-                return True
-        return False
+                return pool
+        return None
 
     def credit_traffic(self) -> None:
         """Every pool's byte totals catch up with its clients' (before they are reported)."""

@@ -66,6 +66,18 @@ class FrameError(Exception):
 ScannedFrame = tuple[int, int, int, int]
 
 
+def too_large(size: int, frame_max: int) -> FrameError:
+    """A frame whose payload ``size`` is over ``frame_max``, as RabbitMQ words it."""
+    return FrameError(
+        c.FRAME_ERROR,
+        f"FRAME_ERROR - frame size {size + c.FRAME_OVERHEAD} exceeds frame_max {frame_max}",
+    )
+
+
+def bad_end(octet: int) -> FrameError:
+    return FrameError(c.FRAME_ERROR, f"FRAME_ERROR - bad frame end octet {octet:#04x}")
+
+
 def scan(data: Buffer, frame_max: int) -> tuple[list[ScannedFrame], int]:
     """Find the complete frames at the start of ``data``.
 
@@ -80,15 +92,12 @@ def scan(data: Buffer, frame_max: int) -> tuple[list[ScannedFrame], int]:
     while length - pos >= c.FRAME_HEADER_SIZE:
         ftype, channel, size = unpack(data, pos)
         if size > size_limit:
-            raise FrameError(
-                c.FRAME_ERROR,
-                f"FRAME_ERROR - frame size {size + c.FRAME_OVERHEAD} exceeds frame_max {frame_max}",
-            )
+            raise too_large(size, frame_max)
         end = pos + c.FRAME_HEADER_SIZE + size
         if end >= length:
             break
         if data[end] != c.FRAME_END:
-            raise FrameError(c.FRAME_ERROR, f"FRAME_ERROR - bad frame end octet {data[end]:#04x}")
+            raise bad_end(data[end])
         frames.append((ftype, channel, pos + c.FRAME_HEADER_SIZE, end))
         pos = end + 1
     return frames, pos

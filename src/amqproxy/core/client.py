@@ -70,6 +70,7 @@ class ClientSession:
         self.bytes_in = 0  # read from the client, for the host's counts
         self._sent_blocked = False  # we told the client Connection.Blocked (outbox full)
         self.login: Login | None = None  # the broker accepted the password; the vhost is next
+        self.trusted: Pool | None = None  # a pool of these credentials trusted at StartOk
         self.unreachable = ""  # why the broker could not check the password at StartOk
 
     @property
@@ -325,10 +326,11 @@ class ClientSession:
             return
         pool = self.registry.pool(self.credentials, vhost)
         login, self.login = self.login, None
+        trusted, self.trusted = self.trusted, None
         if login is not None:
             self.host.authenticate(pool, login)  # its Open names the vhost
-        elif pool.trusted():
-            self.admitted(pool)  # proven recently: no round trip, no wait
+        elif pool is trusted or pool.trusted():
+            self.admitted(pool)  # proven recently (at StartOk, or for another vhost then)
         elif self.unreachable:  # tried at StartOk already: no second wait for the timeout
             self.refused(pool, c.CONNECTION_FORCED, self.unreachable)
         else:

@@ -27,17 +27,7 @@ _HEADER = struct.Struct(">BHI")
 _U32 = struct.Struct(">I")
 HEADER_SIZE = c.FRAME_HEADER_SIZE
 OPEN = State.OPEN
-
-
-def _too_large(size: int, frame_max: int) -> FrameError:
-    return FrameError(
-        c.FRAME_ERROR,
-        f"FRAME_ERROR - frame size {size + c.FRAME_OVERHEAD} exceeds frame_max {frame_max}",
-    )
-
-
-def _bad_end(octet: int) -> FrameError:
-    return FrameError(c.FRAME_ERROR, f"FRAME_ERROR - bad frame end octet {octet:#04x}")
+FRAME_END = c.FRAME_END
 
 
 def bad_frame_type(ftype: int, channel: int) -> FrameError:
@@ -89,12 +79,12 @@ class ClientStream:
             while length - pos >= HEADER_SIZE:
                 ftype, channel_id, size = unpack(data, pos)
                 if size > limit:
-                    raise _too_large(size, session.frame_max)
+                    raise frames.too_large(size, session.frame_max)
                 end = pos + HEADER_SIZE + size
                 if end >= length:
                     break
-                if data[end] != c.FRAME_END:
-                    raise _bad_end(data[end])
+                if data[end] != FRAME_END:
+                    raise frames.bad_end(data[end])
                 if channel_id != cached_id:
                     cached_id = channel_id
                     lease = self._lease_for(channel_id, batch.view, pos)

@@ -35,6 +35,7 @@ class Session(Client, Protocol):
     channel_max: int
     heartbeat: int
     refusal: str  # over --max-clients: the text of the Connection.Close at StartOk
+    trusted: Pool | None  # a pool of the credentials, trusted at StartOk
     state: State
 
     @property

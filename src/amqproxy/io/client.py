@@ -81,9 +81,7 @@ class ClientProtocol(asyncio.Protocol):
         self.flow: FlowControl | None = None
         self.session = ClientSession(self, settings, registry, broker)
         self.session.refusal = refusal  # over --max-clients: refused at Connection.StartOk
-        self.heartbeat = Heartbeat(
-            self.loop, self._send_heartbeat, self.session.heartbeat_missed, self._traffic
-        )
+        self.heartbeat: Heartbeat | None = None  # once the client asks for heartbeats
         # Reads go straight to the session (one call less per read: the transport looks the
         # method up on this object); ``bytes_in`` is the session's count.
         self.data_received = self.session.receive  # type: ignore[method-assign]
@@ -118,7 +116,8 @@ class ClientProtocol(asyncio.Protocol):
         self.session.receive(data)  # (replaced in __init__ by the session's own method)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.heartbeat.stop()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -136,7 +135,7 @@ class ClientProtocol(asyncio.Protocol):
         frees them at once rather than the cycle collector, thousands of clients later."""
         self._read = self.session.bytes_in
         self.session.let_go()
-        del self.heartbeat  # it holds this protocol's and the session's methods
+        self.heartbeat = None  # it holds this protocol's and the session's methods
         del self.data_received  # the session's method
         del self.session
 
@@ -214,7 +213,11 @@ class ClientProtocol(asyncio.Protocol):
             self.flow.release(reason)
 
     def start_heartbeat(self, seconds: int) -> None:
-        self.heartbeat.start(seconds)
+        if seconds > 0 and self.heartbeat is None:
+            self.heartbeat = Heartbeat(
+                self.loop, self._send_heartbeat, self.session.heartbeat_missed, self._traffic
+            )
+            self.heartbeat.start(seconds)
 
     def _traffic(self) -> tuple[int, int]:
         return self.bytes_in, self.bytes_out
