@@ -125,7 +125,7 @@ class PoolCollector:
         yield from self._pool_gauges()
         registry = self.proxy.registry
         counters = {key: CounterMetricFamily(n, h, labels=LABELS) for key, n, h in POOL_COUNTERS}
-        registry.credit_traffic()
+        api.credit_traffic(registry)
         for labels, stats in registry.stats.items():
             for key, counter in counters.items():
                 counter.add_metric(list(labels), getattr(stats, key))
@@ -160,7 +160,7 @@ class PoolCollector:
         rows: dict[tuple[str, str], dict[str, float]] = {}
         for pool in self.proxy.registry.pools.values():
             row = rows.setdefault((pool.user, pool.vhost), {key: 0 for key, _, _ in POOL_GAUGES})
-            for key, value in pool.counts().items():
+            for key, value in api.pool_counts(pool).items():
                 row[key] += value
             messages, size, since = pool.delivery.counts()
             row["outbox_messages"] += messages

@@ -21,7 +21,7 @@ from amqproxy.broker import NOT_AMQP, REACHABLE, UNKNOWN, UNREACHABLE
 from amqproxy.config import Settings
 from amqproxy.io.client import ClientProtocol
 from amqproxy.nodes import Nodes
-from amqproxy.pool import PoolRegistry
+from amqproxy.pool import Pool, PoolRegistry
 from amqproxy.stats import PoolStats
 
 log = logging.getLogger("amqproxy.admin")
@@ -63,6 +63,25 @@ def _iso(wall: float) -> str:
 # ---- GET /api/pools ---------------------------------------------------------------------------
 
 
+def pool_counts(pool: Pool) -> dict[str, int]:
+    """What one pool holds now (``/api/pools``, the pool gauges of ``/metrics``)."""
+    return {
+        "clients": len(pool.clients),
+        "upstreams": sum(1 for u in pool.upstreams if u.open),
+        "parked": len(pool.parked),
+        "leased": sum(u.leased for u in pool.upstreams),
+        "settling": len(pool.settling),
+        "waiting": len(pool.room),
+    }
+
+
+def credit_traffic(registry: PoolRegistry) -> None:
+    """Every pool's byte totals catch up with its clients' (before they are reported)."""
+    for pool in registry.pools.values():
+        for client in pool.clients:
+            client.credit_traffic()
+
+
 def _pool_row(user: str, vhost: str, stats: PoolStats) -> Json:
     return {
         "user": user,
@@ -84,7 +103,7 @@ def pools(proxy: Proxy) -> Json:
     """Per user and vhost: the live pools' state and the totals kept since the start. A user
     and vhost the broker never accepted (a mistyped password) has no row."""
     registry = proxy.registry
-    registry.credit_traffic()
+    credit_traffic(registry)
     now = asyncio.get_running_loop().time()
     rows: dict[tuple[str, str], Json] = {}
     for (user, vhost), stats in registry.stats.items():
@@ -95,7 +114,7 @@ def pools(proxy: Proxy) -> Json:
         row = rows.get(key)
         if row is None:
             row = rows[key] = _pool_row(*key, pool.stats)
-        counts = pool.counts()
+        counts = pool_counts(pool)
         row["clients"] += counts["clients"]
         row["upstream_connections"] += counts["upstreams"]
         for state in ("leased", "parked", "settling"):

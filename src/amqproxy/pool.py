@@ -66,6 +66,7 @@ class Pool:
         self.clients: set[Client] = set()
         self._connecting: asyncio.Future[Connection] | None = None
         self._verifying: asyncio.Future[Connection] | None = None  # a credentials probe
+        self._joining: asyncio.Future[Connection] | None = None  # a StartOk login opening
         self.verified_at = float("-inf")  # when the broker last accepted these credentials
         self.delivery = Redelivery(self)  # outbox messages waiting for a channel
         self.outage = Outage(self.name, lambda: self.settings.outbox_hold)
@@ -120,10 +121,22 @@ class Pool:
         if login is not None:  # it joins the pool, unless the pool has a live connection once
             # it is open: then it was the proof, and closes (decided after the await: concurrent
             # cold clients must not each keep one)
-            await self._connect(keep=None, opener=login.finish)
+            opening = asyncio.ensure_future(self._connect(keep=None, opener=login.finish))
+            opening.add_done_callback(retrieve)
+            self._joining = opening
+            try:
+                await asyncio.shield(opening)
+            finally:
+                if opening.done() and self._joining is opening:
+                    self._joining = None
             return
         if self.trusted():
             return
+        joining = self._joining
+        if joining is not None:  # a login is opening this vhost: its answer is this one's too
+            await asyncio.shield(joining)
+            if self.trusted():
+                return
         if self.live_upstream() is None:
             await self.connect()
             return
@@ -423,16 +436,6 @@ class Pool:
             and not self.holding()
         )
 
-    def counts(self) -> dict[str, int]:
-        return {
-            "clients": len(self.clients),
-            "upstreams": sum(1 for u in self.upstreams if u.open),
-            "parked": len(self.parked),
-            "leased": sum(u.leased for u in self.upstreams),
-            "settling": len(self.settling),
-            "waiting": len(self.room),
-        }
-
 
 class PoolRegistry:
     """All pools, the upstream address and what was learned from the broker."""
@@ -447,6 +450,10 @@ class PoolRegistry:
         self.outbox = Totals(settings.outbox_max_bytes)
         self.stopped = False  # shutting down: no more reconnection attempts
         self.paused = False  # the admin API's pause: new clients are refused at Connection.Open
+        # The broker checking a password at StartOk, per (credentials, mechanism): clients with
+        # the same bytes meanwhile wait for that answer rather than log in too (a cold burst).
+        # (True: accepted; False: no answer, each asks again; an exception: refused)
+        self.checks: dict[tuple[Credentials, str], asyncio.Future[bool]] = {}
 
     def pool(self, credentials: Credentials, vhost: bytes) -> Pool:
         key = (credentials.user, credentials.password, vhost)
@@ -463,12 +470,6 @@ class PoolRegistry:
             if key[0] == user and key[1] == password and pool.trusted():
                 return pool
         return None
-
-    def credit_traffic(self) -> None:
-        """Every pool's byte totals catch up with its clients' (before they are reported)."""
-        for pool in self.pools.values():
-            for client in pool.clients:
-                client.credit_traffic()
 
     def maybe_drop(self, pool: Pool) -> None:
         """Forget a pool with no clients and no connections (e.g. failed credentials)."""

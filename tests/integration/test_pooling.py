@@ -4,6 +4,7 @@ the proxy stays transparent (large bodies, properties, returns, broker channel e
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 import aio_pika
@@ -588,16 +589,18 @@ def test_streams_through_both_frame_scanners(proxy_factory, tenant, queues, scan
 
 
 @pytest.mark.timeout(60)
-def test_a_cold_burst_behind_a_slow_link_keeps_one_upstream_connection(
+def test_a_cold_burst_behind_a_slow_link_logs_in_once_and_keeps_one_upstream_connection(
     proxy_factory, tenant, queues, fault_relay
 ):
-    """Clients that arrive together at a cold pool each have their password checked by the
-    broker (a login per client, at StartOk); once those logins are open, one joins the pool and
-    the others close. Behind a 50 ms link every login is still opening when the next client
-    arrives: the choice must be made when each login is open, not when it starts."""
+    """Clients that arrive together at a cold pool need their password checked by the broker
+    (at StartOk): the first client's login checks it for all that arrive while it is under
+    way, and its connection serves the pool. Behind a 50 ms link every client arrives while
+    that login is still opening: not one login per client (the broker's connection churn),
+    and not one upstream connection kept per client."""
     fault_relay.delay = 0.025  # each way: the broker 50 ms away
     p = proxy_factory(upstream=fault_relay.url)
     q = queues.declare(tenant)
+    before = fault_relay.accepted_total
     clients, errors = 20, []
     start = threading.Barrier(clients)
 
@@ -618,10 +621,44 @@ def test_a_cold_burst_behind_a_slow_link_keeps_one_upstream_connection(
     assert not errors, errors
     _assert_each_once(tenant, q, clients)
     lbl = tenant.labels
-    assert p.metrics().get(UPSTREAM_CONNECTS, **lbl) >= clients  # a login each, as designed
+    # the first client's login, and at most one more that clients whose Open came first made
+    assert fault_relay.accepted_total - before <= 2, fault_relay.accepted_total - before
+    assert p.metrics().get(UPSTREAM_CONNECTS, **lbl) <= 2
     p.wait_metric(UPSTREAM_CONNECTIONS, 1, timeout=5, **lbl)
     wait_for(
         lambda: fault_relay.connections == 1,
         5,
         message=lambda: f"{fault_relay.connections} upstream connections through the relay",
     )
+
+
+@pytest.mark.timeout(60)
+def test_a_burst_with_a_wrong_password_is_refused_for_every_client(
+    proxy_factory, tenant, fault_relay
+):
+    """The shared check's refusal is each waiting client's: every one gets ACCESS_REFUSED, and
+    the broker is asked once or twice, not once per client."""
+    fault_relay.delay = 0.025
+    p = proxy_factory(upstream=fault_relay.url)
+    wrong = dataclasses.replace(tenant, password="not-the-password")
+    clients, outcomes = 10, []
+    start = threading.Barrier(clients)
+    before = fault_relay.accepted_total
+
+    def attempt() -> None:
+        start.wait(10)
+        try:
+            p.connect(wrong).close()
+            outcomes.append("connected")
+        except pika.exceptions.ProbableAuthenticationError:
+            outcomes.append("refused")
+        except Exception as exc:  # reported below
+            outcomes.append(repr(exc))
+
+    threads = [threading.Thread(target=attempt) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert outcomes == ["refused"] * clients
+    assert fault_relay.accepted_total - before <= 2, fault_relay.accepted_total - before

@@ -16,6 +16,7 @@ import pytest
 from pamqp import commands
 from support.core import PROTOCOL_HEADER, Rig, message, method, methods_of
 
+from amqproxy.api import pool_counts
 from amqproxy.channel import LeaseState
 from amqproxy.errors import NoChannelFree
 from amqproxy.io import admission
@@ -106,7 +107,7 @@ async def test_a_freed_channel_goes_to_the_first_waiter_not_to_a_newcomer() -> N
     first = asyncio.ensure_future(rig.pool.new_channel(7))
     second = asyncio.ensure_future(rig.pool.new_channel(8))
     await asyncio.sleep(0)
-    assert len(rig.pool.room) == 2 and rig.pool.counts()["waiting"] == 2
+    assert len(rig.pool.room) == 2 and pool_counts(rig.pool)["waiting"] == 2
 
     holder.send(method(1, CLOSE))  # clean and settled: parked, the first waiter woken
     assert rig.pool.parked == [up]

@@ -20,7 +20,7 @@ from amqproxy.amqp.frames import Buffer
 from amqproxy.channel import Connection, Lease
 from amqproxy.config import Settings
 from amqproxy.core.client import ClientSession
-from amqproxy.errors import NoChannelFree, UpstreamRefused
+from amqproxy.errors import NoChannelFree, UpstreamRefused, retrieve
 from amqproxy.io.heartbeat import Heartbeat
 from amqproxy.nodes import Nodes
 from amqproxy.pool import Login, Pool, PoolRegistry
@@ -253,8 +253,15 @@ class ClientProtocol(asyncio.Protocol):
         self._spawn(self._check_credentials(credentials, mechanism))
 
     async def _check_credentials(self, credentials: Credentials, mechanism: str) -> None:
+        """The broker checks the password: at most once at a time per credentials (a client
+        whose bytes are being checked already takes that answer; its Open then finds the
+        pool that the first client's login opens, rather than one login per cold client)."""
+        pending = self.session.registry.checks.get((credentials, mechanism))
         try:
-            login = await self.broker.login(credentials, mechanism)
+            if pending is not None and await asyncio.shield(pending):
+                login = None  # accepted, on the first client's login
+            else:
+                login = await self._login(credentials, mechanism)
         except UpstreamRefused as exc:
             if exc.reachable and exc.code != c.CONNECTION_FORCED:
                 self.session.credentials_refused(exc.code, exc.text)
@@ -263,6 +270,26 @@ class ClientProtocol(asyncio.Protocol):
             return
         self.session.registry.upstream_reachable = True
         self.session.credentials_checked(login)
+
+    async def _login(self, credentials: Credentials, mechanism: str) -> Login:
+        """This client's own StartOk upstream, its answer shared with those that ask
+        meanwhile (``PoolRegistry.checks``)."""
+        checks = self.session.registry.checks
+        key = (credentials, mechanism)
+        checks[key] = pending = self.loop.create_future()
+        pending.add_done_callback(retrieve)
+        try:
+            login = await self.broker.login(credentials, mechanism)
+            pending.set_result(True)
+            return login
+        except UpstreamRefused as exc:
+            pending.set_exception(exc)
+            raise
+        finally:
+            if checks.get(key) is pending:
+                del checks[key]
+            if not pending.done():
+                pending.set_result(False)  # no answer (cancelled): each asks on its own
 
     def authenticate(self, pool: Pool, login: Login | None) -> None:
         self._spawn(self._authenticate(pool, login))
