@@ -1,4 +1,6 @@
-"""A minimal, fast AMQP 0-9-1 client for the throughput, concurrency and memory scenarios.
+"""The raw AMQP 0-9-1 client driven by asyncio, for the throughput, concurrency and memory
+scenarios (and the load tests); its frames are ``support.wire``'s, which the byte-level tests'
+blocking driver (``support.raw``) shares.
 
 pika costs tens of microseconds per message and would be the bottleneck in S2-S4, so this client
 speaks the wire protocol directly on an ``asyncio.Protocol``: pamqp marshals the few methods it
@@ -19,6 +21,7 @@ import argparse
 import asyncio
 import functools
 import json
+import os
 import ssl
 import struct
 import sys
@@ -26,13 +29,15 @@ import time
 from collections import deque
 from typing import Any
 
-from pamqp import commands, frame
+from pamqp import commands
 
-FRAME_END = b"\xce"
-PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from support import wire
+from support.wire import PROTOCOL_HEADER
+
 BODY_SIZE = 100
-_HDR = struct.Struct(">BHI")
-_CM = struct.Struct(">HH")
+_HDR = wire.HEADER
+_CM = wire.METHOD_ID
 
 
 def body_for(msg_id: int) -> bytes:
@@ -44,8 +49,7 @@ def id_of(body: bytes | memoryview) -> int:
     return int(bytes(body[:20]))
 
 
-def _method(ch: int, cmd: Any) -> bytes:
-    return frame.marshal(cmd, ch)
+_method = wire.method
 
 
 @functools.lru_cache(maxsize=64)
@@ -53,21 +57,12 @@ def _handshake_frames(
     user: str, password: str, vhost: str, channel_max: int, frame_max: int
 ) -> tuple[bytes, bytes]:
     """StartOk, and TuneOk + Open: marshalled once per parameter set (pamqp is not cheap)."""
-    start_ok = _method(
-        0,
-        commands.Connection.StartOk(
-            client_properties={
-                "product": "amqproxy-bench",
-                "capabilities": {"publisher_confirms": True, "basic.nack": True},
-            },
-            mechanism="PLAIN",
-            response=f"\0{user}\0{password}",
-            locale="en_US",
-        ),
-    )
-    tune_open = _method(0, commands.Connection.TuneOk(channel_max, frame_max, 0)) + _method(
-        0, commands.Connection.Open(virtual_host=vhost)
-    )
+    properties = {
+        "product": "amqproxy-bench",
+        "capabilities": {"publisher_confirms": True, "basic.nack": True},
+    }
+    start_ok = wire.start_ok(user, password, "PLAIN", properties)
+    tune_open = wire.tune_ok(channel_max, frame_max, 0) + wire.open_vhost(vhost.encode())
     return start_ok, tune_open
 
 
@@ -86,7 +81,7 @@ def _publish_prefix(ch: int, routing_key: str, exchange: str = "") -> bytes:
     """Basic.Publish + content header for a BODY_SIZE body (identical for every message)."""
     method = _method(ch, commands.Basic.Publish(exchange=exchange, routing_key=routing_key))
     header_payload = struct.pack(">HHQH", 60, 0, BODY_SIZE, 0)
-    header = _HDR.pack(2, ch, len(header_payload)) + header_payload + FRAME_END
+    header = wire.frame(2, ch, header_payload)
     return method + header
 
 
@@ -95,12 +90,11 @@ def _cached_prefix(queue: str) -> bytes:
     return _publish_prefix(1, queue)
 
 
-def _body_frame(ch: int, body: bytes) -> bytes:
-    return _HDR.pack(3, ch, len(body)) + body + FRAME_END
+_body_frame = wire.body_frame
 
 
 def _ack_frame(ch: int, tag: int) -> bytes:
-    return _HDR.pack(1, ch, 13) + struct.pack(">HHQB", 60, 80, tag, 0) + FRAME_END
+    return wire.frame(1, ch, struct.pack(">HHQB", 60, 80, tag, 0))
 
 
 def build_publish_frames(queue: str, ids: list[int], ch: int = 1) -> list[bytes]:

@@ -1,4 +1,5 @@
-"""A tiny blocking AMQP 0-9-1 client built on pamqp, for tests that need exact frames.
+"""The raw client on a blocking socket, for tests that need exact frames (its frames:
+``support.wire``, which the benchmarks' asyncio driver shares).
 
 Real clients (pika, aio-pika) hide frames the tests need to observe (an unexpected Basic.Ack, the
 exact delivery tag, the reply code of a Connection.Close during the handshake) and cannot stop in
@@ -8,18 +9,16 @@ the middle of a message.  This client can.
 from __future__ import annotations
 
 import socket
-import struct
 import time
 from typing import Any
 
-from pamqp import body as pbody
 from pamqp import commands
 from pamqp import frame as pframe
 from pamqp import header as pheader
 from pamqp import heartbeat as pheartbeat
 
-FRAME_END = 0xCE
-PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
+from support import wire
+from support.wire import FRAME_END, PROTOCOL_HEADER
 
 
 class RawClosed(Exception):
@@ -78,7 +77,7 @@ class RawAMQP:
             self._fill(8, deadline)
             hdr, self.buf = self.buf[:8], self.buf[8:]
             return -1, hdr
-        ftype, _channel, size = struct.unpack_from(">BHI", self.buf, 0)
+        ftype, _channel, size = wire.HEADER.unpack_from(self.buf, 0)
         self._fill(7 + size + 1, deadline)
         raw = self.buf[: 7 + size + 1]
         self.buf = self.buf[7 + size + 1 :]
@@ -157,42 +156,17 @@ class RawAMQP:
         self.mechanisms = start.mechanisms
         props: dict[str, Any] = {
             "product": "amqproxy-integration-tests",
-            "capabilities": {
-                "publisher_confirms": True,
-                "basic.nack": True,
-                "consumer_cancel_notify": True,
-                "connection.blocked": True,
-                "authentication_failure_close": True,
-            },
+            "capabilities": wire.CAPABILITIES,
         }
         if connection_name:
             props["connection_name"] = connection_name
-        if response is None and mechanism == "PLAIN":
-            response = b"\0" + user.encode() + b"\0" + password.encode()
-        elif response is None:  # AMQPLAIN: a field table without its length prefix
-            response = b"".join(
-                bytes([len(k)]) + k + b"S" + struct.pack(">I", len(v)) + v
-                for k, v in ((b"LOGIN", user.encode()), (b"PASSWORD", password.encode()))
-            )
-        from pamqp import encode
-
-        arguments = (
-            encode.field_table(props)
-            + encode.short_string(mechanism)
-            + struct.pack(">I", len(response))
-            + response
-            + encode.short_string("en_US")
-        )
-        payload = struct.pack(">HH", 10, 11) + arguments
-        self.send_raw(struct.pack(">BHI", 1, 0, len(payload)) + payload + b"\xce")
+        self.send_raw(wire.start_ok(user, password, mechanism, props, response))
         tune = self.expect(commands.Connection.Tune, 0, timeout)
         self.channel_max = min(channel_max, tune.channel_max or channel_max)
         self.frame_max = min(frame_max, tune.frame_max or frame_max)
         self.heartbeat = heartbeat
-        self.send(0, commands.Connection.TuneOk(self.channel_max, self.frame_max, heartbeat))
-        raw_vhost = vhost.encode() if vhost_bytes is None else vhost_bytes
-        payload = struct.pack(">HHB", 10, 40, len(raw_vhost)) + raw_vhost + b"\x00\x00"
-        self.send_raw(struct.pack(">BHI", 1, 0, len(payload)) + payload + b"\xce")
+        self.send_raw(wire.tune_ok(self.channel_max, self.frame_max, heartbeat))
+        self.send_raw(wire.open_vhost(vhost.encode() if vhost_bytes is None else vhost_bytes))
         self.expect(commands.Connection.OpenOk, 0, timeout)
 
     def open_channel(self, channel: int = 1, timeout: float = 5.0) -> None:
@@ -214,18 +188,10 @@ class RawAMQP:
         mandatory: bool = False,
         declared_size: int | None = None,
     ) -> bytes:
-        out = pframe.marshal(
-            commands.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory),
-            channel,
-        )
-        size = len(body) if declared_size is None else declared_size
-        out += pframe.marshal(
-            pheader.ContentHeader(0, size, properties or commands.Basic.Properties()), channel
-        )
-        step = self.frame_max - 8
-        for i in range(0, len(body), step):
-            out += pframe.marshal(pbody.ContentBody(body[i : i + step]), channel)
-        return out
+        return wire.content(
+            channel, exchange, routing_key, body, self.frame_max, properties, mandatory,
+            declared_size,
+        )  # fmt: skip
 
     def publish(self, channel: int, exchange: str, routing_key: str, body: bytes, **kw) -> None:
         self.send_raw(self.content_frames(channel, exchange, routing_key, body, **kw))

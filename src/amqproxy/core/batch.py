@@ -28,10 +28,12 @@ class Batch(Generic[D]):
 
     def stretch(self, dest: D, start: int, end: int) -> None:
         """view[start:end] goes to ``dest`` as it is."""
-        if self.run_dest is dest and self.run_end == start:
+        run_dest = self.run_dest
+        if run_dest is dest and self.run_end == start:
             self.run_end = end
             return
-        self.cut()
+        if run_dest is not None:
+            self.cut()
         self.run_dest, self.run_start, self.run_end = dest, start, end
 
     def piece(self, dest: D, piece: Buffer) -> None:
@@ -47,8 +49,14 @@ class Batch(Generic[D]):
 
     def cut(self) -> None:
         """End the stretch being extended (what comes next goes after it)."""
-        if self.run_dest is not None:
-            _add(self.outs, self.run_dest, [self.view[self.run_start : self.run_end]])
+        dest = self.run_dest
+        if dest is not None:
+            piece = self.view[self.run_start : self.run_end]
+            out = self.outs.get(dest)
+            if out is None:
+                self.outs[dest] = [piece]
+            else:
+                out.append(piece)
             self.run_dest = None
 
     def take(self) -> dict[D, list[Buffer]]:

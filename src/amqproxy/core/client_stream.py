@@ -54,8 +54,10 @@ class ClientStream:
         pos, error = self._walk(data, batch)
         if self.open_msg is not None:
             self._keep_partial(batch.view, pos)
-        if batch.outs or batch.run_dest is not None:
+        if batch.outs:
             self.flush(batch)
+        elif batch.run_dest is not None:  # one stretch for one upstream: the common read
+            self._send(batch.run_dest, [batch.view[batch.run_start : batch.run_end]])
         if outbox.full and outbox.bytes > kept_before:
             session.hold_for_outbox()
         if error is not None:
@@ -129,10 +131,13 @@ class ClientStream:
         if not outs:
             return
         for conn, pieces in outs.items():
-            conn.send(pieces)
-            if conn.paused:
-                conn.wait_for_room(self.session)
-                self.session.host.hold("upstream")
+            self._send(conn, pieces)
+
+    def _send(self, conn: Connection, pieces: list[Buffer]) -> None:
+        conn.send(pieces)
+        if conn.paused:
+            conn.wait_for_room(self.session)
+            self.session.host.hold("upstream")
 
     # ---- the fast path ------------------------------------------------------------------------
 

@@ -319,7 +319,10 @@ class UpstreamSession:
 
     # ---- reading ----------------------------------------------------------------------------
 
-    def receive(self, data: bytes) -> None:
+    def receive(self, data: bytes, now: float | None = None) -> None:
+        """Bytes from the broker (``now``: the event loop's time, when the host has it)."""
+        if now is not None:
+            self._now = now
         self.last_read = self._now
         if self._rest:
             data = self._rest + data

@@ -86,9 +86,11 @@ class BrokerStream:
             elif up is not None:
                 self._frame(up, ftype, channel_id, data, batch.view, pos, end, batch)
             pos = end + 1
-        if batch.outs or batch.run_dest is not None:
+        if batch.outs:
             for client, pieces in batch.take().items():
                 client.send(pieces)
+        elif batch.run_dest is not None:  # one stretch for one client: the common read
+            batch.run_dest.send([batch.view[batch.run_start : batch.run_end]])
         return data[pos:] if pos < length else b""
 
     def _pass(
@@ -121,7 +123,7 @@ class BrokerStream:
                 self.conn.pool.stats.messages_out += delivered
             if confirmed >= 0:
                 up.confirmed = confirmed
-                if up.outbox:
+                if up.outbox.entries:
                     up.outbox.confirmed_through(confirmed)
             if moved is None:
                 batch.stretch(client, pos, stop)

@@ -47,8 +47,7 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.heartbeat.read_seen = True
-        self.session.tick(self.loop.time())
-        self.session.receive(data)
+        self.session.receive(data, self.loop.time())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.heartbeat.stop()
