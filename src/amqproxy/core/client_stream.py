@@ -91,7 +91,12 @@ class ClientStream:
                     cached_id = channel_id
                     lease = self._lease_for(channel_id, batch.view, pos)
                 if lease is not None:
-                    stop = self._fast(lease, ftype, data, pos, end, batch)
+                    if ftype == c.FRAME_METHOD and not lease.message.stage:  # a boundary
+                        stop = self._run(lease, data, pos, batch)
+                        if not stop and lease.verbatim:
+                            stop = self._method(lease, data, pos, end, batch)
+                    else:
+                        stop = self._fast(lease, ftype, data, pos, end, batch)
                     if stop:
                         pos = stop
                         continue
@@ -173,12 +178,16 @@ class ClientStream:
         if stop == pos:
             return 0
         if published:
-            self._count(published)
+            session = self.session
+            if session.pool is not None:  # (``_count`` and ``_keep``, without two calls)
+                session.pool.stats.messages_in += published
             if up.confirm_mode:
                 up.published += published
                 if not lease.client_confirm:
                     run = batch.view[pos:stop] if moved is None else moved
-                    self._keep(up, published, (run,))
+                    up.outbox.add(
+                        up.published, published, (run,), session.identity, session.host.now()
+                    )
         if moved is None:
             batch.stretch(conn, pos, stop)
         else:
