@@ -65,8 +65,7 @@ class Pool:
         self.settling: set[UpstreamChannel] = set()
         self.clients: set[Client] = set()
         self._connecting: asyncio.Future[Connection] | None = None
-        self._verifying: asyncio.Future[Connection] | None = None  # a credentials probe
-        self._joining: asyncio.Future[Connection] | None = None  # a StartOk login opening
+        self._proving: asyncio.Future[Connection] | None = None  # credentials being proven
         self.verified_at = float("-inf")  # when the broker last accepted these credentials
         self.delivery = Redelivery(self)  # outbox messages waiting for a channel
         self.outage = Outage(self.name, lambda: self.settings.outbox_hold)
@@ -112,43 +111,29 @@ class Pool:
         return self.outage.waiters
 
     async def authenticate(self, login: Login | None = None) -> None:
-        """Prove the credentials: trusted recently, or by the broker again. With no live
-        connection the new one then serves the pool; with one, the proof is a probe that
-        closes at once (otherwise every ``credential_ttl`` would leave one more connection
-        behind while the pool is busy). ``login``: the broker accepted the password on it
-        already; its Open for this pool's vhost is the rest of the proof, and it joins the
-        pool."""
-        if login is not None:  # it joins the pool, unless the pool has a live connection once
-            # it is open: then it was the proof, and closes (decided after the await: concurrent
-            # cold clients must not each keep one)
-            opening = asyncio.ensure_future(self._connect(keep=None, opener=login.finish))
-            opening.add_done_callback(retrieve)
-            self._joining = opening
-            try:
-                await asyncio.shield(opening)
-            finally:
-                if opening.done() and self._joining is opening:
-                    self._joining = None
+        """Prove the credentials: trusted recently, or by the broker again — on ``login`` (the
+        broker accepted the password on it at StartOk; its Open for this pool's vhost is the
+        rest of the proof) or on a new connection, which callers without a login share with
+        the proof under way. A proof joins the pool if the pool has no live connection once it
+        is open (decided after the await: concurrent cold clients must not each keep one),
+        else it closes (or every ``credential_ttl`` would leave one more connection behind)."""
+        attempt: asyncio.Future[Connection]
+        if login is not None:
+            attempt = asyncio.ensure_future(self._connect(keep=None, opener=login.finish))
+            attempt.add_done_callback(retrieve)
+            self._proving = self._proving or attempt
+        elif self.trusted():
             return
-        if self.trusted():
-            return
-        joining = self._joining
-        if joining is not None:  # a login is opening this vhost: its answer is this one's too
-            await asyncio.shield(joining)
-            if self.trusted():
-                return
-        if self.live_upstream() is None:
-            await self.connect()
-            return
-        if self._verifying is None:
-            self._verifying = asyncio.ensure_future(self._connect(keep=False))
-            self._verifying.add_done_callback(retrieve)
-        attempt = self._verifying
+        elif self._proving is not None:
+            attempt = self._proving
+        else:
+            attempt = self._proving = asyncio.ensure_future(self._connect(keep=None))
+            attempt.add_done_callback(retrieve)
         try:
             await asyncio.shield(attempt)
         finally:
-            if attempt.done() and self._verifying is attempt:
-                self._verifying = None
+            if attempt.done() and self._proving is attempt:
+                self._proving = None
 
     def max_channels(self, conn: Connection) -> int:
         configured = self.settings.max_upstream_channels

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 
 import aio_pika
 import pika
@@ -23,6 +24,7 @@ from support import (
     drain,
     queue_counts,
     wait_for,
+    wire,
 )
 from support.raw import RawAMQP, RawConnectionClose
 
@@ -662,3 +664,41 @@ def test_a_burst_with_a_wrong_password_is_refused_for_every_client(
         t.join(30)
     assert outcomes == ["refused"] * clients
     assert fault_relay.accepted_total - before <= 2, fault_relay.accepted_total - before
+
+
+@pytest.mark.timeout(60)
+def test_an_open_that_overtakes_the_checking_clients_open_still_leaves_one_connection(
+    proxy_factory, tenant, queues, fault_relay
+):
+    """Forced order: client A's StartOk starts the broker's check, client B's StartOk waits
+    for it; B then sends its Open first (a new connection proves the vhost) while A holds its
+    Open back until B's proof is under way (A's login then finishes too). Both proofs are
+    open at about the same time: exactly one joins the pool, and both clients publish."""
+    fault_relay.delay = 0.025
+    p = proxy_factory(upstream=fault_relay.url)
+    q = queues.declare(tenant)
+    a, b = RawAMQP(p.host, p.port), RawAMQP(p.host, p.port)
+    try:
+        for raw in (a, b):
+            raw.send_raw(wire.PROTOCOL_HEADER)
+            raw.expect(commands.Connection.Start, 0)
+        for raw in (a, b):  # A's check goes upstream; B's waits for it
+            raw.send_raw(wire.start_ok(tenant.user, tenant.password))
+        for raw in (a, b):
+            tune = raw.expect(commands.Connection.Tune, 0)
+            raw.send_raw(wire.tune_ok(tune.channel_max, tune.frame_max, 0))
+        b.send_raw(wire.open_vhost(tenant.vhost.encode()))
+        time.sleep(0.03)  # B's proof is connecting through the 50 ms link
+        a.send_raw(wire.open_vhost(tenant.vhost.encode()))
+        for raw, name in ((b, b"from-b"), (a, b"from-a")):
+            raw.expect(commands.Connection.OpenOk, 0)
+            raw.open_channel(1)
+            raw.publish(1, "", q, name)
+            raw.rpc(1, commands.Channel.Close(200, "bye", 0, 0), commands.Channel.CloseOk)
+    finally:
+        a.close()
+        b.close()
+    wait_for(lambda: queue_counts(tenant, q)[0] == 2, 5)  # the outbox's way behind 50 ms
+    assert sorted(body for body, _, _ in drain(tenant, q)) == [b"from-a", b"from-b"]
+    p.wait_metric(UPSTREAM_CONNECTIONS, 1, timeout=5, **tenant.labels)
+    assert wait_for(lambda: fault_relay.connections == 1, 5)
