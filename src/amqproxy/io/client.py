@@ -73,7 +73,6 @@ class ClientProtocol(asyncio.Protocol):
         self.id = next(_ids)
         self.connected_at = time.time()  # wall clock, for operators
         self.bytes_out = 0  # counted per write (``/api/clients``; pools: PoolStats)
-        self._read = -1  # the session's bytes_in, once it is let go
         self._credited = (0, 0)  # what the pool's totals have of them (``credit_traffic``)
         self.peer = "?"  # "address:port", and " [subject]" of a TLS client's certificate
         self.certificate = ""  # that subject, e.g. "CN=app1,O=Example"
@@ -133,7 +132,6 @@ class ClientProtocol(asyncio.Protocol):
         """The socket is closed and no round trip is running: nothing reads or calls this
         client's parts again. The references between them go, so that reference counting
         frees them at once rather than the cycle collector, thousands of clients later."""
-        self._read = self.session.bytes_in
         self.session.let_go()
         self.heartbeat = None  # it holds this protocol's and the session's methods
         del self.data_received  # the session's method
@@ -178,7 +176,7 @@ class ClientProtocol(asyncio.Protocol):
     @property
     def bytes_in(self) -> int:
         """Bytes read from the client (``/api/clients``)."""
-        return self._read if self._read >= 0 else self.session.bytes_in
+        return self.session.bytes_in  # (asked only while the client is one of the server's)
 
     def credit_traffic(self, stats: PoolStats) -> None:
         """Add what was read and written since the last call to ``stats``: a pool's byte

@@ -1,8 +1,8 @@
 """Heartbeats owned by the proxy, one leg at a time (docs/ARCHITECTURE.md).
 
 Every H/2: send a heartbeat if nothing was written since the last tick; after 2·H with nothing
-read, the peer is dead. The hot path only sets the two booleans, or (``traffic``) counts the
-bytes it reads and writes anyway.
+read, the peer is dead. The hot path only counts the bytes it reads and writes, which the
+socket's adapter does anyway.
 """
 
 from __future__ import annotations
@@ -16,27 +16,23 @@ TICKS_TO_DEATH = 4  # 4 ticks of H/2 = 2·H
 
 
 class Heartbeat:
-    """The heartbeat timer of one socket; ``send`` writes a frame, ``dead`` ends the peer."""
+    """The heartbeat timer of one socket; ``send`` writes a frame, ``dead`` ends the peer,
+    ``traffic`` tells the bytes read and written so far (the socket counts them anyway)."""
 
-    __slots__ = (
-        "_interval", "_seen", "_silent", "_timer", "dead", "loop", "read_seen", "send", "traffic",
-        "wrote",
-    )  # fmt: skip
+    __slots__ = ("_interval", "_seen", "_silent", "_timer", "dead", "loop", "send", "traffic")
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         send: Callable[[bytes], None],
         dead: Callable[[], None],
-        traffic: Callable[[], tuple[int, int]] | None = None,
+        traffic: Callable[[], tuple[int, int]],
     ) -> None:
         self.loop = loop
         self.send = send
         self.dead = dead
-        self.traffic = traffic  # (bytes read, bytes written) so far, instead of the booleans
-        self._seen = (0, 0)  # ... at the last tick
-        self.read_seen = False  # something arrived since the last tick
-        self.wrote = False  # something was written since the last tick
+        self.traffic = traffic
+        self._seen = (0, 0)  # (read, written) at the last tick, our own heartbeat included
         self._silent = 0
         self._interval = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -52,14 +48,13 @@ class Heartbeat:
             self._timer = None
 
     def _tick(self) -> None:
-        if self.traffic is not None:
-            seen, self._seen = self._seen, self.traffic()
-            self.read_seen = self._seen[0] != seen[0]
-            self.wrote = self._seen[1] != seen[1]
-        if not self.wrote:
+        read, written = self.traffic()
+        last_read, last_written = self._seen
+        if written == last_written:
             self.send(frames.HEARTBEAT)
-        self.wrote = False
-        if self.read_seen:
+            written = self.traffic()[1]  # our heartbeat is not traffic the next tick can count
+        self._seen = (read, written)
+        if read != last_read:
             self._silent = 0
         else:
             self._silent += 1
@@ -67,5 +62,4 @@ class Heartbeat:
                 self._timer = None
                 self.dead()
                 return
-        self.read_seen = False
         self._timer = self.loop.call_later(self._interval, self._tick)

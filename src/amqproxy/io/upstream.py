@@ -27,7 +27,11 @@ class UpstreamProtocol(asyncio.Protocol):
         self.ready.add_done_callback(retrieve)  # a failed handshake nobody waits for any more
         self.tuned: asyncio.Future[None] = self.loop.create_future()  # credentials accepted
         self.tuned.add_done_callback(retrieve)
-        self.heartbeat = Heartbeat(self.loop, self._send_heartbeat, session.heartbeat_missed)
+        self.bytes_in = 0  # read from the broker and written to it (the heartbeat reads them)
+        self.bytes_out = 0
+        self.heartbeat = Heartbeat(
+            self.loop, self._send_heartbeat, session.heartbeat_missed, self._traffic
+        )
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         session.on_ready = self._on_ready
@@ -46,7 +50,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.session.connected(self, peer)
 
     def data_received(self, data: bytes) -> None:
-        self.heartbeat.read_seen = True
+        self.bytes_in += len(data)
         self.session.receive(data, self.loop.time())
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -77,8 +81,9 @@ class UpstreamProtocol(asyncio.Protocol):
         pieces = self.session.take_output()
         transport = self.transport
         if pieces and transport is not None and not transport.is_closing():
-            self.heartbeat.wrote = True
-            transport.write(b"".join(pieces))
+            data = b"".join(pieces)
+            self.bytes_out += len(data)
+            transport.write(data)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -87,6 +92,9 @@ class UpstreamProtocol(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+    def _traffic(self) -> tuple[int, int]:
+        return self.bytes_in, self.bytes_out
 
     def start_heartbeat(self, seconds: int) -> None:
         self.heartbeat.start(seconds)
@@ -116,4 +124,5 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def _send_heartbeat(self, frame: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            self.bytes_out += len(frame)
             self.transport.write(frame)
