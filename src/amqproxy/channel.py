@@ -194,10 +194,8 @@ class UpstreamChannel:
     def settled(self) -> bool:
         """OpenOk, every reply and every confirm have arrived: nothing more can come for a past
         lease, so the channel may be handed to another client."""
-        return (  # (pending_replies and unconfirmed, without two more calls)
-            self.state is ChannelState.OPEN
-            and not self.requests
-            and self.published - self.confirmed == len(self.confirmed_ahead)
+        return (
+            self.state is ChannelState.OPEN and self.pending_replies == 0 and self.unconfirmed == 0
         )
 
     @property

@@ -143,25 +143,12 @@ class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         next write, at most ``FLUSH_INTERVAL`` from now."""
         formatter = self.formatter
         stamp = formatter.stamp(time.time()) if isinstance(formatter, LogFormatter) else ""
-        pending = self._pending
-        pending.append(f"{stamp} {level} {self.tag}{name}: {message}")
-        if self._flush_soon or self._flush_later:
-            if len(pending) >= FLUSH_LINES:
-                self.flush()
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
-        if self._written + FLUSH_INTERVAL > time.monotonic():
-            self._flush_later = True
-            loop.call_later(FLUSH_INTERVAL, self.flush)
-        else:
-            self._flush_soon = True
-            loop.call_soon(self.flush)
+        self._queue(f"{stamp} {level} {self.tag}{name}: {message}", urgent=False, hot=True)
 
-    def _queue(self, line: str, urgent: bool) -> None:
+    def _queue(self, line: str, urgent: bool, hot: bool = False) -> None:
+        """Keep ``line`` for the next write: now (``urgent``, outside the loop, too many
+        waiting), at the end of this turn, or (``hot``, a write less than FLUSH_INTERVAL
+        ago) after the interval."""
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -170,7 +157,12 @@ class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pending.append(line)
         if loop is None or urgent or len(pending) >= FLUSH_LINES:
             self.flush()
-        elif not self._flush_soon:  # (a flush only due after the interval is brought forward)
+        elif self._flush_soon or (hot and self._flush_later):
+            return
+        elif hot and self._written + FLUSH_INTERVAL > time.monotonic():
+            self._flush_later = True
+            loop.call_later(FLUSH_INTERVAL, self.flush)
+        else:  # (a flush only due after the interval is brought forward)
             self._flush_soon = True
             loop.call_soon(self.flush)
 

@@ -26,6 +26,7 @@ import pytest
 import trustme
 from support import BROKER_URL, ROOT, Proxy, Tenant, drain, free_port, run_proxy_cli, wait_for
 from support.node import BrokerNode
+from support.proxy import tls_params
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -93,19 +94,6 @@ def client_context(pki: Pki, cert: tuple[str, str] | None = None) -> ssl.SSLCont
     if cert is not None:
         context.load_cert_chain(*cert)
     return context
-
-
-def tls_params(port: int, tenant: Tenant, context: ssl.SSLContext) -> pika.ConnectionParameters:
-    return pika.ConnectionParameters(
-        "127.0.0.1",
-        port,
-        tenant.vhost,
-        pika.PlainCredentials(tenant.user, tenant.password),
-        ssl_options=pika.SSLOptions(context, "localhost"),
-        connection_attempts=1,
-        socket_timeout=10,
-        stack_timeout=20,
-    )
 
 
 def round_trip(params: pika.ConnectionParameters, queue: str, body: bytes) -> bytes:

@@ -24,7 +24,7 @@ import pika
 import pytest
 import trustme
 from support import BROKER_URL, Proxy, drain, free_port, run_proxy_cli, wait_for
-from support.proxy import proxy_env
+from support.proxy import proxy_env, tls_params
 from support.util import Metrics
 
 ACCEPTED = "amqproxy_worker_client_connections_accepted_total"
@@ -324,14 +324,7 @@ def test_tls_port_is_shared_by_the_workers_too(proxy_factory, tmp_path: Path, te
     )  # fmt: skip
     q = queues.declare(tenant)
     before = accepted(p)
-    params = pika.ConnectionParameters(
-        "127.0.0.1",
-        tls_port,
-        tenant.vhost,
-        pika.PlainCredentials(tenant.user, tenant.password),
-        ssl_options=pika.SSLOptions(context, "localhost"),
-        connection_attempts=1,
-    )
+    params = tls_params(tls_port, tenant, context)
     for i in range(16):
         with pika.BlockingConnection(params) as conn:
             conn.channel().basic_publish("", q, f"tls-{i}".encode())

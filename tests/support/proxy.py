@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -313,3 +314,17 @@ class _ProxyFactory:
                 errors.append(f"traceback in {p.log_path}:\n{log[max(0, at - 500) : at + 3000]}")
         if errors:
             raise ProxyError("\n".join(errors))
+
+
+def tls_params(port: int, tenant: Tenant, context: ssl.SSLContext) -> pika.ConnectionParameters:
+    """pika's parameters for ``tenant`` on a TLS port of the proxy, trusting ``context``."""
+    return pika.ConnectionParameters(
+        "127.0.0.1",
+        port,
+        tenant.vhost,
+        pika.PlainCredentials(tenant.user, tenant.password),
+        ssl_options=pika.SSLOptions(context, "localhost"),
+        connection_attempts=1,
+        socket_timeout=10,
+        stack_timeout=20,
+    )

@@ -49,14 +49,8 @@ class Batch(Generic[D]):
 
     def cut(self) -> None:
         """End the stretch being extended (what comes next goes after it)."""
-        dest = self.run_dest
-        if dest is not None:
-            piece = self.view[self.run_start : self.run_end]
-            out = self.outs.get(dest)
-            if out is None:
-                self.outs[dest] = [piece]
-            else:
-                out.append(piece)
+        if self.run_dest is not None:
+            _add(self.outs, self.run_dest, [self.view[self.run_start : self.run_end]])
             self.run_dest = None
 
     def take(self) -> dict[D, list[Buffer]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import struct
 
 from amqproxy.amqp import auth, frames, handshake
 from amqproxy.amqp import constants as c
@@ -17,7 +16,6 @@ from amqproxy.amqp.frames import FrameError
 from amqproxy.core.session import Session
 
 log = logging.getLogger("amqproxy.client")
-_HEADER = struct.Struct(">BHI")
 
 
 class Step(enum.Enum):
@@ -79,34 +77,23 @@ class Handshake:
 
     def _frames(self, data: bytes) -> bytes:
         session = self.session
-        # What follows Connection.Open in the same read is ordinary traffic: read with the
+        # What follows Connection.Open in the same read is ordinary traffic: scanned with the
         # broker's frame_max; the handshake's own frames are held to the client's limit.
-        frame_max = max(session.frame_max, session.registry.frame_max)
-        limit = frame_max - c.FRAME_OVERHEAD
-        length = len(data)
-        pos = 0
-        while length - pos >= c.FRAME_HEADER_SIZE:  # (``frames.scan``, without its list)
-            ftype, channel_id, size = _HEADER.unpack_from(data, pos)
-            start = pos + c.FRAME_HEADER_SIZE
-            end = start + size
-            if size > limit:
-                raise frames.too_large(size, frame_max)
-            if end >= length:
-                break
-            if data[end] != c.FRAME_END:
-                raise frames.bad_end(data[end])
-            pos = end + 1
+        found, pos = frames.scan(data, max(session.frame_max, session.registry.frame_max))
+        for ftype, channel_id, start, end in found:
             if ftype == c.FRAME_HEARTBEAT:
                 continue
             if ftype != c.FRAME_METHOD or channel_id != 0:
                 raise FrameError(
                     c.UNEXPECTED_FRAME, "UNEXPECTED_FRAME - non-method frame during handshake"
                 )
-            if size + c.FRAME_OVERHEAD > session.frame_max or size < 4:
-                raise FrameError(c.FRAME_ERROR, f"FRAME_ERROR - handshake frame of {size} bytes")
+            if end - start + c.FRAME_OVERHEAD > session.frame_max or end - start < 4:
+                raise FrameError(
+                    c.FRAME_ERROR, f"FRAME_ERROR - handshake frame of {end - start} bytes"
+                )
             self._method(frames.method_id_at(data, start), data[start:end])
             if self.state is Step.DONE:  # the rest is for the open connection (or nobody)
-                return data[pos:]
+                return data[end + 1 :]
         return data[pos:]
 
     def _failed(self, exc: FrameError) -> None:

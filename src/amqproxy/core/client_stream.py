@@ -54,10 +54,7 @@ class ClientStream:
         pos, error = self._walk(data, batch)
         if self.open_msg is not None:
             self._keep_partial(batch.view, pos)
-        if batch.outs:
-            self.flush(batch)
-        elif batch.run_dest is not None:  # one stretch for one upstream: the common read
-            self._send(batch.run_dest, [batch.view[batch.run_start : batch.run_end]])
+        self.flush(batch)
         if outbox.full and outbox.bytes > kept_before:
             session.hold_for_outbox()
         if error is not None:
@@ -91,12 +88,7 @@ class ClientStream:
                     cached_id = channel_id
                     lease = self._lease_for(channel_id, batch.view, pos)
                 if lease is not None:
-                    if ftype == c.FRAME_METHOD and not lease.message.stage:  # a boundary
-                        stop = self._run(lease, data, pos, batch)
-                        if not stop and lease.verbatim:
-                            stop = self._method(lease, data, pos, end, batch)
-                    else:
-                        stop = self._fast(lease, ftype, data, pos, end, batch)
+                    stop = self._fast(lease, ftype, data, pos, end, batch)
                     if stop:
                         pos = stop
                         continue
@@ -132,17 +124,11 @@ class ClientStream:
 
     def flush(self, batch: Batch[Connection]) -> None:
         """Queue what the walk produced, per upstream; stop reading when one is full."""
-        outs = batch.take()
-        if not outs:
-            return
-        for conn, pieces in outs.items():
-            self._send(conn, pieces)
-
-    def _send(self, conn: Connection, pieces: list[Buffer]) -> None:
-        conn.send(pieces)
-        if conn.paused:
-            conn.wait_for_room(self.session)
-            self.session.host.hold("upstream")
+        for conn, pieces in batch.take().items():
+            conn.send(pieces)
+            if conn.paused:
+                conn.wait_for_room(self.session)
+                self.session.host.hold("upstream")
 
     # ---- the fast path ------------------------------------------------------------------------
 
@@ -178,16 +164,12 @@ class ClientStream:
         if stop == pos:
             return 0
         if published:
-            session = self.session
-            if session.pool is not None:  # (``_count`` and ``_keep``, without two calls)
-                session.pool.stats.messages_in += published
+            self._count(published)
             if up.confirm_mode:
                 up.published += published
                 if not lease.client_confirm:
                     run = batch.view[pos:stop] if moved is None else moved
-                    up.outbox.add(
-                        up.published, published, (run,), session.identity, session.host.now()
-                    )
+                    self._keep(up, published, (run,))
         if moved is None:
             batch.stretch(conn, pos, stop)
         else:

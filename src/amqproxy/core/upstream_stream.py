@@ -86,11 +86,8 @@ class BrokerStream:
             elif up is not None:
                 self._frame(up, ftype, channel_id, data, batch.view, pos, end, batch)
             pos = end + 1
-        if batch.outs:
-            for client, pieces in batch.take().items():
-                client.send(pieces)
-        elif batch.run_dest is not None:  # one stretch for one client: the common read
-            batch.run_dest.send([batch.view[batch.run_start : batch.run_end]])
+        for client, pieces in batch.take().items():
+            client.send(pieces)
         return data[pos:] if pos < length else b""
 
     def _pass(
