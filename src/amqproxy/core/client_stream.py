@@ -54,7 +54,8 @@ class ClientStream:
         pos, error = self._walk(data, batch)
         if self.open_msg is not None:
             self._keep_partial(batch.view, pos)
-        self.flush(batch)
+        if batch.outs or batch.run_dest is not None:
+            self.flush(batch)
         if outbox.full and outbox.bytes > kept_before:
             session.hold_for_outbox()
         if error is not None:
@@ -88,7 +89,14 @@ class ClientStream:
                     cached_id = channel_id
                     lease = self._lease_for(channel_id, batch.view, pos)
                 if lease is not None:
-                    stop = self._fast(lease, ftype, data, pos, end, batch)
+                    if ftype == c.FRAME_METHOD:  # a message boundary: runs for the scanner, else
+                        if lease.message.stage:  # a publish or an ack that passes
+                            raise content_expected()
+                        stop = self._run(lease, data, pos, batch)
+                        if not stop and lease.verbatim:
+                            stop = self._method(lease, data, pos, end, batch)
+                    else:
+                        stop = self._fast(lease, ftype, data, pos, end, batch)
                     if stop:
                         pos = stop
                         continue
@@ -135,16 +143,8 @@ class ClientStream:
     def _fast(
         self, lease: Lease, ftype: int, data: bytes, pos: int, end: int, batch: Batch[Connection]
     ) -> int:
-        """A frame of an open lease that needs no decision: where the walk goes on, or 0
-        for the slow path."""
-        message = lease.message
-        if ftype == c.FRAME_METHOD:
-            if message.stage:
-                raise content_expected()
-            stop = self._run(lease, data, pos, batch)
-            if stop or not lease.verbatim:
-                return stop
-            return self._method(lease, data, pos, end, batch)
+        """A content frame of an open lease that needs no decision: where the walk goes on,
+        or 0 for the slow path (method frames: ``_walk``)."""
         if not lease.verbatim:
             return 0
         if ftype == c.FRAME_HEADER or ftype == c.FRAME_BODY:
