@@ -115,8 +115,8 @@ class Broker:
 
         UpstreamRefused: the broker could not be reached (``reachable`` False), did not finish
         the handshake in time, or refused the credentials or vhost (the broker's code)."""
-        now = asyncio.get_running_loop().time()
-        session = self._session(UpstreamSession(pool, next(self._serials), self.settings, now))
+        clock = asyncio.get_running_loop().time
+        session = self._session(UpstreamSession(pool, next(self._serials), self.settings, clock))
         try:
             protocol = await self._open(session)
             await self._handshake(protocol, protocol.ready)
@@ -129,8 +129,8 @@ class Broker:
         """An upstream connection whose broker accepted ``credentials`` (its Tune arrived),
         waiting for the vhost: ``Login.finish(pool)`` completes it, ``abandon()`` drops it.
         UpstreamRefused as for ``connect``; a wrong password is the broker's 403."""
-        serial, now = next(self._serials), asyncio.get_running_loop().time()
-        session = UpstreamSession(None, serial, self.settings, now, credentials, mechanism)
+        serial, clock = next(self._serials), asyncio.get_running_loop().time
+        session = UpstreamSession(None, serial, self.settings, clock, credentials, mechanism)
         self._session(session)
         try:
             protocol = await self._open(session)

@@ -222,7 +222,7 @@ class Rig:
         return session, broker
 
     def _open_upstream(self, broker: BrokerPeer, serial: int = 1) -> UpstreamSession:
-        session = UpstreamSession(self.pool, serial, self.settings, self.loop.time())
+        session = UpstreamSession(self.pool, serial, self.settings, self.loop.time)
         broker.session = session
         session.connected(broker, "127.0.0.1:1")
         start = commands.Connection.Start(server_properties={"product": "RabbitMQ"})

@@ -11,6 +11,7 @@ the methods under "Outcomes". Its parts, each in its own module: the handshake
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pamqp import commands
@@ -47,6 +48,9 @@ class ClientSession:
         self.registry = registry
         self.broker = broker
         self.state = State.HANDSHAKE
+        # Where frames from the broker for this client go (``send(pieces)``, one write): its
+        # socket while the connection is open, nowhere before or after (``_enter``).
+        self.send: Callable[[list[Buffer]], None] = _discard
         self.handshake = Handshake(self)
         self.channels = ChannelTable(self)
         self.stream = ClientStream(self, self.channels)
@@ -150,7 +154,7 @@ class ClientSession:
         if mid == c.CONNECTION_CLOSE:
             self.host.write(frames.method_frame(0, frames.CONNECTION_CLOSE_OK))
             self.close_reason = "closed by client"
-            self.state = State.CLOSED
+            self._enter(State.CLOSED)
             self.channels.release_all("client closed the connection")
             self.host.close()
         elif mid == c.CONNECTION_CLOSE_OK:
@@ -186,10 +190,10 @@ class ClientSession:
 
     # ---- bytes out --------------------------------------------------------------------------
 
-    def send(self, pieces: list[Buffer]) -> None:
-        """Frames from the broker for this client, in one write."""
-        if self.state is State.OPEN:
-            self.host.deliver(pieces)
+    def _enter(self, state: State) -> None:
+        """Every change of state: broker frames reach the socket only while it is open."""
+        self.state = state
+        self.send = self.host.deliver if state is State.OPEN else _discard
 
     def resume_reading(self) -> None:
         """The upstream this client writes to has room again."""
@@ -221,7 +225,7 @@ class ClientSession:
         if self.state in (State.CLOSING, State.CLOSED):
             return
         before_open = self.state is not State.OPEN
-        self.state = State.CLOSING
+        self._enter(State.CLOSING)
         self.close_reason = f"closed by amqproxy: {code} {text}"
         self.channels.release_all("connection closed")
         level = logging.INFO if code in (c.REPLY_SUCCESS, c.CONNECTION_FORCED) else logging.WARNING
@@ -237,7 +241,7 @@ class ClientSession:
 
     def hang_up(self) -> None:
         """Close the socket without a Connection.Close (before Tune, or a bad header)."""
-        self.state = State.CLOSED
+        self._enter(State.CLOSED)
         self.host.close()
 
     def heartbeat_missed(self) -> None:
@@ -262,7 +266,7 @@ class ClientSession:
     def lost(self, exc: Exception | None) -> None:
         """The socket is gone."""
         was_open = self.pool is not None
-        self.state = State.CLOSED
+        self._enter(State.CLOSED)
         if self.login is not None:
             self.login.abandon()
             self.login = None
@@ -320,7 +324,7 @@ class ClientSession:
         """Connection.Open: the vhost is proven upstream before OpenOk."""
         self.vhost_bytes = vhost
         self.vhost = auth.display(vhost)
-        self.state = State.AUTHENTICATING
+        self._enter(State.AUTHENTICATING)
         if self.registry.paused:  # the admin API's pause: present clients stay, new ones wait
             self.close_with(c.CONNECTION_FORCED, PAUSED, 10, 40)
             return
@@ -343,7 +347,7 @@ class ClientSession:
         self.identity = self.describe()
         self.pool = pool
         pool.client_added(self)
-        self.state = State.OPEN
+        self._enter(State.OPEN)
         self.host.write(frames.method_frame(0, frames.CONNECTION_OPEN_OK))
         hot_info(
             log, f"client {self.identity} connected", lambda: self.log_fields("client.connected")
@@ -408,3 +412,7 @@ class ClientSession:
 
     def own_exclusive_queue(self, name: bytes, conn: Connection) -> None:
         self.channels.own_exclusive_queue(name, conn)
+
+
+def _discard(pieces: list[Buffer]) -> None:
+    """Broker frames for a client whose connection is not open."""

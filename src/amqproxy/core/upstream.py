@@ -53,7 +53,7 @@ class UpstreamSession:
         pool: Pool | None,
         serial: int,
         settings: Settings,
-        now: float,
+        clock: Callable[[], float],
         credentials: Credentials | None = None,
         mechanism: str = "PLAIN",
     ) -> None:
@@ -77,8 +77,9 @@ class UpstreamSession:
         self.heartbeat = 0
         self.server_properties: dict[str, Any] = {}
         self.leased = 0  # channels with a lease: the connection is "in use"
+        self._clock = clock  # the event loop's time (a test's own clock)
+        now = clock()
         self.last_used = now
-        self._now = now
         self.blocked_reason: str | None = None
         self.paused = False  # our write buffer toward the broker is full
         self.waiting_clients: set[Client] = set()  # they stopped reading until we drain
@@ -94,6 +95,7 @@ class UpstreamSession:
         self.on_closed: Callable[[int, str, bool], None] | None = None
         self.started = now
         self.last_read = now  # the broker's last bytes (heartbeats included)
+        self.bytes_in = 0  # read from the broker (the heartbeat compares counts)
         self._start_seen = False
         self.on_ready: Callable[[], None] | None = None  # the host waits for the handshake
         self._tune_ok = b""  # a login waiting for its vhost: TuneOk goes with the Open
@@ -112,11 +114,7 @@ class UpstreamSession:
     # ---- time and output ----------------------------------------------------------------------
 
     def now(self) -> float:
-        """The event loop's time, as the host last told it."""
-        return self._now
-
-    def tick(self, now: float) -> None:
-        self._now = now
+        return self._clock()
 
     def send(self, pieces: list[Buffer]) -> None:
         """Queue the frames a client produced in one read; all clients' frames of one turn of
@@ -311,7 +309,7 @@ class UpstreamSession:
 
     def on_lease_change(self, delta: int) -> None:
         self.leased += delta
-        self.last_used = self._now
+        self.last_used = self._clock()
 
     def clients(self) -> set[Client]:
         """Clients with a channel on this connection."""
@@ -319,11 +317,10 @@ class UpstreamSession:
 
     # ---- reading ----------------------------------------------------------------------------
 
-    def receive(self, data: bytes, now: float | None = None) -> None:
-        """Bytes from the broker (``now``: the event loop's time, when the host has it)."""
-        if now is not None:
-            self._now = now
-        self.last_read = self._now
+    def receive(self, data: bytes) -> None:
+        """Bytes from the broker (the host hands every read here)."""
+        self.bytes_in += len(data)
+        self.last_read = self._clock()
         if self._rest:
             data = self._rest + data
             self._rest = b""

@@ -86,8 +86,9 @@ class BrokerStream:
             elif up is not None:
                 self._frame(up, ftype, channel_id, data, batch.view, pos, end, batch)
             pos = end + 1
-        for client, pieces in batch.take().items():
-            client.send(pieces)
+        if batch.outs or batch.run_dest is not None:  # (a read of confirms may bring none)
+            for client, pieces in batch.take().items():
+                client.send(pieces)
         return data[pos:] if pos < length else b""
 
     def _pass(

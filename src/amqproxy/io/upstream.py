@@ -27,14 +27,14 @@ class UpstreamProtocol(asyncio.Protocol):
         self.ready.add_done_callback(retrieve)  # a failed handshake nobody waits for any more
         self.tuned: asyncio.Future[None] = self.loop.create_future()  # credentials accepted
         self.tuned.add_done_callback(retrieve)
-        self.bytes_in = 0  # read from the broker and written to it (the heartbeat reads them)
-        self.bytes_out = 0
+        self.bytes_out = 0  # written to the broker (the heartbeat compares counts)
         self.heartbeat = Heartbeat(
             self.loop, self._send_heartbeat, session.heartbeat_missed, self._traffic
         )
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         session.on_ready = self._on_ready
+        self.data_received = session.receive  # type: ignore[method-assign]  # one call per read
 
     # ---- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -46,18 +46,15 @@ class UpstreamProtocol(asyncio.Protocol):
         remote = transport.get_extra_info("peername")
         if isinstance(remote, tuple):
             self.session.remote = f"{remote[0]}:{remote[1]}"
-        self.session.tick(self.loop.time())
         self.session.connected(self, peer)
 
     def data_received(self, data: bytes) -> None:
-        self.bytes_in += len(data)
-        self.session.receive(data, self.loop.time())
+        self.session.receive(data)  # (replaced in __init__ by the session's own method)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.heartbeat.stop()
         if self._timer is not None:
             self._timer.cancel()
-        self.session.tick(self.loop.time())
         if isinstance(exc, ssl.SSLError):  # e.g. the broker's alert: it wants a certificate
             exc = ConnectionError(f"TLS: {describe(exc)}")
         self.session.lost(exc)
@@ -94,7 +91,7 @@ class UpstreamProtocol(asyncio.Protocol):
             self.transport.abort()
 
     def _traffic(self) -> tuple[int, int]:
-        return self.bytes_in, self.bytes_out
+        return self.session.bytes_in, self.bytes_out
 
     def start_heartbeat(self, seconds: int) -> None:
         self.heartbeat.start(seconds)
