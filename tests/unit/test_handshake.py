@@ -80,3 +80,39 @@ def test_what_is_not_an_amqp_broker_is_told_apart_from_a_start_in_pieces() -> No
     assert "not Connection.Start" in (handshake.not_amqp(b"\x01\x00\x00\x7f\xff\xff\xff") or "")
     tls_alert = handshake.not_amqp(b"\x15\x03\x01\x00\x02\x02\x46")
     assert tls_alert is not None and tls_alert.startswith(handshake.NOT_AMQP)
+
+
+def test_known_client_properties_are_looked_up_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repeated properties table is answered from the table of known ones, which keeps at
+    most KNOWN_PROPERTIES_MAX tables of at most KNOWN_PROPERTIES_MAX_SIZE bytes; what is
+    refused is never kept, and a truncated StartOk is refused even when its cut table is known."""
+    known: dict[bytes, tuple[str, frozenset[bytes]]] = {}
+    monkeypatch.setattr(handshake, "_KNOWN_PROPERTIES", known)
+    monkeypatch.setattr(handshake, "KNOWN_PROPERTIES_MAX", 3)
+    props = {"product": "p", "capabilities": {"connection.blocked": True}, "connection_name": "a"}
+    data = start_ok_payload(props)
+    first = handshake.start_ok(data)
+    assert list(known.values()) == [("a", frozenset({b"connection.blocked"}))]
+    # The same bytes again, from a writable buffer too: the same answer.
+    assert handshake.start_ok(data) == first == handshake.start_ok(bytearray(data))
+    assert len(known) == 1
+    # Entries beyond the bound push the oldest out.
+    for name in ("b", "c", "d"):
+        handshake.start_ok(start_ok_payload({**props, "connection_name": name}))
+    assert len(known) == 3 and ("a", frozenset({b"connection.blocked"})) not in known.values()
+    # A table over the size bound is read but not kept.
+    handshake.start_ok(start_ok_payload({"x": "y" * handshake.KNOWN_PROPERTIES_MAX_SIZE}))
+    assert len(known) == 3 and all(len(t) <= handshake.KNOWN_PROPERTIES_MAX_SIZE for t in known)
+    # A malformed table (unknown field type) is refused and not kept.
+    bad = bytearray(start_ok_payload({"k": "v"}))
+    bad[8 + 2] = ord("?")
+    with pytest.raises(FrameError):
+        handshake.start_ok(bytes(bad))
+    assert bytes(bad[8 : 8 + len(bad) - 8]) not in known and len(known) == 3
+    # A StartOk cut inside a table that is known is still refused.
+    data = start_ok_payload({**props, "connection_name": "d"})
+    table_end = 8 + int.from_bytes(data[4:8], "big")
+    assert data[8:table_end] in known
+    with pytest.raises(FrameError) as err:
+        handshake.start_ok(data[: table_end - 1])
+    assert err.value.code == c.SYNTAX_ERROR

@@ -5,7 +5,8 @@ Every short-lived client sends them, so they are read with struct rather than th
 method objects. The client-properties table is not decoded at all: it is checked (well formed,
 bounded like any table) and walked for the two things the proxy uses, the connection name and
 the ``connection.blocked`` capability — no per-client copy of a client's table, however large
-or deep.
+or deep. What a table says is kept by its bytes for the next client that sends the same one
+(a few hundred small tables at most).
 """
 
 from __future__ import annotations
@@ -67,15 +68,40 @@ def _client_properties(table: memoryview) -> tuple[str, frozenset[bytes]]:
     return name, frozenset(capabilities)
 
 
+# What the client-properties tables seen last say, by their bytes. Short-lived clients of one
+# library send the same table every time (product, version, capabilities): a repeat is one
+# dict lookup instead of a check and a walk. Bounded in entries and in the size of a table kept.
+_KNOWN_PROPERTIES: dict[bytes | memoryview, tuple[str, frozenset[bytes]]] = {}  # keys: bytes
+KNOWN_PROPERTIES_MAX = 256
+KNOWN_PROPERTIES_MAX_SIZE = 4096
+
+
+def _checked_properties(view: memoryview, end: int) -> tuple[str, frozenset[bytes]]:
+    """The client properties at ``view[8:end]``, checked (ValueError when malformed)."""
+    if end > len(view):
+        raise ValueError
+    table = view[8:end]
+    # A read-only view hashes and compares as its bytes (a writable one has no hash).
+    known = _KNOWN_PROPERTIES.get(table) if view.readonly else None
+    if known is not None:
+        return known
+    if table_error(view, 8, end) is not None:
+        raise ValueError
+    known = _client_properties(table)
+    if len(table) <= KNOWN_PROPERTIES_MAX_SIZE:
+        if len(_KNOWN_PROPERTIES) >= KNOWN_PROPERTIES_MAX:
+            del _KNOWN_PROPERTIES[next(iter(_KNOWN_PROPERTIES))]  # the oldest
+        _KNOWN_PROPERTIES[bytes(table)] = known
+    return known
+
+
 def start_ok(payload: Buffer) -> StartOk:
     """Connection.StartOk: properties table, mechanism, response, locale."""
     view = memoryview(payload)
     try:
         table_size = _U32.unpack_from(view, 4)[0]
         pos = 8 + table_size
-        if pos > len(view) or table_error(view, 8, pos) is not None:
-            raise ValueError
-        name, capabilities = _client_properties(view[8:pos])
+        name, capabilities = _checked_properties(view, pos)
         mechanism, pos = _short_str(view, pos)
         response_size = _U32.unpack_from(view, pos)[0]
         pos += 4
