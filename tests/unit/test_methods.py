@@ -99,6 +99,31 @@ def test_every_truncation_and_every_extra_byte_is_the_brokers_501(method: object
     assert err.value.code == c.FRAME_ERROR
 
 
+def test_repeated_payloads_decode_from_the_last_ones_and_stay_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """decode_repeated answers as decode does, from the payloads decoded last when it can: a
+    copy each time, at most DECODED_MAX payloads of at most DECODED_MAX_SIZE bytes, and what
+    fails to decode is refused the same way and never kept."""
+    kept: dict[bytes, dict[str, object]] = {}
+    monkeypatch.setattr(methods, "_DECODED", kept)
+    monkeypatch.setattr(methods, "DECODED_MAX", 4)
+    for method in SAMPLES:
+        data = payload(method)
+        mid = struct.unpack_from(">I", data)[0]
+        want = methods.decode(mid, data, 0, len(data))
+        first = methods.decode_repeated(mid, data, 0, len(data))
+        first["changed"] = True  # the caller's copy
+        assert methods.decode_repeated(mid, data, 0, len(data)) == want
+        assert len(kept) <= 4 and all(len(p) <= methods.DECODED_MAX_SIZE for p in kept)
+        with pytest.raises(FrameError) as err:
+            methods.decode_repeated(mid, data + b"\x00", 0, len(data) + 1)
+        assert err.value.code == c.FRAME_ERROR and data + b"\x00" not in kept
+    close = payload(commands.Channel.Close(200, "bye", 0, 0))
+    methods.decode_repeated(c.CHANNEL_CLOSE, close, 0, len(close))
+    assert close in kept
+
+
 def test_unknown_method_ids_are_command_invalid() -> None:
     with pytest.raises(FrameError) as err:
         methods.decode(c.method_id(99, 1), b"\x00\x63\x00\x01", 0, 4)

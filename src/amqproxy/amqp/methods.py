@@ -207,6 +207,30 @@ def decode(mid: int, data: Buffer, start: int, end: int) -> dict[str, Any]:
     return values
 
 
+# The arguments of the client method payloads decoded last, by their bytes: short-lived clients
+# of one library send the same Channel.Close, Basic.Qos or Queue.Declare every time. Bounded
+# in entries and in payload size; what fails to decode is never kept.
+_DECODED: dict[bytes, dict[str, Any]] = {}
+DECODED_MAX = 256
+DECODED_MAX_SIZE = 256
+
+
+def decode_repeated(mid: int, data: Buffer, start: int, end: int) -> dict[str, Any]:
+    """``decode``, answered from the payloads decoded last when this one is among them (a
+    copy: the caller may change it). For channel methods of clients only: the payloads kept
+    must hold no secret (Connection.UpdateSecret goes through ``decode``)."""
+    if end - start > DECODED_MAX_SIZE:
+        return decode(mid, data, start, end)
+    payload = bytes(data[start:end])
+    known = _DECODED.get(payload)
+    if known is None:
+        known = decode(mid, data, start, end)
+        if len(_DECODED) >= DECODED_MAX:
+            del _DECODED[next(iter(_DECODED))]  # the oldest
+        _DECODED[payload] = known
+    return dict(known)
+
+
 def encode(mid: int, **values: Any) -> bytes:
     """A method payload; strings and tables as bytes (a table's content, without its length)."""
     out = bytearray(_U32.pack(mid))

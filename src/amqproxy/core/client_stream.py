@@ -301,7 +301,7 @@ class ClientStream:
                 raise FrameError(c.CHANNEL_ERROR, "CHANNEL_ERROR - second 'channel.open' seen")
             methods.decode(mid, data, start, end)  # like the broker: 501 first, if it is
             raise methods.not_for_clients(mid)  # malformed, else "unimplemented"
-        args = methods.decode(mid, data, start, end)
+        args = methods.decode_repeated(mid, data, start, end)
         up = lease.up
         assert up is not None
         view = batch.view
