@@ -27,6 +27,7 @@ from amqproxy.core.upstream_stream import BrokerStream
 from amqproxy.errors import UpstreamRefused
 from amqproxy.pool import Pool
 from amqproxy.roles import PUBLISH
+from amqproxy.stats import PoolStats
 
 log = logging.getLogger("amqproxy.upstream")
 
@@ -61,6 +62,8 @@ class UpstreamSession:
         until ``open(pool)`` names the vhost: the broker checks the password first, as when a
         client connects to it directly, and the vhost when the client's Open arrives."""
         self._pool = pool
+        # The pool's counters (a login's own until it has its pool): the hot path adds to them.
+        self.stats = pool.stats if pool is not None else PoolStats()
         self.credentials = credentials or (pool.credentials if pool else Credentials(b"", b""))
         self.serial = serial
         self.mechanism = mechanism  # a login presents the credentials as its client did
@@ -414,6 +417,7 @@ class UpstreamSession:
     def open_vhost(self, pool: Pool) -> None:
         """Finish the handshake for ``pool``'s vhost (a login waits for this after Tune)."""
         self._pool = pool
+        self.stats = pool.stats
         self.name = f"amqproxy {pool.user}@{pool.vhost} #{self.serial}"
         self.write(self._tune_ok + handshake.encode_open(pool.vhost_bytes))
 

@@ -22,11 +22,14 @@ from amqproxy.channel import ChannelState, Client, Connection, Lease, LeaseState
 from amqproxy.core.batch import Batch
 from amqproxy.core.policy import BROKER_WATCHED, Verdict
 from amqproxy.pool import Pool
+from amqproxy.stats import PoolStats
 
 _HEADER = struct.Struct(">BHI")
 _U32 = struct.Struct(">I")
 _TAG_AND_BITS = struct.Struct(">QB")
 HEADER_SIZE = c.FRAME_HEADER_SIZE
+FRAME_END = c.FRAME_END
+LEASE_OPEN = LeaseState.OPEN
 
 
 class Upstream(Connection, Protocol):
@@ -34,6 +37,8 @@ class Upstream(Connection, Protocol):
 
     @property
     def pool(self) -> Pool: ...
+
+    stats: PoolStats  # the pool's counters
 
     def write(self, data: bytes) -> None: ...
 
@@ -69,13 +74,13 @@ class BrokerStream:
             end = pos + HEADER_SIZE + size
             if end >= length:
                 break
-            if data[end] != c.FRAME_END:
+            if data[end] != FRAME_END:
                 raise FrameError(c.FRAME_ERROR, "FRAME_ERROR - bad frame end octet from broker")
             up = channels.get(channel_id) if channel_id else None
             lease = up.lease if up is not None else None
-            if lease is not None and lease.state is LeaseState.OPEN:
+            if lease is not None and lease.state is LEASE_OPEN:
                 assert up is not None
-                stop = self._pass(batch, data, pos, end, up, lease)
+                stop = self._pass(batch, data, pos, end, limit, up, lease)
                 if stop:
                     pos = stop
                     continue
@@ -92,11 +97,12 @@ class BrokerStream:
         return data[pos:] if pos < length else b""
 
     def _pass(
-        self, batch: Batch[Client], data: bytes, pos: int, end: int, up: UpstreamChannel,
-        lease: Lease,
+        self, batch: Batch[Client], data: bytes, pos: int, end: int, limit: int,
+        up: UpstreamChannel, lease: Lease,
     ) -> int:  # fmt: skip
         """Pass the frames from ``pos`` that need no decision to the lease's client: where
-        they stop, or 0 when the frame at ``pos`` needs the slow path.
+        they stop, or 0 when the frame at ``pos`` needs the slow path (``limit``: the largest
+        frame payload of this connection).
 
         The scanner walks content, deliveries with untranslated tags and in-order confirms in
         one call, copied with the client's numbers when its channel id or confirm tags differ
@@ -108,7 +114,7 @@ class BrokerStream:
             data,
             pos,
             up.id,
-            min(self.conn.frame_max - c.FRAME_OVERHEAD, client.max_body),
+            min(limit, client.max_body),
             not lease.tag_offset,
             -1 if up.confirmed_ahead or not up.confirm_mode else up.confirmed,
             lease.confirm_offset if own else 0,
@@ -118,7 +124,7 @@ class BrokerStream:
         if stop > pos:
             if delivered:
                 up.delivered += delivered
-                self.conn.pool.stats.messages_out += delivered
+                self.conn.stats.messages_out += delivered
             if confirmed >= 0:
                 up.confirmed = confirmed
                 if up.outbox.entries:
@@ -195,7 +201,7 @@ class BrokerStream:
         if mid == c.BASIC_DELIVER or mid == c.BASIC_GET_OK:
             up.delivered += 1
             if lease is not None and lease.state is LeaseState.OPEN:
-                self.conn.pool.stats.messages_out += 1
+                self.conn.stats.messages_out += 1
             if lease is not None and lease.tag_offset:
                 tag_at = frames.tag_position(mid, data, start)
                 return frames.retag(data, start, end, tag_at, -lease.tag_offset)
