@@ -168,12 +168,11 @@ class BrokerPeer:
     session: UpstreamSession | None = None
     closed: bool = False
 
-    def flush_soon(self) -> None:
-        self.flush()
+    def queue(self, pieces: list[Buffer]) -> None:
+        self.out += b"".join(pieces)  # (the proxy's write at the end of the turn)
 
-    def flush(self) -> None:
-        assert self.session is not None
-        self.out += b"".join(self.session.take_output())
+    def write(self, data: bytes) -> None:
+        self.out += data
 
     def close(self) -> None:
         self.closed = True

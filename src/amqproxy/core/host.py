@@ -97,11 +97,12 @@ class ClientHost(Protocol):
 class UpstreamHost(Protocol):
     """The socket of one upstream connection."""
 
-    def flush_soon(self) -> None:
-        """Write the session's queued frames at the end of this turn of the event loop."""
+    def queue(self, pieces: list[Buffer]) -> None:
+        """Frames for the broker, written with all that is queued in this turn of the event
+        loop, in one write at its end (the list may be taken over)."""
 
-    def flush(self) -> None:
-        """Write the session's queued frames now."""
+    def write(self, data: bytes) -> None:
+        """A frame for the broker now, after what is queued (order is kept)."""
 
     def close(self) -> None: ...
 

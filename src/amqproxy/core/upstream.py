@@ -105,7 +105,6 @@ class UpstreamSession:
         self.stream = BrokerStream(self)
         self._next_id = 1
         self._rest = b""
-        self._out: list[Buffer] = []  # frames for the broker, written by the host
         self._close_reason: tuple[int, str] | None = None
 
     @property
@@ -120,26 +119,15 @@ class UpstreamSession:
         return self._clock()
 
     def send(self, pieces: list[Buffer]) -> None:
-        """Queue the frames a client produced in one read; all clients' frames of one turn of
-        the event loop go out in one write (many clients share this connection)."""
-        if self.closed or self.host is None:
-            return
-        if self._out:
-            self._out.extend(pieces)
-        else:
-            self._out = pieces
-            self.host.flush_soon()
+        """The frames a client produced in one read, for the broker: the host writes what all
+        clients queue in one turn of the event loop in one write (they share this connection)."""
+        if not self.closed and self.host is not None:
+            self.host.queue(pieces)
 
     def write(self, data: bytes) -> None:
         """A frame of our own, now, after what clients queued (order is kept)."""
-        if self.host is None:
-            return
-        self._out.append(data)
-        self.host.flush()
-
-    def take_output(self) -> list[Buffer]:
-        out, self._out = self._out, []
-        return out
+        if self.host is not None:
+            self.host.write(data)
 
     def wait_for_room(self, client: Client) -> None:
         """``client`` stopped reading because our write buffer is full: resume it later."""
@@ -237,8 +225,7 @@ class UpstreamSession:
                     extra=fields)  # fmt: skip
         self.pool.upstream_closed(self, lost=was_open and not expected)
         if self.host is not None:
-            self.host.flush()
-            self.host.close()
+            self.host.close()  # (the host writes what is queued first)
 
     # ---- channels ---------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import asyncio
 import ssl
 from typing import cast
 
+from amqproxy.amqp.frames import Buffer
 from amqproxy.core.upstream import UpstreamSession
 from amqproxy.errors import UpstreamRefused, retrieve
 from amqproxy.io.heartbeat import Heartbeat
@@ -31,7 +32,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.heartbeat = Heartbeat(
             self.loop, self._send_heartbeat, session.heartbeat_missed, self._traffic
         )
-        self._flush_scheduled = False
+        self._queued: list[Buffer] = []  # frames for the broker, written at the end of the turn
         self._timer: asyncio.TimerHandle | None = None
         session.on_ready = self._on_ready
         self.data_received = session.receive  # type: ignore[method-assign]  # one call per read
@@ -68,14 +69,20 @@ class UpstreamProtocol(asyncio.Protocol):
 
     # ---- core.host.UpstreamHost -------------------------------------------------------------
 
-    def flush_soon(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self.flush)
+    def queue(self, pieces: list[Buffer]) -> None:
+        queued = self._queued
+        if queued:
+            queued.extend(pieces)
+        else:
+            self._queued = pieces
+            self.loop.call_soon(self._flush)
 
-    def flush(self) -> None:
-        self._flush_scheduled = False
-        pieces = self.session.take_output()
+    def write(self, data: bytes) -> None:
+        self._queued.append(data)
+        self._flush()
+
+    def _flush(self) -> None:
+        pieces, self._queued = self._queued, []
         transport = self.transport
         if pieces and transport is not None and not transport.is_closing():
             data = b"".join(pieces)
@@ -83,6 +90,7 @@ class UpstreamProtocol(asyncio.Protocol):
             transport.write(data)
 
     def close(self) -> None:
+        self._flush()  # what clients queued goes first
         if self.transport is not None:
             self.transport.close()
 
