@@ -131,6 +131,21 @@ async def test_content_out_of_order_closes_the_client_with_the_broker_code() -> 
     assert rig.broker.take() == b""
 
 
+@in_loop
+async def test_broker_frames_reach_a_client_only_while_its_connection_is_open() -> None:
+    """Frames from the broker go to the client's socket while its connection is open; once the
+    proxy has sent Connection.Close, nothing but the close handshake goes."""
+    rig = Rig()
+    client = rig.client()
+    client.session.send([b"frames", b" of a read"])
+    assert client.take() == b"frames of a read"
+    client.send(b"\x02\x00\x00\x00\x00\x00\x00\xce")  # a content header on channel 0: 505
+    (close,) = [m for _, m in methods_of(client.take())]
+    assert isinstance(close, commands.Connection.Close) and close.reply_code == 505
+    client.session.send([b"late"])
+    assert client.take() == b""
+
+
 # ---- renumbered channels and translated tags ------------------------------------------------
 
 
