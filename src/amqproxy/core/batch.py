@@ -26,6 +26,14 @@ class Batch(Generic[D]):
         self.run_start = 0
         self.run_end = 0
 
+    def begin(self, view: memoryview) -> None:
+        """The next read, for a batch its stream keeps from read to read (no allocation per
+        read); what a walk cut short by an error left is dropped."""
+        self.view = view
+        self.run_dest = None
+        if self.outs:
+            self.outs = {}
+
     def stretch(self, dest: D, start: int, end: int) -> None:
         """view[start:end] goes to ``dest`` as it is."""
         run_dest = self.run_dest

@@ -52,6 +52,10 @@ class BrokerStream:
 
     def __init__(self, conn: Upstream) -> None:
         self.conn = conn
+        # One batch for every read: most reads of a busy connection are confirms for the
+        # proxy's own outbox, which produce nothing for a client. (It holds the last read
+        # until the next one: one buffer per upstream connection.)
+        self.batch: Batch[Client] = Batch(memoryview(b""))
 
     def process(self, data: bytes) -> bytes:
         """The broker-to-client hot path.
@@ -61,7 +65,8 @@ class BrokerStream:
         channel, ``_run`` walks the plain frames from there in one scanner call.
         """
         conn = self.conn
-        batch: Batch[Client] = Batch(memoryview(data))
+        batch = self.batch
+        batch.begin(memoryview(data))
         length = len(data)
         limit = conn.frame_max - c.FRAME_OVERHEAD
         channels = conn.channels
