@@ -6,6 +6,7 @@ from pamqp import commands, frame
 from amqproxy.amqp import constants as c
 from amqproxy.amqp import handshake
 from amqproxy.amqp.frames import FrameError
+from amqproxy.amqp.recent import Recent
 
 
 def payload(method: object) -> bytes:
@@ -83,12 +84,11 @@ def test_what_is_not_an_amqp_broker_is_told_apart_from_a_start_in_pieces() -> No
 
 
 def test_known_client_properties_are_looked_up_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A repeated properties table is answered from the table of known ones, which keeps at
-    most KNOWN_PROPERTIES_MAX tables of at most KNOWN_PROPERTIES_MAX_SIZE bytes; what is
-    refused is never kept, and a truncated StartOk is refused even when its cut table is known."""
-    known: dict[bytes, tuple[str, frozenset[bytes]]] = {}
-    monkeypatch.setattr(handshake, "_KNOWN_PROPERTIES", known)
-    monkeypatch.setattr(handshake, "KNOWN_PROPERTIES_MAX", 3)
+    """A repeated properties table is answered from the known ones, which keep a bounded
+    number of tables of a bounded size; what is refused is never kept, and a truncated
+    StartOk is refused even when its cut table is known."""
+    known: Recent[tuple[str, frozenset[bytes]]] = Recent(entries=3, max_size=4096)
+    monkeypatch.setattr(handshake, "KNOWN_PROPERTIES", known)
     props = {"product": "p", "capabilities": {"connection.blocked": True}, "connection_name": "a"}
     data = start_ok_payload(props)
     first = handshake.start_ok(data)
@@ -101,14 +101,16 @@ def test_known_client_properties_are_looked_up_and_bounded(monkeypatch: pytest.M
         handshake.start_ok(start_ok_payload({**props, "connection_name": name}))
     assert len(known) == 3 and ("a", frozenset({b"connection.blocked"})) not in known.values()
     # A table over the size bound is read but not kept.
-    handshake.start_ok(start_ok_payload({"x": "y" * handshake.KNOWN_PROPERTIES_MAX_SIZE}))
-    assert len(known) == 3 and all(len(t) <= handshake.KNOWN_PROPERTIES_MAX_SIZE for t in known)
+    before = known.keys()
+    handshake.start_ok(start_ok_payload({"x": "y" * known.max_size}))
+    assert known.keys() == before and all(len(t) <= known.max_size for t in before)
     # A malformed table (unknown field type) is refused and not kept.
     bad = bytearray(start_ok_payload({"k": "v"}))
     bad[8 + 2] = ord("?")
     with pytest.raises(FrameError):
         handshake.start_ok(bytes(bad))
-    assert bytes(bad[8 : 8 + len(bad) - 8]) not in known and len(known) == 3
+    bad_table = bytes(bad[8 : 8 + int.from_bytes(bad[4:8], "big")])
+    assert bad_table not in known and known.keys() == before
     # A StartOk cut inside a table that is known is still refused.
     data = start_ok_payload({**props, "connection_name": "d"})
     table_end = 8 + int.from_bytes(data[4:8], "big")

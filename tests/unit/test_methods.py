@@ -8,6 +8,7 @@ import datetime
 import struct
 import warnings
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from pamqp import commands, frame
@@ -16,6 +17,7 @@ from pamqp import header as pheader
 from amqproxy.amqp import constants as c
 from amqproxy.amqp import methods, scan
 from amqproxy.amqp.frames import FrameError
+from amqproxy.amqp.recent import Recent
 
 
 def _recover_async() -> commands.Basic.RecoverAsync:
@@ -103,11 +105,10 @@ def test_repeated_payloads_decode_from_the_last_ones_and_stay_bounded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """decode_repeated answers as decode does, from the payloads decoded last when it can: a
-    copy each time, at most DECODED_MAX payloads of at most DECODED_MAX_SIZE bytes, and what
-    fails to decode is refused the same way and never kept."""
-    kept: dict[bytes, dict[str, object]] = {}
-    monkeypatch.setattr(methods, "_DECODED", kept)
-    monkeypatch.setattr(methods, "DECODED_MAX", 4)
+    copy each time, a bounded number of payloads of a bounded size, and what fails to decode
+    is refused the same way and never kept."""
+    kept: Recent[dict[str, Any]] = Recent(entries=4, max_size=256)
+    monkeypatch.setattr(methods, "DECODED", kept)
     for method in SAMPLES:
         data = payload(method)
         mid = struct.unpack_from(">I", data)[0]
@@ -115,7 +116,7 @@ def test_repeated_payloads_decode_from_the_last_ones_and_stay_bounded(
         first = methods.decode_repeated(mid, data, 0, len(data))
         first["changed"] = True  # the caller's copy
         assert methods.decode_repeated(mid, data, 0, len(data)) == want
-        assert len(kept) <= 4 and all(len(p) <= methods.DECODED_MAX_SIZE for p in kept)
+        assert len(kept) <= 4 and all(len(p) <= kept.max_size for p in kept.keys())
         with pytest.raises(FrameError) as err:
             methods.decode_repeated(mid, data + b"\x00", 0, len(data) + 1)
         assert err.value.code == c.FRAME_ERROR and data + b"\x00" not in kept

@@ -19,6 +19,7 @@ from pamqp import encode
 from amqproxy.amqp import constants as c
 from amqproxy.amqp.frames import Buffer, FrameError
 from amqproxy.amqp.methods import table_error
+from amqproxy.amqp.recent import Recent
 from amqproxy.amqp.table import LONG_STRING, TABLE, items, long_string
 
 _TUNE_OK = struct.Struct(">HIH")
@@ -68,12 +69,10 @@ def _client_properties(table: memoryview) -> tuple[str, frozenset[bytes]]:
     return name, frozenset(capabilities)
 
 
-# What the client-properties tables seen last say, by their bytes. Short-lived clients of one
-# library send the same table every time (product, version, capabilities): a repeat is one
-# dict lookup instead of a check and a walk. Bounded in entries and in the size of a table kept.
-_KNOWN_PROPERTIES: dict[bytes | memoryview, tuple[str, frozenset[bytes]]] = {}  # keys: bytes
-KNOWN_PROPERTIES_MAX = 256
-KNOWN_PROPERTIES_MAX_SIZE = 4096
+# What the client-properties tables seen last say: short-lived clients of one library send
+# the same table every time (product, version, capabilities), so a repeat is one lookup instead
+# of a check and a walk.
+KNOWN_PROPERTIES: Recent[tuple[str, frozenset[bytes]]] = Recent(entries=256, max_size=4096)
 
 
 def _checked_properties(view: memoryview, end: int) -> tuple[str, frozenset[bytes]]:
@@ -82,16 +81,13 @@ def _checked_properties(view: memoryview, end: int) -> tuple[str, frozenset[byte
         raise ValueError
     table = view[8:end]
     # A read-only view hashes and compares as its bytes (a writable one has no hash).
-    known = _KNOWN_PROPERTIES.get(table) if view.readonly else None
+    known = KNOWN_PROPERTIES.get(table) if view.readonly else None
     if known is not None:
         return known
     if table_error(view, 8, end) is not None:
         raise ValueError
     known = _client_properties(table)
-    if len(table) <= KNOWN_PROPERTIES_MAX_SIZE:
-        if len(_KNOWN_PROPERTIES) >= KNOWN_PROPERTIES_MAX:
-            del _KNOWN_PROPERTIES[next(iter(_KNOWN_PROPERTIES))]  # the oldest
-        _KNOWN_PROPERTIES[bytes(table)] = known
+    KNOWN_PROPERTIES.keep(table, known)
     return known
 
 

@@ -20,6 +20,7 @@ from pamqp import commands
 
 from amqproxy.amqp import constants as c
 from amqproxy.amqp.frames import Buffer, FrameError, reply_text
+from amqproxy.amqp.recent import Recent
 from amqproxy.amqp.table import ARRAY, FIXED_SIZES, PREFIXED, TABLE
 
 MAX_TABLE_DEPTH = 32  # nested tables and arrays; RabbitMQ has no limit, Python's decoders do
@@ -207,27 +208,23 @@ def decode(mid: int, data: Buffer, start: int, end: int) -> dict[str, Any]:
     return values
 
 
-# The arguments of the client method payloads decoded last, by their bytes: short-lived clients
-# of one library send the same Channel.Close, Basic.Qos or Queue.Declare every time. Bounded
-# in entries and in payload size; what fails to decode is never kept.
-_DECODED: dict[bytes, dict[str, Any]] = {}
-DECODED_MAX = 256
-DECODED_MAX_SIZE = 256
+# The arguments of the client method payloads decoded last: short-lived clients of one library
+# send the same Channel.Close, Basic.Qos or Queue.Declare every time. What fails to decode is
+# never kept.
+DECODED: Recent[dict[str, Any]] = Recent(entries=256, max_size=256)
 
 
 def decode_repeated(mid: int, data: Buffer, start: int, end: int) -> dict[str, Any]:
     """``decode``, answered from the payloads decoded last when this one is among them (a
     copy: the caller may change it). For channel methods of clients only: the payloads kept
     must hold no secret (Connection.UpdateSecret goes through ``decode``)."""
-    if end - start > DECODED_MAX_SIZE:
+    if end - start > DECODED.max_size:
         return decode(mid, data, start, end)
     payload = bytes(data[start:end])
-    known = _DECODED.get(payload)
+    known = DECODED.get(payload)
     if known is None:
         known = decode(mid, data, start, end)
-        if len(_DECODED) >= DECODED_MAX:
-            del _DECODED[next(iter(_DECODED))]  # the oldest
-        _DECODED[payload] = known
+        DECODED.keep(payload, known)
     return dict(known)
 
 
