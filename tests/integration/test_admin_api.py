@@ -247,3 +247,30 @@ def test_status_command_prints_tables_and_json(proxy, tenant):
     nobody = status_cli("--url", f"http://127.0.0.1:{free_port()}")
     assert nobody.returncode == 1 and "cannot reach" in nobody.stderr
     assert "Traceback" not in nobody.stderr
+
+
+@pytest.mark.timeout(60)
+def test_clients_sending_the_same_bytes_as_the_last_ones_are_read_the_same(proxy, tenant, queues):
+    """The proxy remembers what the last client-properties tables and Channel.Close payloads
+    said (``amqp.recent``): pika clients that repeat them, byte for byte, are named and
+    answered as the first one was, and one that differs is read on its own."""
+    from support.broker import drain
+
+    q = queues.declare(tenant)
+    clients = []
+    for n, name in enumerate(["same", "other", "same", "same"]):
+        conn = proxy.connect(tenant, client_properties={"connection_name": name})
+        ch = conn.channel()
+        ch.basic_publish("", q, str(n).encode())
+        ch.close()  # the same Channel.Close each time: CloseOk from what was decoded first
+        assert ch.is_closed and conn.is_open
+        clients.append(conn)
+    try:
+        _, body = http(proxy, "GET", "/api/clients")
+        mine = [row for row in body["clients"] if row["user"] == tenant.user]
+        names = sorted(row["connection_name"] for row in mine)
+        assert names == ["other", "same", "same", "same"]
+    finally:
+        for conn in clients:
+            conn.close()
+    assert sorted(b for b, _, _ in drain(tenant, q)) == [b"0", b"1", b"2", b"3"]
