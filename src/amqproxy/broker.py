@@ -27,7 +27,7 @@ from amqproxy.amqp import frames, handshake
 from amqproxy.amqp.auth import Credentials
 from amqproxy.config import Settings
 from amqproxy.core.upstream import UpstreamSession
-from amqproxy.errors import UpstreamRefused
+from amqproxy.errors import UpstreamRefused, retrieve
 from amqproxy.io.upstream import UpstreamProtocol
 from amqproxy.pool import Pool
 from amqproxy.tls import describe
@@ -215,9 +215,9 @@ class Broker:
     async def check(self) -> None:
         """Does the broker answer AMQP 0-9-1 now? A fresh socket, the protocol header, its
         Connection.Start, closed (each step within its timeout); the answer goes to
-        ``health``."""
+        ``health``. A probe under way (a client's first contact) is that look."""
         try:
-            await self._read_start()
+            await asyncio.shield(self._probing())
         except NotAMQP as exc:
             self.health.record(NOT_AMQP, str(exc))
         except (OSError, EOFError, TimeoutError, ssl.SSLError) as exc:
@@ -247,14 +247,20 @@ class Broker:
         {} when it cannot be reached (clients learn that at Connection.Open)."""
         if self.server_properties is not None:
             return self.server_properties
-        if self._probe is None or self._probe.done():
-            self._probe = asyncio.ensure_future(self._read_start())
         try:
-            return await asyncio.shield(self._probe)
+            return await asyncio.shield(self._probing())
         except Exception as exc:  # unreachable, not AMQP, too slow: the client learns at Open
             # Health.record says it once per outage, when an attempt finds the broker gone.
             log.debug("cannot read the broker's properties: %s", describe(exc))
             return {}
+
+    def _probing(self) -> asyncio.Future[dict[str, Any]]:
+        """The look at the broker under way, or a new one: a check and the first clients'
+        wait for the properties share one socket (at start-up they come together)."""
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._read_start())
+            self._probe.add_done_callback(retrieve)
+        return self._probe
 
     async def _read_start(self) -> dict[str, Any]:
         settings = self.settings

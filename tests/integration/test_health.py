@@ -62,6 +62,36 @@ class NotAMQPServer:
         self.sock.close()
 
 
+@pytest.mark.timeout(30)
+def test_a_client_arriving_during_the_check_at_start_shares_its_socket(
+    proxy_factory, fault_relay, tenant
+):
+    """The check at start and the first client's wait for the broker's properties are one
+    look at the broker: with the broker's replies held back, the check is still under way when
+    a client connects, and the broker sees one socket for both, not two."""
+    fault_relay.hold_replies()
+    p = proxy_factory("--broker-check-interval", "0", upstream=fault_relay.url, healthz=False)
+    wait_for(lambda: fault_relay.accepted_total == 1, 5, message="the check at start")
+    result: list[object] = []
+
+    def publish() -> None:
+        try:
+            with p.connect(tenant) as conn:
+                conn.channel().basic_publish("", "no-such-queue", b"x")
+            result.append("ok")
+        except Exception as exc:  # reported below
+            result.append(exc)
+
+    client = threading.Thread(target=publish, daemon=True)
+    client.start()
+    time.sleep(0.5)  # the client waits for Connection.Start, which waits for the check
+    assert fault_relay.accepted_total == 1
+    fault_relay.release_replies()
+    client.join(10)
+    assert result == ["ok"]
+    assert fault_relay.accepted_total == 2  # the check (its answer the client's), the login
+
+
 @pytest.mark.timeout(60)
 def test_readyz_follows_the_broker_while_healthz_stays_alive(proxy_factory, fault_relay):
     fault_relay.mode = "refuse"  # accepts TCP and closes it: no AMQP answer
