@@ -448,8 +448,9 @@ def test_async_channel_error_after_client_left_is_logged_and_channel_not_reused(
     )
     raw.read_until(lambda c, v: isinstance(v, commands.Connection.CloseOk), 5)
     raw.abort()
+    client = f"{tenant.user}@{tenant.vhost}"  # the user is shared by every test's tenant
     wait_for(
-        lambda: any("404" in ln and tenant.user in ln for ln in proxy.log().splitlines()),
+        lambda: any("404" in ln and client in ln for ln in proxy.log().splitlines()),
         3,
         message="404 after the client left was not logged with the client's identity",
     )
@@ -458,7 +459,8 @@ def test_async_channel_error_after_client_left_is_logged_and_channel_not_reused(
         c.channel().basic_publish("", q, f"msg-{i}".encode())
         c.close()
     _assert_each_once(tenant, q, 3)
-    assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) == 1
+    mine = "\n".join(ln for ln in proxy.log().splitlines() if tenant.vhost in ln)
+    assert proxy.metric(UPSTREAM_CONNECTS, **tenant.labels) == 1, mine
     # the first channel died with the 404 and was never handed on: new ones serve the rest
     assert 2 <= proxy.metric(UPSTREAM_CHANNEL_OPENS, **tenant.labels) <= 4
 
