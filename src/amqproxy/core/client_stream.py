@@ -28,6 +28,7 @@ _U32 = struct.Struct(">I")
 HEADER_SIZE = c.FRAME_HEADER_SIZE
 OPEN = State.OPEN
 FRAME_END = c.FRAME_END
+NO_READ = memoryview(b"")
 
 
 def bad_frame_type(ftype: int, channel: int) -> FrameError:
@@ -44,11 +45,16 @@ class ClientStream:
         # The lease whose message bytes lie next to each other in the current read buffer,
         # from ``message.start`` on (kept as one slice unless another channel interleaves).
         self.open_msg: Lease | None = None
+        # One batch for every read (``Batch.begin``), as the broker's stream keeps: a
+        # client's reads allocate none. It lets go of the read when done (an idle client
+        # holds no buffer).
+        self.batch: Batch[Connection] = Batch(NO_READ)
 
     def process(self, data: bytes) -> bytes:
         """One read; returns an incomplete frame at its end, kept for the next read."""
         session = self.session
-        batch: Batch[Connection] = Batch(memoryview(data))
+        batch = self.batch
+        batch.begin(memoryview(data))
         outbox = session.registry.outbox
         kept_before = outbox.bytes
         pos, error = self._walk(data, batch)
@@ -56,6 +62,7 @@ class ClientStream:
             self._keep_partial(batch.view, pos)
         if batch.outs or batch.run_dest is not None:
             self.flush(batch)
+        batch.view = NO_READ
         if outbox.full and outbox.bytes > kept_before:
             session.hold_for_outbox()
         if error is not None:
@@ -164,7 +171,9 @@ class ClientStream:
         if stop == pos:
             return 0
         if published:
-            self._count(published)
+            pool = self.session.pool  # (the pool's totals, for /api/pools: no call per run)
+            if pool is not None:
+                pool.stats.messages_in += published
             if up.confirm_mode:
                 up.published += published
                 if not lease.client_confirm:
