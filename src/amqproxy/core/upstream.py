@@ -71,6 +71,9 @@ class UpstreamSession:
         vhost = pool.vhost if pool else "?"
         self.name = f"amqproxy {display(self.credentials.user)}@{vhost} #{serial}"
         self.host: UpstreamHost | None = None  # set by the I/O side once connected
+        # A client's frames of one read: the host's queue while connected and not closed (one
+        # write per turn of the event loop for all the clients sharing it), else nowhere.
+        self.send: Callable[[list[Buffer]], None] = _discard
         self.peer = ""
         self.open = False  # handshake done and not closing
         self.closed = False
@@ -118,12 +121,6 @@ class UpstreamSession:
     def now(self) -> float:
         return self._clock()
 
-    def send(self, pieces: list[Buffer]) -> None:
-        """The frames a client produced in one read, for the broker: the host writes what all
-        clients queue in one turn of the event loop in one write (they share this connection)."""
-        if not self.closed and self.host is not None:
-            self.host.queue(pieces)
-
     def write(self, data: bytes) -> None:
         """A frame of our own, now, after what clients queued (order is kept)."""
         if self.host is not None:
@@ -146,6 +143,8 @@ class UpstreamSession:
 
     def connected(self, host: UpstreamHost, peer: str) -> None:
         self.host = host
+        if not self.closed:
+            self.send = host.queue
         self.peer = peer
         self.write(c.PROTOCOL_HEADER)
 
@@ -194,6 +193,7 @@ class UpstreamSession:
             return
         was_open = self.open
         self.closed = True
+        self.send = _discard
         self.open = False
         if self.on_closed is not None:  # first: a node that died takes no replacement
             self.on_closed(code, text, was_open and not expected)
@@ -458,3 +458,8 @@ class UpstreamSession:
         for client in self.clients():
             if client.wants_blocked:
                 client.send([frame])
+
+
+def _discard(pieces: list[Buffer]) -> None:
+    """A closed connection's ``send``: nothing more is written to it (``_shutdown`` has told
+    its clients' leases)."""
