@@ -25,7 +25,7 @@ import pika.exceptions
 import pytest
 import trustme
 from support import BROKER_URL, ROOT, Proxy, Tenant, drain, free_port, run_proxy_cli, wait_for
-from support.node import BrokerNode
+from support.node import BrokerNode, listen_port
 from support.proxy import tls_params
 
 pytestmark = pytest.mark.timeout(90)
@@ -354,7 +354,7 @@ def mutual_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MutualNode
     proxy_cert = _write(d, "proxy", ca.issue_cert("amqproxy.example", common_name="amqproxy-up"))
     node = BrokerNode(
         f"amqproxy-tls-{os.getpid()}@localhost",
-        tls_port=free_port(),
+        tls_port=listen_port(),
         certs={"ca": str(d / "ca.pem"), "cert": cert, "key": key},
         verify_peer=True,
     ).start()

@@ -10,8 +10,10 @@ several in parallel with one Erlang cookie and clusters them.
 from __future__ import annotations
 
 import datetime
+import glob
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -106,10 +108,29 @@ def make_certs(directory: str) -> dict[str, str]:
     return paths
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out to outgoing connections (32768 by default)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def listen_port() -> int:
+    """A free port below the ephemeral range: a node takes seconds to bind its ports, and a
+    port from the ephemeral range can meanwhile become the local end of any outgoing
+    connection of the tests (the node then exits with eaddrinuse)."""
+    high = _ephemeral_low() - 1
+    for _ in range(200):
+        port = random.randint(max(1024, high - 12000), high)
+        if port not in _GIVEN and _port_free(port):
+            _GIVEN.add(port)
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
+_GIVEN: set[int] = set()  # ports handed out in this run, never twice
 
 
 def _port_free(port: int) -> bool:
@@ -144,8 +165,8 @@ class BrokerNode:
     ) -> None:
         assert not nodename.startswith("rabbit@"), "never touch the shared node"
         self.cookie = cookie or os.urandom(16).hex().upper()  # nodes of a cluster share one
-        plain_port = plain_port or _free_port()
-        dist_port = dist_port or _free_port()
+        plain_port = plain_port or listen_port()
+        dist_port = dist_port or listen_port()
         self.plain_port = plain_port
         self.tls_port = tls_port
         self.dist_port = dist_port
@@ -253,7 +274,7 @@ class BrokerNode:
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"node {self.nodename} exited early, see {self.base}/log")
+                raise RuntimeError(f"node {self.nodename} exited early:\n{self.log_tail()}")
             try:
                 conn = pika.BlockingConnection(
                     pika.ConnectionParameters("127.0.0.1", self.plain_port, heartbeat=0)
@@ -267,6 +288,14 @@ class BrokerNode:
                 last = e
                 time.sleep(0.5)
         raise TimeoutError(f"node {self.nodename} not ready after {timeout}s: {last!r}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last lines of the node's output and logs (read before ``stop`` removes them)."""
+        out = []
+        for path in sorted(glob.glob(os.path.join(self.base, "log", "*"))):
+            with open(path, errors="replace") as f:
+                out += [f"--- {os.path.basename(path)}", *f.read().splitlines()[-lines:]]
+        return "\n".join(out) or "(no log)"
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop via rabbitmqctl -n <our node>; fall back to killing our own process group."""
