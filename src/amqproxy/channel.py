@@ -280,14 +280,14 @@ class Lease:
     def detachable(self) -> bool:
         """The lease can wait for another upstream channel when its connection dies, unseen by
         its client: nothing it sent is waiting for an answer but publishes the proxy answers
-        for (no client confirms, no reply due, no message half sent, nothing left on the
-        channel)."""
+        for (no client confirms, no reply due, nothing left on the channel). A message half
+        read goes with it when its kept frames are the client's own bytes (``verbatim``)."""
         up = self.up
         return (
             up is not None
             and self.state is LeaseState.OPEN
             and not self.client_confirm
-            and self.message.stage is Stage.NONE
+            and (self.message.stage is Stage.NONE or self.verbatim)
             and not self.declares
             and up.confirm_mode
             and up.dirty is None
@@ -304,8 +304,14 @@ class Lease:
                 up.conn.on_lease_change(-1)
 
     def detach(self) -> None:
-        """Forget the dead upstream channel; frames wait in the backlog for the next one."""
+        """Forget the dead upstream channel; frames wait in the backlog for the next one, the
+        part of a message read so far first (none of it went upstream: a message goes once
+        whole), as the client sent it."""
+        partial = self.message.take() if self.message.stage is not Stage.NONE else []
+        self.message.drop()
         self.reopen()
+        if partial:
+            self.queue_frame(b"".join(partial))
 
     def queue_frame(self, frame: bytes) -> int:
         """Keep a frame that arrived before the upstream channel; returns the backlog size."""

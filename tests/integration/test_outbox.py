@@ -444,3 +444,32 @@ def test_hold_ends_with_a_clean_close(proxy_factory, fault_relay, tenant, queues
     fault_relay.mode = "forward"
     _settle(p, tenant)
     assert sorted(b for b, _, _ in drain(tenant, q)) == [b"held", b"warm"]
+
+
+@pytest.mark.timeout(40)
+def test_a_message_half_read_when_the_upstream_dies_goes_on_unseen(
+    proxy_factory, fault_relay, tenant, queues
+):
+    """The race made to happen: a publisher without confirms has sent a message's method and
+    header but not its body when the upstream connection is cut. Its channel waits for a new
+    upstream (the outage hold) with the part it sent; the body completes the message there.
+    The client sees no error (CloseOk, not 320) and the message arrives once, whole."""
+    p = proxy_factory("-t", "60", upstream=fault_relay.url)
+    q = queues.declare(tenant)
+    raw = RawAMQP(p.host, p.port)
+    try:
+        raw.handshake(tenant.user, tenant.password, tenant.vhost)
+        raw.open_channel(1)
+        frames = raw.content_frames(1, "", q, b"whole-after-the-cut")
+        body_at = len(frames) - (7 + len(b"whole-after-the-cut") + 1)
+        raw.send_raw(frames[:body_at])  # Basic.Publish and the content header
+        raw.open_channel(2)  # its OpenOk: the proxy has read everything sent before it
+        fault_relay.cut()
+        wait_for(lambda: "upstream connection lost" in p.log(), 5, message="the cut")
+        raw.send_raw(frames[body_at:])
+        raw.send(1, commands.Channel.Close(200, "bye", 0, 0))
+        raw.expect(commands.Channel.CloseOk, 1, timeout=10)
+    finally:
+        raw.close()
+    _settle(p, tenant)
+    assert [b for b, _, _ in drain(tenant, q)] == [b"whole-after-the-cut"]
