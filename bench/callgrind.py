@@ -1,8 +1,11 @@
-"""Instructions the proxy executes per connect-publish-close cycle (S3's unit of work) and per
-published message (S2's), counted by callgrind: deterministic where timed CPU is noisy, for A/B
-comparisons of two versions of the proxy on a shared machine.
+"""Instructions the proxy executes per connect-publish-close cycle (S3's unit of work), per
+published message (S2's) and per message one by one (a confirm publisher waiting for each
+confirm: one message per read, so the cost of a read shows), counted by callgrind:
+deterministic where timed CPU is noisy, for A/B comparisons of two versions of the proxy on a
+shared machine.
 
     python3 bench/callgrind.py [--src OTHER_CHECKOUT/src] [--cycles 200] [--messages 20000]
+                               [--one-by-one 2000]
 
 The proxy runs under ``valgrind --tool=callgrind`` against the broker on 127.0.0.1:5672;
 counting starts after 50 warm-up cycles (``callgrind_control -z``) and the counters are dumped
@@ -100,12 +103,36 @@ async def measure(proxy: Counted, cycles: int, messages: int) -> tuple[float, fl
     return per_cycle, per_message
 
 
+async def one_by_one(proxy: Counted, messages: int) -> float:
+    """Instructions per message when every read holds one: a confirm publisher that waits
+    for each confirm before the next publish (window 1) — where the cost per read shows."""
+    port, queue = proxy.port, f"amqproxy-callgrind-one-{proxy.port}"
+    admin = await fastamqp.connect("127.0.0.1", 5672)
+    admin.write(fastamqp._method(1, commands.Queue.Declare(queue=queue)))
+    await admin.expect(50, 11)
+    try:
+        conn = await fastamqp.connect("127.0.0.1", port)
+        await conn.confirm_select()
+        frames = fastamqp.build_publish_frames(queue, list(range(messages + 200)))
+        await conn.publish_confirmed(frames[:200], window=1)
+        proxy.zero()
+        await conn.publish_confirmed(frames[200:], window=1)
+        per_message = proxy.dump() / messages
+        await conn.close()
+    finally:
+        admin.write(fastamqp._method(1, commands.Queue.Delete(queue=queue)))
+        await admin.expect(50, 41)
+        await admin.close()
+    return per_message
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", default=REPO_SRC, help="the src/ of the version to count")
     parser.add_argument("--port", type=int, default=5691)
     parser.add_argument("--cycles", type=int, default=200)
     parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--one-by-one", type=int, default=2000, help="window-1 confirm messages")
     parser.add_argument(
         "--log-level",
         default="warning",
@@ -116,11 +143,12 @@ def main() -> int:
     proxy = Counted(os.path.abspath(args.src), args.port, args.log_level)
     try:
         per_cycle, per_message = asyncio.run(measure(proxy, args.cycles, args.messages))
+        per_one = asyncio.run(one_by_one(proxy, args.one_by_one))
     finally:
         proxy.stop()
     print(
         f"{args.src}: {per_cycle:,.0f} instructions per connect-publish-close cycle, "
-        f"{per_message:,.0f} per published message"
+        f"{per_message:,.0f} per published message, {per_one:,.0f} per message one by one"
     )
     return 0
 
