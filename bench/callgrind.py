@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import glob
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fastamqp
@@ -68,6 +70,20 @@ class Counted:
         self.proc.wait()
 
 
+@contextlib.asynccontextmanager
+async def scratch_queue(queue: str) -> AsyncIterator[None]:
+    """``queue`` on the broker itself for the measured work, deleted afterwards."""
+    admin = await fastamqp.connect("127.0.0.1", 5672)
+    admin.write(fastamqp._method(1, commands.Queue.Declare(queue=queue)))
+    await admin.expect(50, 11)
+    try:
+        yield
+    finally:
+        admin.write(fastamqp._method(1, commands.Queue.Delete(queue=queue)))
+        await admin.expect(50, 41)
+        await admin.close()
+
+
 async def measure(proxy: Counted, cycles: int, messages: int) -> tuple[float, float]:
     port, queue = proxy.port, f"amqproxy-callgrind-{proxy.port}"
     for _ in range(600):  # the proxy starts slowly under valgrind
@@ -76,10 +92,7 @@ async def measure(proxy: Counted, cycles: int, messages: int) -> tuple[float, fl
             break
         except (OSError, fastamqp.AMQPError):
             await asyncio.sleep(0.2)
-    admin = await fastamqp.connect("127.0.0.1", 5672)
-    admin.write(fastamqp._method(1, commands.Queue.Declare(queue=queue)))
-    await admin.expect(50, 11)
-    try:
+    async with scratch_queue(queue):
         for i in range(50):
             await fastamqp.short_cycle("127.0.0.1", port, queue, i)
         proxy.zero()
@@ -96,10 +109,6 @@ async def measure(proxy: Counted, cycles: int, messages: int) -> tuple[float, fl
         await asyncio.sleep(2.0)  # the broker's confirms of the last ones
         per_message = proxy.dump() / messages
         await conn.close()
-    finally:
-        admin.write(fastamqp._method(1, commands.Queue.Delete(queue=queue)))
-        await admin.expect(50, 41)
-        await admin.close()
     return per_cycle, per_message
 
 
@@ -107,10 +116,7 @@ async def one_by_one(proxy: Counted, messages: int) -> float:
     """Instructions per message when every read holds one: a confirm publisher that waits
     for each confirm before the next publish (window 1) — where the cost per read shows."""
     port, queue = proxy.port, f"amqproxy-callgrind-one-{proxy.port}"
-    admin = await fastamqp.connect("127.0.0.1", 5672)
-    admin.write(fastamqp._method(1, commands.Queue.Declare(queue=queue)))
-    await admin.expect(50, 11)
-    try:
+    async with scratch_queue(queue):
         conn = await fastamqp.connect("127.0.0.1", port)
         await conn.confirm_select()
         frames = fastamqp.build_publish_frames(queue, list(range(messages + 200)))
@@ -119,10 +125,6 @@ async def one_by_one(proxy: Counted, messages: int) -> float:
         await conn.publish_confirmed(frames[200:], window=1)
         per_message = proxy.dump() / messages
         await conn.close()
-    finally:
-        admin.write(fastamqp._method(1, commands.Queue.Delete(queue=queue)))
-        await admin.expect(50, 41)
-        await admin.close()
     return per_message
 
 

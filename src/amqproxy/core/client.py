@@ -23,7 +23,7 @@ from amqproxy.config import Settings
 from amqproxy.core.client_channels import ChannelTable
 from amqproxy.core.client_handshake import Handshake, Step
 from amqproxy.core.client_stream import ClientStream
-from amqproxy.core.host import BrokerFacts, ClientHost
+from amqproxy.core.host import BrokerFacts, ClientHost, discard
 from amqproxy.core.session import State
 from amqproxy.logsetup import hot_info
 
@@ -50,7 +50,7 @@ class ClientSession:
         self.state = State.HANDSHAKE
         # Where frames from the broker for this client go (``send(pieces)``, one write): its
         # socket while the connection is open, nowhere before or after (``_enter``).
-        self.send: Callable[[list[Buffer]], None] = _discard
+        self.send: Callable[[list[Buffer]], None] = discard
         self.handshake = Handshake(self)
         self.channels = ChannelTable(self)
         self.stream = ClientStream(self, self.channels)
@@ -193,7 +193,7 @@ class ClientSession:
     def _enter(self, state: State) -> None:
         """Every change of state: broker frames reach the socket only while it is open."""
         self.state = state
-        self.send = self.host.deliver if state is State.OPEN else _discard
+        self.send = self.host.deliver if state is State.OPEN else discard
 
     def resume_reading(self) -> None:
         """The upstream this client writes to has room again."""
@@ -412,7 +412,3 @@ class ClientSession:
 
     def own_exclusive_queue(self, name: bytes, conn: Connection) -> None:
         self.channels.own_exclusive_queue(name, conn)
-
-
-def _discard(pieces: list[Buffer]) -> None:
-    """Broker frames for a client whose connection is not open."""

@@ -19,6 +19,12 @@ if TYPE_CHECKING:
     from amqproxy.stats import PoolStats
 
 
+def discard(pieces: list[Buffer]) -> None:
+    """A session's ``send`` while its socket cannot take frames: a client connection not open
+    (yet, or any more), an upstream connection not connected or closed (``_shutdown`` has told
+    its clients' leases)."""
+
+
 class BrokerFacts(Protocol):
     """What the client handshake mirrors of the broker (``broker.Broker``)."""
 

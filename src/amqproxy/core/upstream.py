@@ -22,7 +22,7 @@ from amqproxy.amqp.auth import Credentials, display
 from amqproxy.amqp.frames import Buffer, FrameError
 from amqproxy.channel import ChannelState, Client, Lease, UpstreamChannel
 from amqproxy.config import Settings
-from amqproxy.core.host import UpstreamHost
+from amqproxy.core.host import UpstreamHost, discard
 from amqproxy.core.upstream_stream import BrokerStream
 from amqproxy.errors import UpstreamRefused
 from amqproxy.pool import Pool
@@ -73,7 +73,7 @@ class UpstreamSession:
         self.host: UpstreamHost | None = None  # set by the I/O side once connected
         # A client's frames of one read: the host's queue while connected and not closed (one
         # write per turn of the event loop for all the clients sharing it), else nowhere.
-        self.send: Callable[[list[Buffer]], None] = _discard
+        self.send: Callable[[list[Buffer]], None] = discard
         self.peer = ""
         self.open = False  # handshake done and not closing
         self.closed = False
@@ -193,7 +193,7 @@ class UpstreamSession:
             return
         was_open = self.open
         self.closed = True
-        self.send = _discard
+        self.send = discard
         self.open = False
         if self.on_closed is not None:  # first: a node that died takes no replacement
             self.on_closed(code, text, was_open and not expected)
@@ -458,8 +458,3 @@ class UpstreamSession:
         for client in self.clients():
             if client.wants_blocked:
                 client.send([frame])
-
-
-def _discard(pieces: list[Buffer]) -> None:
-    """A closed connection's ``send``: nothing more is written to it (``_shutdown`` has told
-    its clients' leases)."""
